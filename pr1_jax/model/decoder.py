@@ -1,0 +1,126 @@
+"""The Qwen2 decoder with M-RoPE (HF `Qwen2VLTextModel`, `model.layers.*` in checkpoints).
+
+One layer definition serves every way the model is run, through the K/V it is given:
+  * full forward (training, scoring, parity): x [B, 1, T, D], no cache;
+  * prefill: the same, returning each layer's K/V of the chunk (the prompt cache);
+  * grouped decoding: x [B, G, T, D] — G samples of one prompt — attending to the
+    prompt's K/V *shared* by the group (read once, never copied G times) plus their own
+    cache [B, G, S, K, Dh] into which this chunk's K/V are written at `cache_index`.
+Layers are scanned (`nn.scan`, parameters stacked on a leading "layers" axis), which
+keeps compile time flat in depth; `remat=True` recomputes each layer in the backward pass.
+
+Shape letters as in layers.py; L layers, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pr1_jax.model import layers
+from pr1_jax.model.config import TextConfig
+
+Array = jax.Array
+KV = tuple[Array, Array]
+
+
+def mrope(pos_3bgt: Array, cfg: TextConfig) -> tuple[Array, Array]:
+    """Multimodal RoPE tables (HF `Qwen2VLRotaryEmbedding` + `apply_multimodal_rotary_pos_emb`).
+
+    Each token has (t, h, w) positions. Frequency i (of Dh/2) rotates by the axis its
+    `mrope_section` block names: i < s0 → t, i < s0+s1 → h, else w; duplicated halves.
+    pos_3bgt [3, B, G, T] int → cos, sin [B, G, T, Dh] float32.
+    """
+    dh = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
+    axis_of_freq = np.repeat(np.arange(3), cfg.mrope_section)  # [Dh/2], static
+    pos = jnp.take(pos_3bgt.astype(jnp.float32), axis_of_freq, axis=0)  # [Dh/2, B, G, T]
+    angles = jnp.moveaxis(pos, 0, -1) * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+@flax.struct.dataclass
+class DecoderContext:
+    """What every layer needs besides x, broadcast over layers."""
+
+    cos: Array  # [B, G, T, Dh] float32 M-RoPE tables
+    sin: Array  # [B, G, T, Dh]
+    mask: Array  # [B, G, T, S] bool: the self keys (own chunk or own cache) each query sees
+    prefix_mask: Array | None = None  # [B, P] bool: valid keys of the shared prefix
+    cache_index: Array | None = None  # [] int32: offset of this chunk in the self cache
+
+
+class DecoderLayer(nn.Module):
+    """HF `Qwen2VLDecoderLayer`: RMSNorm → GQA attention → residual; RMSNorm → SwiGLU → residual."""
+
+    cfg: TextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    return_kv: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: DecoderContext, cache: KV | None, prefix: KV | None):
+        cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = layers.RMSNorm(cfg.rms_norm_eps, name="input_norm", **kw)(x)
+
+        def proj(name: str, heads: int, axis: str) -> Array:  # HF self_attn.{q,k,v}_proj (bias)
+            return nn.DenseGeneral((heads, cfg.head_dim), name=name, **kw,
+                                   kernel_init=layers.dense_init(("embed", axis, "head_dim")),
+                                   bias_init=layers.zeros_init((axis, "head_dim")))(h)
+
+        q = layers.apply_rotary(proj("q_proj", cfg.num_heads, "heads"), ctx.cos, ctx.sin)
+        k = layers.apply_rotary(proj("k_proj", cfg.num_kv_heads, "kv_heads"), ctx.cos, ctx.sin)
+        v = proj("v_proj", cfg.num_kv_heads, "kv_heads")  # q [B,G,T,H,Dh]; k, v [B,G,T,K,Dh]
+        if cache is not None:  # write this chunk into the own cache, attend over all of it
+            idx = (0, 0, ctx.cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), idx)
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), idx)
+        pre = None if prefix is None else (prefix[0], prefix[1], ctx.prefix_mask)
+        out = layers.attention(q, k, v, ctx.mask, pre)
+        x = x + nn.DenseGeneral(cfg.width, axis=(-2, -1), use_bias=False, name="o_proj", **kw,
+                                kernel_init=layers.dense_init(("heads", "head_dim", "embed")))(out)
+
+        h = layers.RMSNorm(cfg.rms_norm_eps, name="post_attention_norm", **kw)(x)
+        dense = lambda n, f, axes: nn.Dense(f, use_bias=False, name=n, **kw,  # noqa: E731
+                                            kernel_init=layers.dense_init(axes))
+        h = (jax.nn.silu(dense("gate_proj", cfg.mlp_dim, ("embed", "mlp"))(h))
+             * dense("up_proj", cfg.mlp_dim, ("embed", "mlp"))(h))
+        x = x + dense("down_proj", cfg.width, ("mlp", "embed"))(h)
+        x = nn.with_logical_constraint(x, ("batch", None, "length", "embed"))
+        new_kv = (k, v) if (cache is not None or self.return_kv) else None
+        return x, new_kv
+
+
+class Decoder(nn.Module):
+    """Scanned decoder layers + final RMSNorm. embeds [B, G, T, D] → hidden [B, G, T, D].
+
+    cache / prefix: per-layer K/V stacked on a leading L axis, or None.
+    Returns (hidden, new_kv): new_kv is the updated cache (when one was given), the
+    chunk's own K/V stacked [L, B, G, T, K, Dh] (when `return_kv`), or None.
+    """
+
+    cfg: TextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: DecoderContext, cache: KV | None = None,
+                 prefix: KV | None = None, return_kv: bool = False) -> tuple[Array, KV | None]:
+        layer = DecoderLayer
+        if self.remat:
+            layer = nn.remat(layer, prevent_cse=False)
+        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, 0, 0), length=self.cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x, new_kv = stack(self.cfg, self.dtype, self.param_dtype, return_kv,
+                          name="layers")(x, ctx, cache, prefix)
+        x = layers.RMSNorm(self.cfg.rms_norm_eps, name="norm", dtype=self.dtype,
+                           param_dtype=self.param_dtype)(x)
+        return x, new_kv

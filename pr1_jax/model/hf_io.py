@@ -1,0 +1,261 @@
+"""Hugging Face checkpoint ↔ pr1_jax parameters, through ONE declarative table.
+
+`PARAM_TABLE` maps each pr1_jax parameter path to its safetensors key and a layout
+rule; `load_params` reads it one way and `to_hf_state_dict` (the export) the other, so
+the two directions cannot drift apart.
+
+Layout rules (HF stores torch `Linear.weight` as [out, in]):
+  "copy"    same array (embeddings);
+  "vector"  1-D HF vector ↔ our per-head shape (biases, norm scales);
+  "kernelN" HF [out, in] ↔ ours [*in (N axes), *out] (a transpose plus head reshapes);
+  "patch"   HF Conv3d weight [W, C, T, 14, 14] ↔ ours [C·T·14·14, W].
+Keys with `{i}` are per layer; ours are stacked on a leading layer axis (`nn.scan`).
+
+Checkpoints are read in both key layouts that exist: the original one of the Qwen
+releases (`model.layers.*`, `visual.*`; what transformers' `save_pretrained` writes)
+and transformers' in-memory one (`model.language_model.*`, `model.visual.*`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from pr1_jax.model.config import ModelConfig
+
+# (our path, HF key, rule). Text decoder (HF Qwen2VLTextModel / lm_head):
+_TEXT = [
+    ("embed_tokens/embedding", "model.embed_tokens.weight", "copy"),
+    ("decoder/norm/scale", "model.norm.weight", "vector"),
+    ("decoder/layers/input_norm/scale", "model.layers.{i}.input_layernorm.weight", "vector"),
+    ("decoder/layers/post_attention_norm/scale", "model.layers.{i}.post_attention_layernorm.weight", "vector"),
+    ("decoder/layers/q_proj/kernel", "model.layers.{i}.self_attn.q_proj.weight", "kernel1"),
+    ("decoder/layers/q_proj/bias", "model.layers.{i}.self_attn.q_proj.bias", "vector"),
+    ("decoder/layers/k_proj/kernel", "model.layers.{i}.self_attn.k_proj.weight", "kernel1"),
+    ("decoder/layers/k_proj/bias", "model.layers.{i}.self_attn.k_proj.bias", "vector"),
+    ("decoder/layers/v_proj/kernel", "model.layers.{i}.self_attn.v_proj.weight", "kernel1"),
+    ("decoder/layers/v_proj/bias", "model.layers.{i}.self_attn.v_proj.bias", "vector"),
+    ("decoder/layers/o_proj/kernel", "model.layers.{i}.self_attn.o_proj.weight", "kernel2"),
+    ("decoder/layers/gate_proj/kernel", "model.layers.{i}.mlp.gate_proj.weight", "kernel1"),
+    ("decoder/layers/up_proj/kernel", "model.layers.{i}.mlp.up_proj.weight", "kernel1"),
+    ("decoder/layers/down_proj/kernel", "model.layers.{i}.mlp.down_proj.weight", "kernel1"),
+]
+_LM_HEAD = [("lm_head/kernel", "lm_head.weight", "kernel1")]
+# Vision tower (HF Qwen2VisionTransformerPretrainedModel / Qwen2_5_VisionTransformer...).
+_VISION = [
+    ("visual/patch_embed/kernel", "visual.patch_embed.proj.weight", "patch"),
+    ("visual/blocks/qkv/kernel", "visual.blocks.{i}.attn.qkv.weight", "kernel1"),
+    ("visual/blocks/qkv/bias", "visual.blocks.{i}.attn.qkv.bias", "vector"),
+    ("visual/blocks/proj/kernel", "visual.blocks.{i}.attn.proj.weight", "kernel2"),
+    ("visual/blocks/proj/bias", "visual.blocks.{i}.attn.proj.bias", "vector"),
+    ("visual/merger/mlp_0/kernel", "visual.merger.mlp.0.weight", "kernel1"),
+    ("visual/merger/mlp_0/bias", "visual.merger.mlp.0.bias", "vector"),
+    ("visual/merger/mlp_2/kernel", "visual.merger.mlp.2.weight", "kernel1"),
+    ("visual/merger/mlp_2/bias", "visual.merger.mlp.2.bias", "vector"),
+]
+_VISION_LAYERNORM = [
+    ("visual/blocks/norm1/scale", "visual.blocks.{i}.norm1.weight", "vector"),
+    ("visual/blocks/norm1/bias", "visual.blocks.{i}.norm1.bias", "vector"),
+    ("visual/blocks/norm2/scale", "visual.blocks.{i}.norm2.weight", "vector"),
+    ("visual/blocks/norm2/bias", "visual.blocks.{i}.norm2.bias", "vector"),
+    ("visual/merger/ln_q/scale", "visual.merger.ln_q.weight", "vector"),
+    ("visual/merger/ln_q/bias", "visual.merger.ln_q.bias", "vector"),
+    ("visual/blocks/fc1/kernel", "visual.blocks.{i}.mlp.fc1.weight", "kernel1"),
+    ("visual/blocks/fc1/bias", "visual.blocks.{i}.mlp.fc1.bias", "vector"),
+    ("visual/blocks/fc2/kernel", "visual.blocks.{i}.mlp.fc2.weight", "kernel1"),
+    ("visual/blocks/fc2/bias", "visual.blocks.{i}.mlp.fc2.bias", "vector"),
+]
+_VISION_RMSNORM_SWIGLU = [
+    ("visual/blocks/norm1/scale", "visual.blocks.{i}.norm1.weight", "vector"),
+    ("visual/blocks/norm2/scale", "visual.blocks.{i}.norm2.weight", "vector"),
+    ("visual/merger/ln_q/scale", "visual.merger.ln_q.weight", "vector"),
+] + [(f"visual/blocks/{n}/{p}", f"visual.blocks.{{i}}.mlp.{n}.{w}", rule)
+     for n in ("gate_proj", "up_proj", "down_proj")
+     for p, w, rule in (("kernel", "weight", "kernel1"), ("bias", "bias", "vector"))]
+
+
+def param_table(cfg: ModelConfig) -> list[tuple[str, str, str]]:
+    """The (our path, HF key, rule) rows for this architecture."""
+    rows = list(_TEXT) + list(_VISION)
+    rows += _VISION_LAYERNORM if cfg.vision.norm == "layernorm" else _VISION_RMSNORM_SWIGLU
+    if not cfg.text.tie_word_embeddings:
+        rows += _LM_HEAD
+    return rows
+
+
+def _num_layers(cfg: ModelConfig, path: str) -> int:
+    return cfg.text.num_layers if path.startswith("decoder/layers") else cfg.vision.depth
+
+
+def hf_to_ours(x: np.ndarray, rule: str, shape: tuple[int, ...]) -> np.ndarray:
+    if rule == "copy" or rule == "vector":
+        return x.reshape(shape)
+    if rule.startswith("kernel") or rule == "patch":
+        return x.reshape(x.shape[0], -1).T.reshape(shape)
+    raise ValueError(rule)
+
+
+def ours_to_hf(x: np.ndarray, rule: str, cfg: ModelConfig) -> np.ndarray:
+    if rule == "copy":
+        return x
+    if rule == "vector":
+        return x.reshape(-1)
+    if rule.startswith("kernel"):
+        n_in = int(rule[len("kernel"):])
+        return x.reshape(int(np.prod(x.shape[:n_in])), -1).T
+    if rule == "patch":
+        v = cfg.vision
+        return x.T.reshape(v.width, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    raise ValueError(rule)
+
+
+# ------------------------------------------------------------------ reading files
+_ALIASES = [(re.compile(r"^model\.language_model\."), "model."), (re.compile(r"^model\.visual\."), "visual.")]
+
+
+def canonical_key(key: str) -> str:
+    for pattern, repl in _ALIASES:
+        key = pattern.sub(repl, key)
+    return key
+
+
+class SafetensorsDir:
+    """All tensors of a checkpoint directory (one file or sharded with an index), lazily."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        from safetensors import safe_open
+
+        d = Path(model_dir)
+        if not d.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {d} does not exist")
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (d / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{d} has neither model.safetensors nor model.safetensors.index.json")
+        missing = [f for f in files if not (d / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{d}: shard files named in the index are missing: {missing}")
+        self.key_to_file: dict[str, Any] = {}
+        for f in files:
+            try:
+                handle = safe_open(str(d / f), framework="numpy")
+            except Exception as e:  # safetensors raises its own error types for a corrupt header
+                raise ValueError(f"{d / f} is not a readable safetensors file: {e}") from e
+            for k in handle.keys():
+                self.key_to_file[canonical_key(k)] = (handle, k)
+
+    def keys(self) -> set[str]:
+        return set(self.key_to_file)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        handle, k = self.key_to_file[key]
+        return tuple(handle.get_slice(k).get_shape())
+
+    def get(self, key: str) -> np.ndarray:
+        handle, k = self.key_to_file[key]
+        return handle.get_slice(k)[:]  # get_slice also reads bfloat16 into numpy
+
+
+def _expected(cfg: ModelConfig, path: str, hf_key: str, rule: str, shape: tuple[int, ...]) -> Iterator[tuple[str, tuple]]:
+    """(HF key, expected HF shape) for every tensor a table row reads."""
+    per_layer = shape[1:] if "{i}" in hf_key else shape
+    hf_shape = ours_to_hf(np.empty(per_layer, np.int8), rule, cfg).shape
+    if "{i}" in hf_key:
+        for i in range(_num_layers(cfg, path)):
+            yield hf_key.format(i=i), hf_shape
+    else:
+        yield hf_key, hf_shape
+
+
+def load_params(model_dir: str | os.PathLike, cfg: ModelConfig | None = None, dtype: Any = np.float32,
+                target_shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
+    """Reads an HF checkpoint into pr1_jax's (unboxed) parameter tree of NumPy arrays.
+
+    Every missing, unexpected or mis-shaped tensor is collected and reported in ONE error.
+    """
+    cfg = cfg or ModelConfig.from_pretrained(model_dir)
+    shapes = target_shapes or param_shapes(cfg)
+    files = SafetensorsDir(model_dir)
+    table = param_table(cfg)
+    expected: dict[str, tuple] = {}
+    for path, hf_key, rule in table:
+        expected.update(_expected(cfg, path, hf_key, rule, shapes[path]))
+    present = files.keys()
+    ignorable = {"lm_head.weight"} if cfg.text.tie_word_embeddings else set()
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected) - ignorable)
+    wrong = [f"{k}: {files.shape(k)} (expected {s})" for k, s in expected.items()
+             if k in present and files.shape(k) != tuple(s)]
+    if missing or unexpected or wrong:
+        lines = [f"checkpoint {model_dir} does not match the {cfg.model_type} config:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                more = f" … and {len(items) - 20} more" if len(items) > 20 else ""
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + more)
+        raise ValueError("\n".join(lines))
+    flat = {}
+    for path, hf_key, rule in table:
+        shape = shapes[path]
+        if "{i}" in hf_key:
+            per = [hf_to_ours(files.get(hf_key.format(i=i)), rule, shape[1:]) for i in range(shape[0])]
+            flat[path] = np.stack(per).astype(dtype)
+        else:
+            flat[path] = hf_to_ours(files.get(hf_key), rule, shape).astype(dtype)
+    return unflatten(flat)
+
+
+def to_hf_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The inverse of `load_params`: {HF key: array} in the original Qwen key layout."""
+    flat = flatten(params)
+    out = {}
+    for path, hf_key, rule in param_table(cfg):
+        x = np.asarray(flat[path])
+        if "{i}" in hf_key:
+            for i in range(x.shape[0]):
+                out[hf_key.format(i=i)] = np.ascontiguousarray(ours_to_hf(x[i], rule, cfg))
+        else:
+            out[hf_key] = np.ascontiguousarray(ours_to_hf(x, rule, cfg))
+    return out
+
+
+# ------------------------------------------------------------------ tree helpers
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Flat {path: shape} of the model's parameters, without allocating them."""
+    from flax.core import meta
+
+    from pr1_jax.model.qwen2_vl import init_params
+
+    tree = jax.eval_shape(lambda: meta.unbox(init_params(cfg)))
+    return {k: tuple(v.shape) for k, v in flatten(tree).items()}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree

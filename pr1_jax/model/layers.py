@@ -1,0 +1,112 @@
+"""Building blocks shared by the vision tower and the decoder.
+
+Shape letters: B batch rows, G samples per row (1 outside grouped decoding), T query
+tokens, S self keys, P shared-prefix keys, D width, H query heads, K kv heads,
+R = H/K heads per kv head, Dh head dim.
+
+Every parameter is created with logical axis names (`nn.with_logical_partitioning`);
+`pr1_jax.sharding` maps them to mesh axes. Model code never names a mesh axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+# Large negative instead of -inf: a fully-masked query row (a left-pad position) then
+# gets a uniform distribution instead of NaN, and its output is never used.
+NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def dense_init(axes: tuple[str | None, ...], std: float = 0.02):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def zeros_init(axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros, axes)
+
+
+def ones_init(axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.ones, axes)
+
+
+class RMSNorm(nn.Module):
+    """x·rsqrt(mean(x²)+eps) in float32, cast back, times `scale` (HF Qwen2RMSNorm)."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", ones_init((self.axis_name,)), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias, statistics in float32 (HF nn.LayerNorm, eps 1e-6)."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axis_name: str = "vit_norm"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = self.param("scale", ones_init((self.axis_name,)), (d,), self.param_dtype)
+        bias = self.param("bias", zeros_init((self.axis_name,)), (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def rotate_half(x: Array) -> Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate-half RoPE in float32. x [..., T, heads, Dh]; cos/sin [..., T, Dh]."""
+    x32 = x.astype(jnp.float32)
+    cos, sin = cos[..., None, :], sin[..., None, :]
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array,
+              prefix: tuple[Array, Array, Array] | None = None) -> Array:
+    """Softmax attention of grouped queries over their own keys and an optional shared prefix.
+
+    q: [B, G, T, H, Dh]; k, v: [B, G, S, K, Dh]; mask: [B, G, T, S] bool (True = attend).
+    prefix: (k_p [B, P, K, Dh], v_p [B, P, K, Dh], mask_p [B, P] bool) — keys shared by
+      the G rows of a group (the prompt's KV cache), read once instead of G times.
+    Scores and softmax in float32. Returns [B, G, T, H, Dh] in q's dtype.
+    """
+    b, g, t, h, dh = q.shape
+    kv = k.shape[-2]
+    q = q.reshape(b, g, t, kv, h // kv, dh) * jnp.asarray(dh**-0.5, q.dtype)
+    s_self = jnp.einsum("bgtkrd,bgskd->bgkrts", q, k, preferred_element_type=jnp.float32)
+    s_self = jnp.where(mask[:, :, None, None], s_self, NEG_INF)
+    if prefix is None:
+        probs = jax.nn.softmax(s_self, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bgkrts,bgskd->bgtkrd", probs, v)
+        return out.reshape(b, g, t, h, dh)
+    k_p, v_p, mask_p = prefix
+    s_pre = jnp.einsum("bgtkrd,bpkd->bgkrtp", q, k_p, preferred_element_type=jnp.float32)
+    s_pre = jnp.where(mask_p[:, None, None, None, None, :], s_pre, NEG_INF)
+    probs = jax.nn.softmax(jnp.concatenate([s_pre, s_self], axis=-1), axis=-1).astype(v.dtype)
+    p_pre, p_self = probs[..., : k_p.shape[1]], probs[..., k_p.shape[1]:]
+    out = (jnp.einsum("bgkrtp,bpkd->bgtkrd", p_pre, v_p)
+           + jnp.einsum("bgkrts,bgskd->bgtkrd", p_self, v))
+    return out.reshape(b, g, t, h, dh)

@@ -1,0 +1,120 @@
+"""Qwen2-VL for conditional generation (HF `Qwen2VLForConditionalGeneration`).
+
+    model = Qwen2VL(cfg)                        # cfg: pr1_jax.model.config.ModelConfig
+    logits_btv = model.apply({"params": params}, inputs)   # inputs: ModelInputs
+
+The pieces are separate methods so that the sampler and the GRPO step can run each
+once where it is needed (vision once per prompt, the prompt once per group, logits in
+chunks): `encode_images`, `embed`, `decode`, `logits`.
+
+Shape letters: B rows, G samples per row, T tokens, D width, V vocab, R packed image
+rows, N patches per packed row, F patch features (1176), M = R·N/4 merged visual tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from pr1_jax.model import layers
+from pr1_jax.model.config import ModelConfig
+from pr1_jax.model.decoder import KV, Decoder, DecoderContext, mrope
+from pr1_jax.model.vision import VisionTower
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class ModelInputs:
+    """One batch of prompts (+ completions) with their images, built on the host.
+
+    See `pr1_jax.processing.batch.build_inputs`.
+    """
+
+    input_ids: Array  # [B, T] int32 (left-padded)
+    attention_mask: Array  # [B, T] bool
+    positions: Array  # [3, B, T] int32 M-RoPE (t, h, w) positions
+    pixels: Array  # [R, N, F] float32 packed patch rows
+    segment_ids: Array  # [R, N] int32 image id of each patch, -1 = padding
+    pos_hw: Array  # [R, N, 2] int32 patch (row, column) inside its image
+    vision_index: Array  # [B, T] int32 row of the merged features each image token takes
+
+
+class Qwen2VL(nn.Module):
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        t, kw = self.cfg.text, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # HF model.embed_tokens (tied with lm_head when tie_word_embeddings).
+        self.embed_tokens = nn.Embed(t.vocab_size, t.width, name="embed_tokens", **kw,
+                                     embedding_init=layers.dense_init(("vocab", "embed")))
+        self.visual = VisionTower(self.cfg.vision, remat=self.remat, name="visual", **kw)
+        self.decoder = Decoder(t, remat=self.remat, name="decoder", **kw)
+        if not t.tie_word_embeddings:
+            self.lm_head = nn.Dense(t.vocab_size, use_bias=False, name="lm_head", **kw,
+                                    kernel_init=layers.dense_init(("embed", "vocab")))
+
+    def encode_images(self, pixels_rnf: Array, segment_rn: Array, pos_hw_rn2: Array) -> Array:
+        """Packed patches → merged visual tokens, flattened in packing order: [M, D]."""
+        feats = self.visual(pixels_rnf, segment_rn, pos_hw_rn2)
+        return feats.reshape(-1, feats.shape[-1])
+
+    def embed(self, ids: Array, vision_md: Array | None = None, vision_index: Array | None = None) -> Array:
+        """Token embeddings with image-pad positions replaced by visual tokens (HF masked_scatter).
+
+        ids and vision_index share any shape [...]; vision_md [M, D]. Returns [..., D].
+        """
+        x = self.embed_tokens(ids)
+        if vision_md is None:
+            return x
+        is_image = (ids == self.cfg.image_token_id)[..., None]
+        return jnp.where(is_image, jnp.take(vision_md, vision_index, axis=0).astype(x.dtype), x)
+
+    def decode(self, x_bgtd: Array, positions_3bgt: Array, mask_bgts: Array, *,
+               cache: KV | None = None, cache_index: Array | None = None,
+               prefix: KV | None = None, prefix_mask_bp: Array | None = None,
+               return_kv: bool = False) -> tuple[Array, KV | None]:
+        """Runs the decoder; see `Decoder` for the cache/prefix/return_kv modes."""
+        cos, sin = mrope(positions_3bgt, self.cfg.text)
+        ctx = DecoderContext(cos=cos, sin=sin, mask=mask_bgts, prefix_mask=prefix_mask_bp,
+                             cache_index=cache_index)
+        return self.decoder(x_bgtd, ctx, cache, prefix, return_kv)
+
+    def logits(self, hidden: Array) -> Array:
+        """hidden [..., D] → logits [..., V] in the compute dtype."""
+        if self.cfg.text.tie_word_embeddings:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def hidden_states(self, inputs: ModelInputs) -> Array:
+        """Full causal forward to the final hidden states [B, T, D]."""
+        vision = self.encode_images(inputs.pixels, inputs.segment_ids, inputs.pos_hw)
+        x = self.embed(inputs.input_ids, vision, inputs.vision_index)[:, None]
+        t = inputs.input_ids.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask = causal[None, None] & inputs.attention_mask[:, None, None, :]
+        hidden, _ = self.decode(x, inputs.positions[:, :, None], mask)
+        return hidden[:, 0]
+
+    def __call__(self, inputs: ModelInputs) -> Array:
+        """Logits [B, T, V] of the full forward pass (parity tests, evaluation)."""
+        return self.logits(self.hidden_states(inputs))
+
+
+def init_params(cfg: ModelConfig, rng: Array | None = None, dtype: Any = jnp.float32):
+    """Random parameters (boxed with logical axis names) from tiny dummy inputs."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    v = cfg.vision
+    inputs = ModelInputs(
+        input_ids=jnp.zeros((1, 4), jnp.int32), attention_mask=jnp.ones((1, 4), bool),
+        positions=jnp.zeros((3, 1, 4), jnp.int32), pixels=jnp.zeros((1, 4, v.patch_dim), jnp.float32),
+        segment_ids=jnp.zeros((1, 4), jnp.int32), pos_hw=jnp.zeros((1, 4, 2), jnp.int32),
+        vision_index=jnp.zeros((1, 4), jnp.int32))
+    return Qwen2VL(cfg, dtype=dtype, param_dtype=dtype).init(rng, inputs)["params"]

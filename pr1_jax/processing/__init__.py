@@ -1,0 +1,1 @@
+"""Host-side input processing: images, chat prompts, token/position batches (NumPy)."""

