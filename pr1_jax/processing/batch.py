@@ -108,7 +108,8 @@ def mrope_positions(input_ids: np.ndarray, attention_mask: np.ndarray, grids: Se
     """M-RoPE position ids [3, B, T], rope deltas [B] and vision_index [B, T], vectorised.
 
     Text tokens get t=h=w=running index; image token (i, j) of an image starting at s
-    gets (s, s+i, s+j); padding gets 1 (as HF). delta = max position + 1 − T.
+    gets (s, s+i, s+j); padding gets 1 (as HF). rope delta = max position + 1 − number of
+    valid tokens (transformers 5's convention): the next token's position is max + 1.
     """
     b, t = input_ids.shape
     valid = attention_mask.astype(bool)
@@ -129,7 +130,7 @@ def mrope_positions(input_ids: np.ndarray, attention_mask: np.ndarray, grids: Se
     base = np.cumsum(advance, axis=1) - advance  # exclusive running position
     pos = np.stack([base, base + i_img.reshape(b, t), base + j_img.reshape(b, t)])
     pos = np.where(valid[None], pos, 1)
-    deltas = pos.max(axis=(0, 2)) + 1 - t
+    deltas = np.where(valid[None], pos, 0).max(axis=(0, 2)) + 1 - valid.sum(axis=1)
     vision_index = np.zeros(b * t, np.int64)
     vision_index[flat] = feat_rows
     return pos.astype(np.int32), deltas.astype(np.int32), vision_index.reshape(b, t).astype(np.int32)
