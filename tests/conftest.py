@@ -32,3 +32,11 @@ def tiny_untied_dir(tmp_path_factory):
         tmp_path_factory.mktemp("tiny_untied"), seed=1, hidden_size=64, num_heads=8,
         num_kv_heads=1, num_layers=3, mrope_section=(1, 1, 2), tie_word_embeddings=False,
         vision_depth=3, vision_width=48, vision_heads=3, safe_serialization_max_shard="20MB")
+
+
+@pytest.fixture(scope="session")
+def sampler_dir(tmp_path_factory):
+    """Sharper random weights (init std 0.15, untied head) so greedy outputs are diverse."""
+    from pr1_jax import tiny
+    return tiny.write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_sampler"), seed=3, init_std=0.15,
+                                      tie_word_embeddings=False)

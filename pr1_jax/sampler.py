@@ -1,0 +1,213 @@
+"""Rollouts on device: one jitted program = vision + prefill once per prompt, then G samples
+per prompt decoded together in a `lax.while_loop` with a KV cache.
+
+    sampler = Sampler(model, eos_ids=special.eos_ids, pad_id=special.pad_id)
+    out = sampler(params, prompts, rng, SamplingConfig(num_samples=8, max_new_tokens=768,
+                                                       temperature=1.0, top_p=0.9, top_k=50))
+
+Group prefix sharing: the image is encoded and the prompt prefilled once per prompt; its
+K/V become a *shared prefix* [L, B, P, K, Dh] that the G samples of the group attend to
+(read once per step for the whole group, never copied G times), next to their own cache
+[L, B, G, Tc, K, Dh]. PR1 (vLLM) re-encodes the image and prompt for each of the G requests.
+
+Sampling follows vLLM/HF order: temperature → top-k → top-p (smallest set with
+cumulative probability ≥ top_p) → categorical. Returned log-probs: `logp` at temperature 1
+over the full vocabulary (what PR1's loss uses) and `logp_sample` under the sampling
+distribution. Shape letters: B prompts, G samples, Tc new tokens, P prompt tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from pr1_jax.model.qwen2_vl import ModelInputs, Qwen2VL
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """PR1 samples with temperature 0.9–1.0, top_p 0.9, top_k 50 (PR1_REFERENCE §0.5)."""
+
+    num_samples: int = 1  # G, completions per prompt
+    max_new_tokens: int = 768
+    temperature: float = 1.0  # 0 → greedy
+    top_p: float = 1.0  # 1 → off
+    top_k: int = 0  # 0 → off
+    ignore_eos: bool = False  # benchmarks: fixed lengths
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {self.num_samples}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"invalid sampling parameters: temperature={self.temperature}, "
+                             f"top_p={self.top_p}, top_k={self.top_k}")
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    tokens: Array  # [B, G, Tc] int32; pad_id after the first EOS (which is kept)
+    logp: Array  # [B, G, Tc] float32 log π(token) at temperature 1, full vocabulary; 0 on padding
+    logp_sample: Array  # [B, G, Tc] float32 log-prob under the sampling distribution; 0 greedy/padding
+    lengths: Array  # [B, G] int32 generated tokens, EOS included
+    logits: Array | None = None  # [B, G, Tc, V] float32, only with return_logits (tests)
+
+    @property
+    def mask(self) -> Array:
+        """[B, G, Tc] bool: generated tokens up to and including the first EOS."""
+        return jnp.arange(self.tokens.shape[-1]) < self.lengths[..., None]
+
+
+@flax.struct.dataclass
+class _LoopState:
+    step: Array  # [] int32: tokens generated so far
+    last: Array  # [B, G] int32: token to feed next
+    done: Array  # [B, G] bool
+    lengths: Array  # [B, G] int32
+    tokens: Array  # [B, G, Tc] int32
+    logp: Array  # [B, G, Tc] float32
+    logp_sample: Array  # [B, G, Tc] float32
+    cache: tuple[Array, Array]  # K, V: [L, B, G, Tc, K, Dh]
+    logits: Array | None  # [B, G, Tc, V] float32 or None
+
+
+def _top_p_sorted(sorted_logits: Array, top_p: Array) -> Array:
+    """Keeps the smallest prefix of descending-sorted logits whose probability mass ≥ top_p."""
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+    return jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)  # always keeps the best
+
+
+def _choose(logits: Array, rng: Array, temperature: Array, top_p: Array, *, top_k: int, use_top_p: bool,
+            greedy: bool) -> tuple[Array, Array, Array]:
+    """logits [..., V] float32 → (token, logp at T=1 over V, logp under sampling), each [...].
+
+    With top-k the candidates are the k best (`lax.top_k`, no full-vocabulary sort);
+    top-p then trims them. Without top-k, top-p sorts the vocabulary.
+    """
+    logp_full = jax.nn.log_softmax(logits, axis=-1)
+    pick = lambda a, i: jnp.take_along_axis(a, i[..., None], -1)[..., 0]  # noqa: E731
+    if greedy:
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return token, pick(logp_full, token), jnp.zeros(token.shape, jnp.float32)
+    scaled = logits / temperature
+    cand_ids = None
+    if top_k:
+        scaled, cand_ids = jax.lax.top_k(scaled, top_k)  # sorted descending
+    elif use_top_p:
+        cand_ids = jnp.argsort(-scaled, axis=-1)
+        scaled = jnp.take_along_axis(scaled, cand_ids, -1)
+    if use_top_p:
+        scaled = _top_p_sorted(scaled, top_p)
+    choice = jax.random.categorical(rng, scaled, axis=-1)
+    token = choice if cand_ids is None else pick(cand_ids, choice)
+    token = token.astype(jnp.int32)
+    return token, pick(logp_full, token), pick(jax.nn.log_softmax(scaled, axis=-1), choice)
+
+
+def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperature: Array, top_p: Array, *,
+             num_samples: int, max_new_tokens: int, top_k: int, use_top_p: bool, greedy: bool,
+             eos_ids: tuple[int, ...],
+             pad_id: int, ignore_eos: bool, return_logits: bool) -> SampleOutput:
+    """The whole rollout as one traced program (wrapped by `Sampler` in `jax.jit`)."""
+    apply = functools.partial(model.apply, {"params": params})
+    b, p = prompts.input_ids.shape
+    g, tc = num_samples, max_new_tokens
+
+    # 1. Vision once per prompt, prompt prefill once per prompt → the group's shared prefix.
+    def prefill(m: Qwen2VL):
+        vision = m.encode_images(prompts.pixels, prompts.segment_ids, prompts.pos_hw)
+        x = m.embed(prompts.input_ids, vision, prompts.vision_index)[:, None]
+        causal = jnp.tril(jnp.ones((p, p), bool))[None, None] & prompts.attention_mask[:, None, None, :]
+        hidden, kv = m.decode(x, prompts.positions[:, :, None], causal, return_kv=True)
+        return m.logits(hidden[:, 0, -1]).astype(jnp.float32), kv  # left padding: last column is real
+
+    first_logits, (k_pre, v_pre) = apply(method=prefill)
+    prefix = (k_pre[:, :, 0], v_pre[:, :, 0])  # [L, B, P, K, Dh]
+    # Text after the prompt continues at max position + 1 on all three M-RoPE axes.
+    next_pos = jnp.max(jnp.where(prompts.attention_mask[None], prompts.positions, 0), axis=(0, 2)) + 1  # [B]
+
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    stop = (lambda tok: jnp.zeros(tok.shape, bool)) if ignore_eos else (lambda tok: jnp.isin(tok, eos))
+
+    def record(state: _LoopState, logits_bgv: Array, key: Array) -> _LoopState:
+        token, lp, lps = _choose(logits_bgv, key, temperature, top_p, top_k=top_k, use_top_p=use_top_p,
+                                 greedy=greedy)
+        live = ~state.done
+        token = jnp.where(live, token, pad_id)
+        at = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val[..., None], state.step, axis=2)  # noqa: E731
+        logits_buf = state.logits
+        if return_logits:
+            logits_buf = jax.lax.dynamic_update_slice_in_dim(state.logits, logits_bgv[:, :, None], state.step, 2)
+        return state.replace(
+            step=state.step + 1, last=token, done=state.done | (live & stop(token)),
+            lengths=state.lengths + live, tokens=at(state.tokens, token),
+            logp=at(state.logp, jnp.where(live, lp, 0.0)), logp_sample=at(state.logp_sample, jnp.where(live, lps, 0.0)),
+            logits=logits_buf)
+
+    cache_shape = (k_pre.shape[0], b, g, tc) + k_pre.shape[-2:]  # [L, B, G, Tc, K, Dh]
+    state = _LoopState(
+        step=jnp.zeros((), jnp.int32), last=jnp.zeros((b, g), jnp.int32), done=jnp.zeros((b, g), bool),
+        lengths=jnp.zeros((b, g), jnp.int32), tokens=jnp.full((b, g, tc), pad_id, jnp.int32),
+        logp=jnp.zeros((b, g, tc), jnp.float32), logp_sample=jnp.zeros((b, g, tc), jnp.float32),
+        cache=(jnp.zeros(cache_shape, k_pre.dtype), jnp.zeros(cache_shape, v_pre.dtype)),
+        logits=jnp.zeros((b, g, tc, first_logits.shape[-1]), jnp.float32) if return_logits else None)
+    # 2. The G first tokens are G draws from the prompt's next-token distribution.
+    state = record(state, jnp.broadcast_to(first_logits[:, None], (b, g, first_logits.shape[-1])),
+                   jax.random.fold_in(rng, 0))
+
+    # 3. Decode: feed token t-1 (position next_pos + t-1), write its K/V at slot t-1.
+    def body(state: _LoopState) -> _LoopState:
+        t = state.step
+        pos = jnp.broadcast_to((next_pos + t - 1)[None, :, None, None], (3, b, g, 1))
+        mask = jnp.broadcast_to(jnp.arange(tc) <= t - 1, (b, g, 1, tc))
+
+        def step(m: Qwen2VL):
+            x = m.embed(state.last)[:, :, None]
+            hidden, cache = m.decode(x, pos, mask, cache=state.cache, cache_index=t - 1,
+                                     prefix=prefix, prefix_mask_bp=prompts.attention_mask)
+            return m.logits(hidden[:, :, 0]).astype(jnp.float32), cache
+
+        logits, cache = apply(method=step)
+        return record(state.replace(cache=cache), logits, jax.random.fold_in(rng, t))
+
+    def cond(state: _LoopState) -> Array:
+        return (state.step < tc) & ~jnp.all(state.done)
+
+    state = jax.lax.while_loop(cond, body, state)
+    return SampleOutput(tokens=state.tokens, logp=state.logp, logp_sample=state.logp_sample,
+                        lengths=state.lengths, logits=state.logits)
+
+
+class Sampler:
+    """Compiles `generate` once per (shape bucket, static sampling options)."""
+
+    def __init__(self, model: Qwen2VL, eos_ids: Sequence[int], pad_id: int):
+        self.model = model
+        self.eos_ids = tuple(int(e) for e in eos_ids)
+        self.pad_id = int(pad_id)
+        self._generate = jax.jit(
+            functools.partial(generate, model),
+            static_argnames=("num_samples", "max_new_tokens", "top_k", "use_top_p", "greedy", "eos_ids", "pad_id",
+                             "ignore_eos", "return_logits"))
+
+    def __call__(self, params, prompts: ModelInputs, rng: Array, cfg: SamplingConfig,
+                 return_logits: bool = False) -> SampleOutput:
+        greedy = cfg.temperature == 0
+        return self._generate(
+            params, prompts, rng, jnp.float32(max(cfg.temperature, 1e-6)), jnp.float32(cfg.top_p),
+            num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k,
+            use_top_p=cfg.top_p < 1.0, greedy=greedy, eos_ids=self.eos_ids, pad_id=self.pad_id, ignore_eos=cfg.ignore_eos,
+            return_logits=return_logits)
+
+    def num_compiled(self) -> int:
+        """How many programs have been compiled so far (tests: no recompiles per batch)."""
+        return self._generate._cache_size()
