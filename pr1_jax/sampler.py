@@ -26,6 +26,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from pr1_jax.model.decoder import (DecoderContext, decode_layer_by_layer, fuse_layer_params, mrope,
+                                   unstack_layers)
 from pr1_jax.model.qwen2_vl import ModelInputs, Qwen2VL
 
 Array = jax.Array
@@ -75,7 +77,7 @@ class _LoopState:
     tokens: Array  # [B, G, Tc] int32
     logp: Array  # [B, G, Tc] float32
     logp_sample: Array  # [B, G, Tc] float32
-    cache: tuple[Array, Array]  # K, V: [L, B, G, Tc, K, Dh]
+    cache: list[tuple[Array, Array]]  # per layer (K, V), each [B, G, Tc, K, Dh]
     logits: Array | None  # [B, G, Tc, V] float32 or None
 
 
@@ -131,7 +133,10 @@ def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperatu
         return m.logits(hidden[:, 0, -1]).astype(jnp.float32), kv  # left padding: last column is real
 
     first_logits, (k_pre, v_pre) = apply(method=prefill)
-    prefix = (k_pre[:, :, 0], v_pre[:, :, 0])  # [L, B, P, K, Dh]
+    num_layers = model.cfg.text.num_layers
+    # Per-layer views, sliced once here rather than at every step (see decode_layer_by_layer).
+    prefixes = unstack_layers((k_pre[:, :, 0], v_pre[:, :, 0]), num_layers)  # each [B, P, K, Dh]
+    layer_params = [fuse_layer_params(p) for p in unstack_layers(params["decoder"]["layers"], num_layers)]
     # Text after the prompt continues at max position + 1 on all three M-RoPE axes.
     next_pos = jnp.max(jnp.where(prompts.attention_mask[None], prompts.positions, 0), axis=(0, 2)) + 1  # [B]
 
@@ -153,12 +158,13 @@ def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperatu
             logp=at(state.logp, jnp.where(live, lp, 0.0)), logp_sample=at(state.logp_sample, jnp.where(live, lps, 0.0)),
             logits=logits_buf)
 
-    cache_shape = (k_pre.shape[0], b, g, tc) + k_pre.shape[-2:]  # [L, B, G, Tc, K, Dh]
+    cache_shape = (b, g, tc) + k_pre.shape[-2:]  # [B, G, Tc, K, Dh]
     state = _LoopState(
         step=jnp.zeros((), jnp.int32), last=jnp.zeros((b, g), jnp.int32), done=jnp.zeros((b, g), bool),
         lengths=jnp.zeros((b, g), jnp.int32), tokens=jnp.full((b, g, tc), pad_id, jnp.int32),
         logp=jnp.zeros((b, g, tc), jnp.float32), logp_sample=jnp.zeros((b, g, tc), jnp.float32),
-        cache=(jnp.zeros(cache_shape, k_pre.dtype), jnp.zeros(cache_shape, v_pre.dtype)),
+        cache=[(jnp.zeros(cache_shape, k_pre.dtype), jnp.zeros(cache_shape, v_pre.dtype))
+               for _ in range(num_layers)],
         logits=jnp.zeros((b, g, tc, first_logits.shape[-1]), jnp.float32) if return_logits else None)
     # 2. The G first tokens are G draws from the prompt's next-token distribution.
     state = record(state, jnp.broadcast_to(first_logits[:, None], (b, g, first_logits.shape[-1])),
@@ -170,13 +176,12 @@ def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperatu
         pos = jnp.broadcast_to((next_pos + t - 1)[None, :, None, None], (3, b, g, 1))
         mask = jnp.broadcast_to(jnp.arange(tc) <= t - 1, (b, g, 1, tc))
 
-        def step(m: Qwen2VL):
-            x = m.embed(state.last)[:, :, None]
-            hidden, cache = m.decode(x, pos, mask, cache=state.cache, cache_index=t - 1,
-                                     prefix=prefix, prefix_mask_bp=prompts.attention_mask)
-            return m.logits(hidden[:, :, 0]).astype(jnp.float32), cache
-
-        logits, cache = apply(method=step)
+        cos, sin = mrope(pos, model.cfg.text)
+        ctx = DecoderContext(cos=cos, sin=sin, mask=mask, prefix_mask=prompts.attention_mask, cache_index=t - 1)
+        x = apply(state.last, method=Qwen2VL.embed)[:, :, None]
+        hidden, cache = decode_layer_by_layer(model.cfg.text, layer_params, params["decoder"]["norm"], x, ctx,
+                                              state.cache, prefixes, model.dtype)
+        logits = apply(hidden[:, :, 0], method=Qwen2VL.logits).astype(jnp.float32)
         return record(state.replace(cache=cache), logits, jax.random.fold_in(rng, t))
 
     def cond(state: _LoopState) -> Array:

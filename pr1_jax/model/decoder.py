@@ -63,6 +63,8 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     return_kv: bool = False
+    # Decoding reads q/k/v and gate/up weights as one matrix each (see fuse_layer_params).
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: Array, ctx: DecoderContext, cache: KV | None, prefix: KV | None):
@@ -74,9 +76,14 @@ class DecoderLayer(nn.Module):
                                    kernel_init=layers.dense_init(("embed", axis, "head_dim")),
                                    bias_init=layers.zeros_init((axis, "head_dim")))(h)
 
-        q = layers.apply_rotary(proj("q_proj", cfg.num_heads, "heads"), ctx.cos, ctx.sin)
-        k = layers.apply_rotary(proj("k_proj", cfg.num_kv_heads, "kv_heads"), ctx.cos, ctx.sin)
-        v = proj("v_proj", cfg.num_kv_heads, "kv_heads")  # q [B,G,T,H,Dh]; k, v [B,G,T,K,Dh]
+        if self.fused:
+            qkv = proj("qkv_proj", cfg.num_heads + 2 * cfg.num_kv_heads, "heads")
+            q, k, v = jnp.split(qkv, [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=-2)
+        else:
+            q, k, v = (proj("q_proj", cfg.num_heads, "heads"), proj("k_proj", cfg.num_kv_heads, "kv_heads"),
+                       proj("v_proj", cfg.num_kv_heads, "kv_heads"))
+        q = layers.apply_rotary(q, ctx.cos, ctx.sin)  # [B, G, T, H, Dh]
+        k = layers.apply_rotary(k, ctx.cos, ctx.sin)  # [B, G, T, K, Dh]
         if cache is not None:  # write this chunk into the own cache, attend over all of it
             idx = (0, 0, ctx.cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), idx)
@@ -89,8 +96,13 @@ class DecoderLayer(nn.Module):
         h = layers.RMSNorm(cfg.rms_norm_eps, name="post_attention_norm", **kw)(x)
         dense = lambda n, f, axes: nn.Dense(f, use_bias=False, name=n, **kw,  # noqa: E731
                                             kernel_init=layers.dense_init(axes))
-        h = (jax.nn.silu(dense("gate_proj", cfg.mlp_dim, ("embed", "mlp"))(h))
-             * dense("up_proj", cfg.mlp_dim, ("embed", "mlp"))(h))
+        if self.fused:
+            gate_up = nn.DenseGeneral((2, cfg.mlp_dim), use_bias=False, name="gate_up_proj", **kw,
+                                      kernel_init=layers.dense_init(("embed", None, "mlp")))(h)
+            h = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+        else:
+            h = (jax.nn.silu(dense("gate_proj", cfg.mlp_dim, ("embed", "mlp"))(h))
+                 * dense("up_proj", cfg.mlp_dim, ("embed", "mlp"))(h))
         x = x + dense("down_proj", cfg.width, ("mlp", "embed"))(h)
         x = nn.with_logical_constraint(x, ("batch", None, "length", "embed"))
         new_kv = (k, v) if (cache is not None or self.return_kv) else None
@@ -109,6 +121,7 @@ class Decoder(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    scan_unroll: int = 1  # > 1 trades compile time for fewer per-layer overheads (decoding)
 
     @nn.compact
     def __call__(self, x: Array, ctx: DecoderContext, cache: KV | None = None,
@@ -117,10 +130,43 @@ class Decoder(nn.Module):
         if self.remat:
             layer = nn.remat(layer, prevent_cse=False)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, 0, 0), length=self.cfg.num_layers,
+                        in_axes=(nn.broadcast, 0, 0), length=self.cfg.num_layers, unroll=self.scan_unroll,
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x, new_kv = stack(self.cfg, self.dtype, self.param_dtype, return_kv,
                           name="layers")(x, ctx, cache, prefix)
         x = layers.RMSNorm(self.cfg.rms_norm_eps, name="norm", dtype=self.dtype,
                            param_dtype=self.param_dtype)(x)
         return x, new_kv
+
+
+def unstack_layers(stacked: Any, num_layers: int) -> list[Any]:
+    """[L, ...] scanned parameters (or K/V) → a list of L per-layer trees."""
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)]
+
+
+def fuse_layer_params(p: dict) -> dict:
+    """One layer's parameters with q/k/v and gate/up concatenated (`DecoderLayer(fused=True)`)."""
+    p = dict(p)
+    qkv = [p.pop(n) for n in ("q_proj", "k_proj", "v_proj")]
+    p["qkv_proj"] = {k: jnp.concatenate([x[k] for x in qkv], axis=-2) for k in ("kernel", "bias")}
+    p["gate_up_proj"] = {"kernel": jnp.stack([p.pop("gate_proj")["kernel"], p.pop("up_proj")["kernel"]], axis=-2)}
+    return p
+
+
+def decode_layer_by_layer(cfg: TextConfig, layer_params: list[Any], norm_params: Any, x: Array,
+                          ctx: DecoderContext, caches: list[KV], prefixes: list[KV],
+                          dtype: Any = jnp.float32) -> tuple[Array, list[KV]]:
+    """`Decoder` with a cache, unrolled over per-layer parameters and caches (for decoding).
+
+    `layer_params` are per-layer, fused (`fuse_layer_params`) once before the decode loop:
+    inside a loop, a scan over stacked [L, ...] weights makes XLA copy each layer's weights
+    out of the stack at every step (a second full read and write of the model per token),
+    while per-layer arrays are read in place and per-layer caches updated in place.
+    """
+    layer = DecoderLayer(cfg, dtype, dtype, fused=True)
+    new_caches = []
+    for params, cache, prefix in zip(layer_params, caches, prefixes):
+        x, kv = layer.apply({"params": params}, x, ctx, cache, prefix)
+        new_caches.append(kv)
+    x = layers.RMSNorm(cfg.rms_norm_eps, dtype=dtype, param_dtype=dtype).apply({"params": norm_params}, x)
+    return x, new_caches

@@ -49,6 +49,7 @@ class Qwen2VL(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    scan_unroll: int = 1  # decoder layers unrolled per scan step (the sampler may unroll fully)
 
     def setup(self):
         t, kw = self.cfg.text, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -56,7 +57,7 @@ class Qwen2VL(nn.Module):
         self.embed_tokens = nn.Embed(t.vocab_size, t.width, name="embed_tokens", **kw,
                                      embedding_init=layers.dense_init(("vocab", "embed")))
         self.visual = VisionTower(self.cfg.vision, remat=self.remat, name="visual", **kw)
-        self.decoder = Decoder(t, remat=self.remat, name="decoder", **kw)
+        self.decoder = Decoder(t, remat=self.remat, scan_unroll=self.scan_unroll, name="decoder", **kw)
         if not t.tie_word_embeddings:
             self.lm_head = nn.Dense(t.vocab_size, use_bias=False, name="lm_head", **kw,
                                     kernel_init=layers.dense_init(("embed", "vocab")))
