@@ -67,11 +67,65 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / s
 
 
+def update_flops(cfg, b: int, g: int, p: int, tc: int, patches: int) -> float:
+    """FLOPs one GRPO update needs: policy forward+backward (3×) + reference forward (1×) of
+    the vision tower once per prompt, the prompt once per prompt and the completions."""
+    t, v = cfg.text, cfg.vision
+    layer = 2 * t.width * (t.num_heads + 2 * t.num_kv_heads) * t.head_dim + 2 * t.num_heads * t.head_dim * t.width \
+        + 6 * t.width * t.mlp_dim  # per token, matmuls of one decoder layer
+    prompt_tok, comp_tok = b * p, b * g * tc
+    llm = t.num_layers * layer * (prompt_tok + comp_tok)
+    attn = t.num_layers * 4 * t.num_heads * t.head_dim * (b * p * p / 2 + b * g * tc * (p + tc / 2))
+    head = 2 * t.width * t.vocab_size * comp_tok
+    vit_layer = 2 * v.width * 3 * v.width + 2 * v.width * v.width + 4 * v.width * v.mlp_dim
+    vit = v.depth * (vit_layer * b * patches + 4 * v.width * b * patches ** 2) \
+        + b * patches / 4 * (2 * 4 * v.width * 4 * v.width + 2 * 4 * v.width * v.out_width) \
+        + 2 * v.patch_dim * v.width * b * patches
+    return 4.0 * (llm + attn + head + vit)
+
+
+def bench_update(cfg, params, shape: str) -> dict:
+    import optax  # noqa: F401
+
+    from pr1_jax import grpo
+    from pr1_jax.train_step import OptimConfig, Rollouts, init_state, make_optimizer, make_update_fn
+
+    b, g = (int(x) for x in shape.split("x"))
+    model = Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat=True)
+    inputs = prompts(cfg, b)
+    rng = np.random.default_rng(0)
+    comp = jnp.asarray(rng.integers(0, 150000, (1, b, g, NEW)), jnp.int32)
+    batch = Rollouts(prompts=jax.tree.map(lambda a: a[None], inputs), completions=comp,
+                     mask=jnp.ones(comp.shape, bool), advantages=jnp.asarray(rng.standard_normal((1, b, g)), jnp.float32),
+                     old_logp=jnp.zeros(comp.shape, jnp.float32), group_weight=jnp.ones((1, b, g), jnp.float32))
+    optimizer = make_optimizer(OptimConfig())
+    update = make_update_fn(model, optimizer, grpo.GRPOConfig(num_generations=g), chunk_size=256)
+    ref = jax.tree.map(jnp.copy, params)
+    state = init_state(jax.tree.map(jnp.copy, params), optimizer)
+    state, m = update(state, ref, batch)  # compile
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        state, m = update(state, ref, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    s = min(times)
+    flops = update_flops(cfg, b, g, int(inputs.input_ids.shape[1]), NEW, int(inputs.pixels.shape[1]))
+    mem = jax.devices()[0].memory_stats() or {}
+    return {"measure": "update", "prompts": b, "samples": g, "sequences": b * g,
+            "seq": int(inputs.input_ids.shape[1]) + NEW, "seconds": round(s, 3),
+            "needed_tflop": round(flops / 1e12, 1), "mfu_989": round(flops / s / 989e12, 3),
+            "peak_gb": round(mem.get("peak_bytes_in_use", 0) / 2**30, 1),
+            "sequences_per_s": round(b * g / s, 1)}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--modes", default="forward,rollout")
     p.add_argument("--rollouts", default="8x8,8x16,64x8", help="BxG list")
     p.add_argument("--out", default=None)
+    p.add_argument("--update_shape", default="8x8", help="prompts x G for the update step")
     p.add_argument("--unroll", type=int, default=1, help="decoder layers unrolled per scan step when sampling")
     p.add_argument("--smoke", action="store_true", help="a tiny model, to check the script on a CPU")
     args = p.parse_args()
@@ -120,6 +174,8 @@ def main():
                   "tokens_per_s": round(b * g * NEW / s, 1), "roofline_fraction": round(roofline_s / s, 3),
                   "ms_per_step": round(1e3 * s / NEW, 3), "unroll": args.unroll,
                   "xla_flags": os.environ.get("XLA_FLAGS", "")})
+    if "update" in args.modes:
+        emit(bench_update(cfg, params, args.update_shape))
     if args.out:
         with open(args.out, "a") as f:
             for r in results:

@@ -320,3 +320,8 @@ def decode_batch(tokenizer, rows, skip_special_tokens: bool = False) -> list[str
     """
     lists = [_as_id_list(r) for r in rows]
     return _backend(tokenizer).decode_batch(lists, skip_special_tokens=skip_special_tokens)
+
+
+def encode_text(tokenizer, text: str) -> np.ndarray:
+    """Plain text (special-token strings included) → int32 ids, no template."""
+    return np.asarray(_backend(tokenizer).encode(text, add_special_tokens=False).ids, dtype=np.int32)

@@ -1,0 +1,72 @@
+"""Shared defaults of every pr1_jax training config: PR1's recipe (PR1_REFERENCE §3.11–3.12).
+
+A task config calls `base()` and changes what its PR1 script changes. Override anything on
+the command line: `--config=configs/grounding.py --config.optim.learning_rate=2e-6`.
+"""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "grounding"  # grounding | counting | detection | ocr
+    c.model_dir = ""  # HF checkpoint directory (Qwen/Qwen2-VL-2B-Instruct downloaded by the user)
+    c.workdir = "runs/pr1"
+    c.seed = 42  # HF TrainingArguments default
+    c.dtype = "bfloat16"  # compute and parameter dtype (PR1: bf16 with fp32 master weights under ZeRO-3)
+    c.remat = True  # PR1 trains with gradient checkpointing
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # PR1-format file (JSON/JSONL/YAML mixture/HF dir/TFDS)
+    c.data.eval = ""
+    c.data.image_dir = ""
+    c.data.train_sample_size = -1  # first N rows (PR1's train_sample_size); -1 = all
+    c.data.eval_examples = 64
+    c.data.min_pixels = 3136
+    c.data.max_pixels = 1_000_000  # PR1 trains at max_pixels 1e6
+    c.data.synthetic = 0  # > 0: generate this many synthetic training rows (demo/tests)
+
+    c.prompt = ml_collections.ConfigDict()
+    c.prompt.system = "default"  # "You are a helpful assistant. " (trailing space, as PR1 trains)
+    c.skip_special_tokens = False  # how completions are decoded for the rewards (True for detection)
+    c.rewards = ("pr1_grounding", "pr1_grounding_format")
+    c.reward_kwargs = ml_collections.ConfigDict()  # per-reward keyword arguments, e.g. pr1_detection
+
+    c.grpo = ml_collections.ConfigDict()  # fields of pr1_jax.grpo.GRPOConfig (PR1 defaults there)
+    c.grpo.num_generations = 8
+    c.grpo.beta = 0.04
+    c.grpo.temperature = 0.9  # TRL default, what PR1's grounding script uses
+    c.grpo.temperature_func = "constant"
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.max_new_tokens = 768
+    c.sampling.top_p = 0.9
+    c.sampling.top_k = 50
+
+    # PR1: 7 ranks × 1 prompt (8 completions) per micro-step × grad-accum 2 = 14 prompts / step.
+    c.batch = ml_collections.ConfigDict()
+    c.batch.prompts_per_step = 14
+    c.batch.prompts_per_micro = 1
+    # Static shape buckets (one compiled program each): prompt tokens, packed patch rows.
+    c.batch.seq_len = 2048
+    c.batch.patch_row_len = 4096  # ≥ patches of the largest image (1e6 px → ≤ 5,100 patches: raise for that)
+    c.batch.patch_rows = -1  # -1 = prompts in the batch
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-6
+    c.optim.schedule = "linear"
+    c.optim.max_grad_norm = 1.0
+    c.optim.weight_decay = 0.0
+    c.num_epochs = 1
+    c.total_steps = -1  # -1 = num_epochs · examples / prompts_per_step
+
+    c.sft = ml_collections.ConfigDict()  # optional supervised warm-up on the same data path
+    c.sft.steps = 0
+    c.sft.learning_rate = 1e-5
+    c.sft.prompts_per_step = 16
+
+    c.log_every = 1
+    c.eval_every = 50
+    c.checkpoint_every = 100  # PR1 saves every 100 steps
+    c.chunk_size = 128  # completion tokens per LM-head chunk when scoring
+    return c
