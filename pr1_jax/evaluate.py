@@ -1,0 +1,547 @@
+"""Evaluate a checkpoint on one PR1 task with the paper's prompts, decoding and metrics.
+
+    python -m pr1_jax.evaluate --task=grounding --model_dir=ckpt --data=refcoco_val.json \\
+        --image_dir=/data/coco --out_dir=eval/refcoco_val          # Acc@0.5 etc. (RefCOCO val 89.1 for PR1)
+    python -m pr1_jax.evaluate --task=counting  --data=pixmo_count_val540.jsonl --image_dir=... ...
+    python -m pr1_jax.evaluate --task=detection --data=coco_val2017.json --image_dir=val2017 ...
+    python -m pr1_jax.evaluate --task=ocr       --data=en_page_ocr.json --image_dir=... ...
+
+    report = evaluate("grounding", "ckpt", "refcoco_val.json", image_dir="/data/coco", out_dir="eval")
+    report["metrics"]["acc@0.5"]
+
+What each task sends and reads (PR1_REFERENCE §4.2–4.5; user message only, so the chat
+template adds its default system prompt, as PR1's eval scripts):
+
+* grounding — data: JSON {image, problem, solution[, normalized_solution]}; user text
+  "Output the bounding box of the {problem} in the image."; special tokens kept;
+  metrics ×100: iou, acc@{0.1,0.3,0.5,0.75,0.95}, center_acc, avg (= mean acc@0.5/0.75/0.95).
+* counting — data: JSONL {image_path, question, ground_truth} (PR1's val540/test540), or
+  training rows {image, problem, clicks}; user text "Output all the bounding boxes of the
+  {question}"; special tokens kept; metrics ×100: accuracy (exact count), no_answer.
+* detection — data: a COCO instances JSON, images at image_dir/file_name; user text PR1's
+  eval prompt ("Locate every item from the category list in the image and output the
+  coordinates in JSON format. ..."); special tokens skipped; metrics: COCO bbox AP, AP50,
+  AP75, APs/m/l, AR1/10/100, ARs/m/l as fractions in [0, 1].
+* ocr — data: JSON {image, conversations: [{value: question}, {value: text}]}; user text
+  "<image>\\nOCR this image: " (PR1's literal "<image>" plus the real image); special tokens
+  skipped; metrics ×100: edit_distance (lower is better), precision, recall, f1, bleu, meteor.
+
+Decoding is greedy through `sampler.Sampler`, `batch_size` prompts at a time. Every batch
+has the same shapes — prompt length, packed image row length and row count are fixed from
+the largest example of the data set (image headers and prompt token counts are read
+before any decoding) and the last batch is padded with text-only rows — so the rollout
+program compiles once (`report["num_compiled"]`). Texts are decoded without the stop token,
+as vLLM returns them. Default `max_new_tokens` are PR1's: 512 grounding / counting, 4096
+detection, 2048 OCR. Not reproduced: PR1's grounding eval adds repetition_penalty 1.05.
+
+Detection: Qwen2.5-VL answers in pixels of the resized image; they are rescaled to the
+original image before COCO evaluation (PR1 compares them unscaled and infers every image
+but the last — `pr1_exact=True` reproduces both, §8.8). Parsing is PR1's (`robust=False`)
+unless `robust_parse=True`.
+
+Rows that cannot be used never stop the run: malformed rows (the reader's count), and
+images that are missing, not images, truncated or of an impossible aspect ratio are
+skipped, counted by reason and listed in the report; metrics cover the evaluated rows.
+With `out_dir` the report (metrics, counts, per-sample predictions) is written as JSON, and
+for grounding / counting / detection a PNG gallery of the first predictions (red) over the
+ground truth (green).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image
+
+from pr1_jax import viz
+from pr1_jax.evaluation import counting as counting_eval
+from pr1_jax.evaluation import detection as detection_eval
+from pr1_jax.evaluation import grounding as grounding_eval
+from pr1_jax.evaluation import ocr as ocr_eval
+from pr1_jax.infer import DTYPES, InferError, load_pretrained
+from pr1_jax.processing import batch as batch_lib
+from pr1_jax.processing import chat
+from pr1_jax.processing import image as image_lib
+from pr1_jax.rewards.parsing import parse_qwen_boxes
+
+TASKS = ("grounding", "counting", "detection", "ocr")
+PROMPTS = {task: chat.EVAL_TEMPLATES[f"pr1_{task}"] for task in TASKS}
+MAX_NEW_TOKENS = {"grounding": 512, "counting": 512, "detection": 4096, "ocr": 2048}  # PR1's eval scripts
+SKIP_SPECIAL_TOKENS = {"grounding": False, "counting": False, "detection": True, "ocr": True}
+PAD_TEXT = "."  # the text-only prompt that fills the last batch
+
+
+class EvalError(ValueError):
+    """Bad arguments or data files; the message is one line meant for the user."""
+
+
+@dataclasses.dataclass
+class Example:
+    index: int  # position among the examples read (after --limit)
+    image: Any  # anything processing.image.load_image accepts
+    prompt: str  # the user text
+    gt: Any  # grounding (solution, normalized_solution); counting int; detection image id; ocr str
+    problem: str = ""  # the question the prompt was built from
+
+
+class Completion(NamedTuple):
+    text: str  # decoded without the stop token
+    num_tokens: int  # generated tokens, stop token included
+    stopped: bool  # a stop token was produced (else max_new_tokens was reached)
+
+
+@dataclasses.dataclass
+class Decoder:
+    pre: Any  # pretrained.Pretrained
+    sampler: Any  # sampler.Sampler
+    cfg: Any  # sampler.SamplingConfig (greedy, one sample)
+    skip_special_tokens: bool
+
+
+# ----------------------------------------------------------------------------- data
+def _image_name(src: Any) -> str:
+    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"<{type(src).__name__}>"
+
+
+def read_examples(task: str, data: str | os.PathLike, *, image_dir=None, split: str | None = None
+                  ) -> tuple[list[Example], dict, dict | None]:
+    """The task's evaluation rows → (examples, reader report dict, COCO GT dict for detection)."""
+    from pr1_jax.data import readers
+
+    if task == "detection":
+        return _read_coco(data, image_dir)
+    kw = dict(image_dir=image_dir, split=split or "train")
+    try:
+        if task == "counting":  # PR1's eval JSONL; else training rows (count = number of clicks)
+            rows, report = readers.read(data, "counting_eval", **kw)
+            if not rows and report.rows:
+                rows, report = readers.read(data, "counting", **kw)
+        else:
+            rows, report = readers.read(data, task, **kw)
+    except (OSError, ValueError) as e:
+        raise EvalError(" ".join(str(e).split())) from e
+    examples = []
+    for i, row in enumerate(rows):
+        problem = row["problem"]
+        if task == "grounding":
+            gt = (row["solution"], row.get("normalized_solution", row["solution"]))
+        elif task == "counting":
+            gt = int(row["count"])
+        else:
+            gt = row["solution"]
+        examples.append(Example(i, row["image"], PROMPTS[task].format(question=problem), gt, problem))
+    return examples, report.as_dict(), None
+
+
+def _read_coco(path, image_dir) -> tuple[list[Example], dict, dict]:
+    try:
+        gt = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{path}: cannot read the COCO annotation file ({' '.join(str(e).split())})") from e
+    if not isinstance(gt, dict) or not all(k in gt for k in ("images", "annotations", "categories")):
+        raise EvalError(f"{path}: detection needs a COCO instances JSON (a dict with images, annotations "
+                        f"and categories)")
+    report = {"source": os.fspath(path), "rows": len(gt["images"]), "read": 0, "skipped_malformed": 0,
+              "reasons": {}}
+    examples = []
+    for img in gt["images"]:
+        if not isinstance(img, dict) or "id" not in img or not img.get("file_name"):
+            report["skipped_malformed"] += 1
+            report["reasons"]["bad_image_entry"] = report["reasons"].get("bad_image_entry", 0) + 1
+            continue
+        src = img["file_name"] if image_dir is None else os.path.join(os.fspath(image_dir), img["file_name"])
+        examples.append(Example(len(examples), src, PROMPTS["detection"], int(img["id"])))
+        report["read"] += 1
+    return examples, report, gt
+
+
+# ----------------------------------------------------------------------------- shapes
+class _Skip(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _peek_hw(src: Any) -> tuple[int, int]:
+    """(height, width) from the image header only; `_Skip` for a missing or unreadable file."""
+    if isinstance(src, np.ndarray):
+        return int(src.shape[0]), int(src.shape[1])
+    if isinstance(src, Image.Image):
+        return src.height, src.width
+    if isinstance(src, (str, os.PathLike)):
+        if not os.path.isfile(src):
+            raise _Skip("missing_image", f"{os.fspath(src)}: image file not found")
+        opener = src
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        opener = io.BytesIO(bytes(src))
+    else:
+        raise _Skip("bad_image", f"cannot load an image from {type(src).__name__}")
+    try:
+        with Image.open(opener) as im:
+            return im.height, im.width
+    except Exception as e:  # noqa: BLE001 - any failure to identify the image skips the row
+        raise _Skip("bad_image", f"{_image_name(src)}: not an image file ({type(e).__name__})") from e
+
+
+@dataclasses.dataclass
+class Plan:
+    seq_len: int  # prompt tokens per row (left padded)
+    row_len: int  # patches per packed image row
+    num_rows: int  # packed image rows per batch
+    batches: list[list[Example]]
+    skipped: list[tuple[Example, str, str]]  # (example, reason, message)
+
+
+def _first_fit_rows(sizes: Sequence[int], row_len: int) -> int:
+    """Packed rows that `batch.pack_images` needs for these image sizes (same first-fit rule)."""
+    fill: list[int] = []
+    for n in sizes:
+        row = next((r for r, used in enumerate(fill) if used + n <= row_len), None)
+        if row is None:
+            fill.append(n)
+        else:
+            fill[row] += n
+    return len(fill)
+
+
+def plan_batches(pre, examples: Sequence[Example], batch_size: int) -> Plan:
+    """Reads every image header, skips unusable images, and fixes one set of batch shapes."""
+    cfg = pre.image_config
+    unit = cfg.merge_size ** 2
+    good, patches, skipped = [], [], []
+    for ex in examples:
+        try:
+            h, w = _peek_hw(ex.image)
+            rh, rw = image_lib.smart_resize(h, w, cfg.factor, cfg.min_pixels, cfg.max_pixels,
+                                            qwen_vl_utils=cfg.qwen_vl_utils_resize)
+        except _Skip as e:
+            skipped.append((ex, e.reason, str(e)))
+            continue
+        except image_lib.ImageError as e:
+            skipped.append((ex, "bad_image", f"{_image_name(ex.image)}: {' '.join(str(e).split())}"))
+            continue
+        good.append(ex)
+        patches.append((rh // cfg.patch_size) * (rw // cfg.patch_size))
+    # Prompt length = the prompt with one image token + the image's tokens − 1.
+    one_token_grid = [1, cfg.merge_size, cfg.merge_size]
+    base = {}
+    for text in {ex.prompt for ex in good}:
+        base[text] = len(chat.encode_prompt(pre.tokenizer, chat.eval_messages(text), [one_token_grid], pre.special,
+                                            merge_size=cfg.merge_size))
+    pad_len = len(chat.encode_prompt(pre.tokenizer, [{"role": "user", "content": [{"type": "text", "text": PAD_TEXT}]}],
+                                     [], pre.special))
+    lengths = [base[ex.prompt] + p // unit - 1 for ex, p in zip(good, patches)]
+    seq_len = batch_lib.bucket(max(lengths + [pad_len]))
+    row_len = batch_lib.bucket(max(patches, default=unit), minimum=64)
+    batches = [good[i:i + batch_size] for i in range(0, len(good), batch_size)]
+    sizes = [patches[i:i + batch_size] for i in range(0, len(good), batch_size)]
+    num_rows = max([_first_fit_rows(s, row_len) for s in sizes] + [1])
+    return Plan(seq_len, row_len, num_rows, batches, skipped)
+
+
+# ----------------------------------------------------------------------------- decoding
+def make_decoder(pre, task: str, max_new_tokens: int) -> Decoder:
+    from pr1_jax.sampler import Sampler, SamplingConfig
+
+    sampler = Sampler(pre.model(), eos_ids=pre.special.eos_ids, pad_id=pre.special.pad_id)
+    cfg = SamplingConfig(num_samples=1, max_new_tokens=int(max_new_tokens), temperature=0.0)
+    return Decoder(pre, sampler, cfg, SKIP_SPECIAL_TOKENS[task])
+
+
+def greedy_decode(decoder: Decoder, batch, examples: Sequence[Example | None]) -> list[Completion]:
+    """Greedy completions of a prompt batch, one per row (`examples`: the batch's rows, None
+    for padding; not needed to decode, there so that tests can substitute known answers)."""
+    import jax
+    import jax.numpy as jnp
+
+    out = decoder.sampler(decoder.pre.params, jax.tree.map(jnp.asarray, batch.inputs), jax.random.PRNGKey(0),
+                          decoder.cfg)
+    tokens, lengths = np.asarray(out.tokens[:, 0]), np.asarray(out.lengths[:, 0])
+    eos = set(decoder.pre.special.eos_ids)
+    rows, stopped = [], []
+    for t, n in zip(tokens, lengths):
+        ids = t[:int(n)]
+        stop = len(ids) > 0 and int(ids[-1]) in eos
+        rows.append(ids[:-1] if stop else ids)
+        stopped.append(stop)
+    texts = chat.decode_batch(decoder.pre.tokenizer, rows, skip_special_tokens=decoder.skip_special_tokens)
+    return [Completion(text, int(n), s) for text, n, s in zip(texts, lengths, stopped)]
+
+
+# ----------------------------------------------------------------------------- scoring
+@dataclasses.dataclass
+class Scored:
+    example: Example
+    completion: Completion
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+
+
+def _xyxy(xywh: Sequence[float]) -> list[float]:
+    x, y, w, h = xywh
+    return [x, y, x + w, y + h]
+
+
+def _score_grounding(done: Sequence[Scored]):
+    texts = [d.completion.text for d in done]
+    sols = [d.example.gt[0] for d in done]
+    norms = [d.example.gt[1] for d in done]
+    metrics = grounding_eval.evaluate_grounding(texts, sols, norms)["all"]
+    pred, gt, parsed = grounding_eval.eval_boxes(texts, sols, norms)
+    iou = grounding_eval.box_iou(pred, gt)
+    records, gallery = [], []
+    for d, p, g, ok, v in zip(done, pred, gt, parsed, iou):
+        records.append({"pred_box": p.tolist(), "gt_box": g.tolist(), "parsed": bool(ok), "iou": float(v)})
+        h, w = d.original_hw  # both boxes are in Qwen2-VL's [0, 1000) space of the image
+        gallery.append({"pred": viz.qwen_norm_to_pixels(p, w, h)[None], "gt": viz.qwen_norm_to_pixels(g, w, h)[None],
+                        "caption": f"IoU {v:.2f} {d.example.problem}"})
+    return metrics, records, gallery
+
+
+def _score_counting(done: Sequence[Scored]):
+    texts = [d.completion.text for d in done]
+    gts = [d.example.gt for d in done]
+    metrics = counting_eval.evaluate_counting(texts, gts)["all"]
+    records, gallery = [], []
+    for d, text, g in zip(done, texts, gts):
+        answer = counting_eval.parse_count(text)
+        records.append({"count": answer, "gt_count": g, "correct": answer == g})
+        h, w = d.original_hw
+        boxes = viz.qwen_norm_to_pixels(parse_qwen_boxes(text)[0], w, h)
+        gallery.append({"pred": boxes, "caption": f"{answer or 0}/{g} {d.example.problem}"})
+    return metrics, records, gallery
+
+
+def _score_detection(done: Sequence[Scored], coco_gt: dict, *, backend: str, robust: bool, rescale: bool,
+                     pr1_exact: bool):
+    names = {c["id"]: c.get("name", str(c["id"])) for c in coco_gt["categories"]}
+    by_image = collections.defaultdict(list)
+    for a in coco_gt["annotations"]:
+        by_image[a["image_id"]].append(a)
+    dets, records, gallery = [], [], []
+    for d in done:
+        image_id = d.example.gt
+        found = detection_eval.parse_detections(d.completion.text, robust=robust)
+        for det in found:
+            if rescale:
+                det["bbox"] = detection_eval.rescale_boxes(det["bbox"], d.resized_hw, d.original_hw).tolist()
+            det["image_id"] = image_id
+        dets.extend(found)
+        records.append({"image_id": image_id, "detections": [{k: det[k] for k in ("category_id", "bbox")}
+                                                             for det in found]})
+        gt_anns = by_image.get(image_id, [])
+        gallery.append({"pred": [_xyxy(det["bbox"]) for det in found] or None,
+                        "pred_labels": [names.get(det["category_id"], "") for det in found],
+                        "gt": [_xyxy(a["bbox"]) for a in gt_anns] or None,
+                        "caption": f"{len(found)} pred / {len(gt_anns)} gt"})
+    img_ids = [d.example.gt for d in done]
+    metrics = detection_eval.coco_eval(coco_gt, dets, backend=backend, img_ids=img_ids,
+                                       pr1_skip_last_image=pr1_exact)
+    metrics["n"] = len(done)
+    metrics["detections"] = len(dets)
+    return metrics, records, gallery
+
+
+def _score_ocr(done: Sequence[Scored]):
+    texts = [d.completion.text for d in done]
+    gts = [d.example.gt for d in done]
+    metrics = ocr_eval.evaluate_ocr(texts, gts)["all"]
+    records = [{"gt": g, **ocr_eval.ocr_sample_metrics(t, g)} for t, g in zip(texts, gts)]
+    return metrics, records, []
+
+
+# ----------------------------------------------------------------------------- evaluate
+def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *, image_dir=None,
+             split: str | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
+             limit: int | None = None, out_dir: str | os.PathLike | None = None, backend: str = "pycocotools",
+             min_pixels: int | None = None, max_pixels: int | None = None, dtype: str = "float32",
+             robust_parse: bool = False, pr1_exact: bool = False, gallery_size: int = 16,
+             progress: bool = True, pretrained=None) -> dict:
+    """Runs the evaluation; returns the report dict (also written to `out_dir` when given):
+
+        task, model_dir, data, split, config, shapes {seq_len, row_len, num_rows}, num_compiled,
+        counts {rows, malformed, examples, evaluated, skipped, skip_reasons},
+        metrics (the task's, see the module table; empty when nothing was evaluated),
+        timing {seconds, decode_seconds, generated_tokens, tokens_per_second},
+        predictions [{index, image, [problem,] completion, num_tokens, stopped, ...task fields}],
+        skipped [{index, image, reason, message}], files {report, gallery}
+
+    `counts`: rows = rows in the data; malformed = rows the reader rejected; examples =
+    rows read (after `limit`) = evaluated + skipped. `pretrained`: an already loaded
+    `Pretrained` to use instead of loading `model_dir`. Raises `EvalError` / `InferError`
+    for bad arguments, data files or checkpoints.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    if task not in TASKS:
+        raise EvalError(f"task must be one of {TASKS}, got {task!r}")
+    if batch_size <= 0:
+        raise EvalError(f"batch_size must be positive, got {batch_size}")
+    max_new_tokens = MAX_NEW_TOKENS[task] if max_new_tokens is None else int(max_new_tokens)
+    if max_new_tokens <= 0:
+        raise EvalError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if limit is not None and limit < 0:
+        raise EvalError(f"limit must be non-negative, got {limit}")
+    if backend not in detection_eval.BACKENDS:
+        raise EvalError(f"backend must be one of {detection_eval.BACKENDS}, got {backend!r}")
+    if not os.path.exists(os.fspath(data)) and not os.fspath(data).startswith("tfds:"):
+        raise EvalError(f"{data}: no such data file or directory")
+
+    examples, reader_report, coco_gt = read_examples(task, data, image_dir=image_dir, split=split)
+    if limit is not None:
+        examples = examples[:limit]
+    pre = pretrained or load_pretrained(model_dir, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
+    plan = plan_batches(pre, examples, batch_size)
+    decoder = make_decoder(pre, task, max_new_tokens)
+    skipped = list(plan.skipped)
+
+    done: list[Scored] = []
+    decode_seconds, tokens = 0.0, 0
+    bar = tqdm(total=sum(len(b) for b in plan.batches), desc=f"eval {task}", unit="ex", disable=not progress)
+    for chunk in plan.batches:
+        live, images = [], []
+        for ex in chunk:
+            try:
+                images.append(image_lib.load_image(ex.image))
+                live.append(ex)
+            except image_lib.ImageError as e:  # e.g. truncated: only a full decode tells
+                skipped.append((ex, "bad_image", " ".join(str(e).split())))
+        if live:
+            pad = batch_size - len(live)
+            batch = pre.prompt_batch(images + [None] * pad, [ex.prompt for ex in live] + [PAD_TEXT] * pad,
+                                     seq_len=plan.seq_len, row_len=plan.row_len, num_rows=plan.num_rows)
+            t = time.perf_counter()
+            completions = greedy_decode(decoder, batch, live + [None] * pad)[:len(live)]
+            decode_seconds += time.perf_counter() - t
+            for k, (ex, c) in enumerate(zip(live, completions)):
+                tokens += c.num_tokens
+                done.append(Scored(ex, c, tuple(batch.original_hw[k]), tuple(batch.resized_hw[k])))
+        bar.update(len(chunk))
+        bar.set_postfix(skipped=len(skipped))
+    bar.close()
+
+    metrics, records, gallery_items = {}, [], []
+    if done:
+        if task == "grounding":
+            metrics, records, gallery_items = _score_grounding(done)
+        elif task == "counting":
+            metrics, records, gallery_items = _score_counting(done)
+        elif task == "detection":
+            metrics, records, gallery_items = _score_detection(
+                done, coco_gt, backend=backend, robust=robust_parse, rescale=not pr1_exact, pr1_exact=pr1_exact)
+        else:
+            metrics, records, gallery_items = _score_ocr(done)
+
+    predictions = [{"index": d.example.index, "image": _image_name(d.example.image),
+                    **({"problem": d.example.problem} if task in ("grounding", "counting") else {}),
+                    "completion": d.completion.text, "num_tokens": d.completion.num_tokens,
+                    "stopped": d.completion.stopped, **r} for d, r in zip(done, records)]
+    reasons = collections.Counter(reason for _, reason, _ in skipped)
+    report = {
+        "task": task, "model_dir": os.fspath(model_dir), "data": os.fspath(data), "split": split,
+        "config": {"prompt_template": PROMPTS[task], "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                   "limit": limit,
+                   "min_pixels": pre.image_config.min_pixels, "max_pixels": pre.image_config.max_pixels,
+                   "image_dir": None if image_dir is None else os.fspath(image_dir), "dtype": dtype,
+                   "skip_special_tokens": SKIP_SPECIAL_TOKENS[task],
+                   **({"backend": backend, "robust_parse": robust_parse, "pr1_exact": pr1_exact}
+                      if task == "detection" else {})},
+        "shapes": {"seq_len": plan.seq_len, "row_len": plan.row_len, "num_rows": plan.num_rows},
+        "num_compiled": decoder.sampler.num_compiled(),
+        "counts": {"rows": reader_report["rows"], "malformed": reader_report["skipped_malformed"],
+                   "malformed_reasons": dict(reader_report.get("reasons", {})), "examples": len(examples),
+                   "evaluated": len(done), "skipped": len(skipped), "skip_reasons": dict(reasons)},
+        "metrics": metrics,
+        "timing": {"seconds": round(time.perf_counter() - t0, 3), "decode_seconds": round(decode_seconds, 3),
+                   "generated_tokens": tokens,
+                   "tokens_per_second": round(tokens / decode_seconds, 1) if decode_seconds else None},
+        "predictions": predictions,
+        "skipped": [{"index": ex.index, "image": _image_name(ex.image), "reason": reason, "message": msg}
+                    for ex, reason, msg in sorted(skipped, key=lambda s: s[0].index)],
+        "files": {},
+    }
+    if out_dir is not None:
+        _write(report, done, gallery_items, Path(out_dir), gallery_size)
+    return report
+
+
+def _write(report: dict, done: Sequence[Scored], gallery_items: list[dict], out_dir: Path, gallery_size: int) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = report["task"] + (f"_{report['split']}" if report["split"] else "")
+    if gallery_items and gallery_size > 0:
+        items = []
+        for d, item in zip(done[:gallery_size], gallery_items):
+            try:
+                items.append({**item, "image": image_lib.load_image(d.example.image)})
+            except image_lib.ImageError:  # changed on disk since: leave it out of the picture
+                continue
+        if items:
+            path = out_dir / f"{stem}_gallery.png"
+            viz.gallery(items, path)
+            report["files"]["gallery"] = os.fspath(path)
+    path = out_dir / f"{stem}.json"
+    report["files"]["report"] = os.fspath(path)
+    path.write_text(json.dumps(report, indent=1, ensure_ascii=False, default=_jsonable) + "\n")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
+
+
+# ----------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pr1_jax.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--model_dir", required=True, help="HF Qwen2-VL / Qwen2.5-VL checkpoint directory")
+    p.add_argument("--data", required=True, help="evaluation file (COCO instances JSON for detection)")
+    p.add_argument("--image_dir", default=None, help="root that relative image paths are joined with")
+    p.add_argument("--split", default=None, help="split of an HF/TFDS data set; also names the report")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_new_tokens", type=int, default=None, help="default: PR1's per task (512/512/4096/2048)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    p.add_argument("--out_dir", default=None, help="where to write <task>.json and <task>_gallery.png")
+    p.add_argument("--backend", choices=detection_eval.BACKENDS, default="pycocotools", help="COCO evaluation")
+    p.add_argument("--min_pixels", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--max_pixels", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--robust_parse", action="store_true", help="detection: lenient JSON parsing")
+    p.add_argument("--pr1_exact", action="store_true",
+                   help="detection: PR1's quirks (no rescaling to original pixels, last image not inferred)")
+    p.add_argument("--gallery_size", type=int, default=16)
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = evaluate(args.task, args.model_dir, args.data, image_dir=args.image_dir, split=args.split,
+                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                          out_dir=args.out_dir, backend=args.backend, min_pixels=args.min_pixels,
+                          max_pixels=args.max_pixels, dtype=args.dtype, robust_parse=args.robust_parse,
+                          pr1_exact=args.pr1_exact, gallery_size=args.gallery_size, progress=not args.no_progress)
+    except (EvalError, InferError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"task": report["task"], "metrics": report["metrics"], "counts": report["counts"],
+                      "files": report["files"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
