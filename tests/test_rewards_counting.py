@@ -1,5 +1,6 @@
 """Counting rewards: hand-computed values of PR1's Hungarian point reward and the strict twin."""
 
+import json
 import math
 
 import numpy as np
@@ -55,14 +56,9 @@ def test_pr1_counting_gt_columns():
     text = ans("(0,0),(200,200)", "(600,600),(800,800)")
     fn = rewards.get("pr1_counting")
     assert fn([text], clicks=[GT3])[0] == pytest.approx(2 / 3)
-    assert fn([text], solution=[json_str(GT3)])[0] == pytest.approx(2 / 3)
+    assert fn([text], solution=[json.dumps(GT3)])[0] == pytest.approx(2 / 3)
     assert fn([text], solution=["3"], clicks=[GT3], problem=["bird"], image=[None])[0] == pytest.approx(2 / 3)
     assert fn([text], clicks=[[{"x": 100, "y": 100}, {"x": 700, "y": 700}]])[0] == pytest.approx(1.0)
-
-
-def json_str(x):
-    import json
-    return json.dumps(x)
 
 
 @pytest.mark.parametrize("text, gt, expected", [

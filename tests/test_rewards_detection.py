@@ -216,6 +216,21 @@ def random_detection_batch(n, seed, max_boxes=30, labels=COCO_CLASSES):
     return texts, sols
 
 
+def test_fused_cost_equals_detr_cost():
+    from pr1_jax.rewards.boxes import pairwise_giou, pairwise_l1_cxcywh
+    from pr1_jax.rewards.detection import COST_GIOU, P_COLD, P_HOT, detr_cost
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 500, (3, 7, 2))
+    pb = np.concatenate([xy, xy + rng.uniform(0, 100, (3, 7, 2))], -1)
+    xy = rng.uniform(0, 500, (3, 5, 2))
+    gb = np.concatenate([xy, xy + rng.uniform(0, 100, (3, 5, 2))], -1)
+    gb[0, 0] = pb[0, 0]                                   # an exact match
+    hot = rng.random((3, 7, 5)) < 0.3
+    giou, _ = pairwise_giou(pb, gb)
+    expected = 5 * pairwise_l1_cxcywh(pb, gb) - np.where(hot, P_HOT, P_COLD) - 2 * giou
+    np.testing.assert_allclose(detr_cost(pb, gb, hot), expected - (COST_GIOU - P_COLD), rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("kw", [{}, {"do_penalty": False}, {"coverage_scale": 0.5}])
 def test_pr1_detection_matches_per_sample_reference(kw):
     no_brush = tuple(c for c in COCO_CLASSES if c != "toothbrush")
@@ -239,3 +254,21 @@ def test_detection_batch_equals_singles():
         batch = rewards.get(name)(texts, solution=sols)
         single = np.asarray([one(name, t, s) for t, s in zip(texts, sols)], np.float32)
         np.testing.assert_array_equal(batch, single)
+
+
+def test_shared_and_malformed_solutions():
+    """GT objects shared by a group (parsed once), equal copies, JSON strings and malformed
+    entries in one column give the same values as scoring each row alone."""
+    texts, sols = random_detection_batch(24, seed=6)
+    shared = [sols[i - i % 8] for i in range(24)]                       # groups of 8 share one object
+    shared[3] = json.loads(json.dumps(shared[3]))                      # an equal copy
+    shared[5] = json.dumps(shared[5])                                  # a JSON string
+    shared[9] = {"target_id": [1], "target_box": [[0, 0, float("nan"), 1]]}   # malformed
+    shared[10] = {"target_id": [1, 2], "target_box": [[0, 0, 1, 1]]}          # length mismatch
+    shared[11] = "not a solution"
+    shared[12] = {"target_id": [1], "target_box": [["0", 0, 1, 1]]}           # a string coordinate
+    for name in ("pr1_detection", "detection_robust"):
+        batch = rewards.get(name)(texts, solution=shared)
+        single = np.asarray([one(name, t, s) for t, s in zip(texts, shared)], np.float32)
+        np.testing.assert_array_equal(batch, single)
+        assert (batch[9:13] == 0).all() and (batch[:8] > 0).any()

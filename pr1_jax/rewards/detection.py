@@ -118,49 +118,56 @@ def _flat_boxes(flat: list, raws: list, n: np.ndarray, ok: np.ndarray) -> np.nda
 def _solutions(sols, B: int):
     """Parses the detection GT column: (ok [B], ids Ragged, boxes Ragged).
 
-    One NumPy conversion for the whole column when every entry is a well-formed dict of
-    lists (the usual case), `parse_detection_solution` row by row otherwise. Repeated
-    objects (a group's G completions share one) are looked at once.
+    Each distinct GT object is parsed once (a GRPO group's G completions share one), in one
+    NumPy conversion for the whole column when every entry is a well-formed dict of lists
+    (the usual case), with `parse_detection_solution` one by one otherwise.
     """
-    ok = np.zeros(B, bool)
-    n = np.zeros(B, np.int64)
-    ids_l, boxes_l = [], []
-    memo: dict[int, tuple] = {}
+    uniq: list = []                       # distinct GT objects, in order of appearance
+    index: dict[int, int] = {}
+    u_of_row = np.empty(B, np.int64)
     for i, s in enumerate(sols):
-        key = id(s)
-        if key not in memo:
-            raw = None
-            if type(s) is dict:
-                ir, br = s.get("target_id"), s.get("target_box")
-                if type(ir) is list and type(br) is list and len(ir) == len(br):
-                    raw = (ir, br)
-            if raw is None:
-                parsed = parse_detection_solution(s)
-                raw = (parsed[0].tolist(), parsed[1].tolist()) if parsed is not None else False
-            memo[key] = (s, raw)
-        raw = memo[key][1]
-        if raw:
-            ok[i], n[i] = True, len(raw[0])
-            ids_l.extend(raw[0])
-            boxes_l.extend(raw[1])
+        u = index.get(id(s))
+        if u is None:
+            u = index[id(s)] = len(uniq)
+            uniq.append(s)
+        u_of_row[i] = u
+    U = len(uniq)
+    ok_u = np.zeros(U, bool)
+    n_u = np.zeros(U, np.int64)
+    ids_l, boxes_l = [], []
+    for u, s in enumerate(uniq):
+        if type(s) is dict:
+            ir, br = s.get("target_id"), s.get("target_box")
+            if type(ir) is list and type(br) is list and len(ir) == len(br):
+                ok_u[u], n_u[u] = True, len(ir)
+                ids_l += ir
+                boxes_l += br
+                continue
+        parsed = parse_detection_solution(s)
+        if parsed is not None:
+            ok_u[u], n_u[u] = True, len(parsed[0])
+            ids_l += parsed[0].tolist()
+            boxes_l += parsed[1].tolist()
     ids = np.asarray(ids_l) if ids_l else np.zeros(0, np.int64)
     boxes = box_array(boxes_l) if boxes_l else np.zeros((0, 4))
     if boxes is None or ids.ndim != 1 or ids.dtype.kind not in "iuf":
-        parsed = [parse_detection_solution(s) for s in sols]   # some entry is malformed: row by row
-        ok = np.array([p is not None for p in parsed], bool)
-        n = np.array([len(p[0]) if p is not None else 0 for p in parsed], np.int64)
+        parsed = [parse_detection_solution(s) for s in uniq]   # some entry is malformed: one by one
+        ok_u = np.array([p is not None for p in parsed], bool)
+        n_u = np.array([len(p[0]) if p is not None else 0 for p in parsed], np.int64)
         ids = np.concatenate([p[0] for p in parsed if p is not None] + [np.zeros(0, np.int64)])
         boxes = np.concatenate([p[1] for p in parsed if p is not None] + [np.zeros((0, 4))])
-    else:
-        row = np.repeat(np.arange(B), n)
-        bad = (np.abs(ids) >= 2 ** 31) | (ids != np.round(ids)) | ~np.isfinite(boxes).all(1)
-        if bad.any():
-            bad_row = np.bincount(row[bad], minlength=B) > 0
-            keep = ~bad_row[row]
-            ids, boxes = ids[keep], boxes[keep]
-            ok &= ~bad_row
-            n[bad_row] = 0
-    return ok, Ragged.from_flat(ids.astype(np.int64), n), Ragged.from_flat(boxes, n)
+    bad = (np.abs(ids) >= 2 ** 31) | (ids != np.round(ids)) | ~np.isfinite(boxes).all(1)
+    if bad.any():                                              # drop the GT objects with bad values
+        bad_u = np.bincount(np.repeat(np.arange(U), n_u)[bad], minlength=U) > 0
+        keep = ~np.repeat(bad_u, n_u)
+        ids, boxes = ids[keep], boxes[keep]
+        ok_u &= ~bad_u
+        n_u[bad_u] = 0
+    # rows → their GT object's slice of the flat arrays
+    n = n_u[u_of_row]
+    off_u = np.cumsum(n_u) - n_u
+    flat = np.repeat(off_u[u_of_row] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
+    return ok_u[u_of_row], Ragged.from_flat(ids[flat].astype(np.int64), n), Ragged.from_flat(boxes[flat], n)
 
 
 def _size_weight(boxes: np.ndarray) -> np.ndarray:
@@ -200,18 +207,19 @@ def pr1_detection(completions: list[str], solution=None, *, f1_scale: float = 0.
                   is_size_weight: bool = False, **columns) -> np.ndarray:
     """PR1's `pr1_detection_reward`, value for value. Range [0, 3] (+ coverage_scale when on).
 
-    1. Parse (`parsing.pr1_parse_detection`): remove "```json"/"```", json.loads; an item is
-       valid iff a dict with `bbox_2d` and a known COCO `label` (exact name); format =
-       1 − wrong/len(items); reward = 0.25·format. No valid item / not a JSON list → 0
-       (format credit lost: PR1's helper returns 2 values instead of 3).
+    1. Parse (`parsing.pr1_detection_items` + `parsing.box_array`): remove "```json"/"```",
+       json.loads; an item is valid iff a dict with `bbox_2d` and a known COCO `label` (exact
+       name); format = 1 − wrong/len(items); reward = 0.25·format. → 0 (format credit lost)
+       when: not a JSON list; no valid item (PR1's helper returns 2 values instead of 3); a
+       valid item's `bbox_2d` is not 4 numbers (torch.tensor raises); a malformed solution.
     2. No GT object → 0.25·format.
     3. DETR matching, cost = 5·L1(cxcywh, pixels) − 1·p_class − 2·GIoU, Hungarian, then keep
        the pairs with IoU > 0.5 (IoU = inter/(union + 1e-8)); K = #kept.
-       Quirks reproduced: p_class is softmax of a one-hot logit at index = COCO id, read at
-       the GT's index id − 1 (off by one: "hot" only when pred id = GT id − 1); a predicted
-       "toothbrush" (id 90) is out of the 90 logits → reward 0; any predicted or GT box with
-       x2 < x1 or y2 < y1 fails GIoU's assert → reward 0; non-finite / beyond-float32
-       coordinates → 0 (NaN costs make scipy raise in PR1).
+       Quirks reproduced (each → reward 0, PR1's matcher raises): p_class is softmax of a
+       one-hot logit at index = COCO id, read at the GT's index id − 1 (off by one: "hot"
+       only when pred id = GT id − 1), so a predicted "toothbrush" (id 90) is out of the 90
+       logits → 0; any predicted or GT box with x2 < x1 or y2 < y1 fails GIoU's assert → 0;
+       NaN/inf or beyond-float32 coordinates give NaN costs, on which scipy raises → 0.
     4. K = 0 → 0.25·format (no penalty, no clamp).
     5. + f1_scale·F1, F1 = 2PR/(P + R + 1e-8), P = K/n̂, R = K/n.
     6. + cls_coe·mean[pred id == GT id] + iou_coe·mean IoU over kept pairs (is_size_weight:

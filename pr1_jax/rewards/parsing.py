@@ -5,7 +5,16 @@ tokens KEPT (`<|object_ref_start|>…<|box_start|>(x1,y1),(x2,y2)<|box_end|><|im
 `<|endoftext|>` padding); detection and OCR completions are decoded with special tokens
 SKIPPED (a JSON list, optionally in a ```json fence, or plain text).
 
-Every function here is total on strings: it returns a value or None, never raises.
+The parse functions are total on strings: they return a value or None and never raise
+(`eval_numeric` raises exactly where Python's eval would; `solution_column` raises on a
+column of the wrong length, a caller bug).
+
+Public: `find_box_pr1`, `pr1_grounding_box` (PR1's grounding parse, also its eval variant),
+`box_groups`, `parse_qwen_box(es)` (strict Qwen2-VL boxes), `eval_numeric`,
+`pr1_box_center(s)` (PR1's counting parse), `parse_box_value`, `parse_points`,
+`parse_detection_solution` (ground truth), `box_array`, `pr1_detection_items`,
+`pr1_parse_detection`, `parse_detection_items` (Qwen2.5-VL JSON answers), `load_json`,
+`strip_code_fence`, `collapse_whitespace`, `as_text`.
 """
 
 from __future__ import annotations
@@ -337,6 +346,7 @@ def strip_code_fence(text: str) -> str:
 
 
 _scan_once = json.JSONDecoder().scan_once
+_LABEL, _BBOX = operator.itemgetter("label"), operator.itemgetter("bbox_2d")
 
 
 def load_json(text: str) -> tuple[bool, Any]:
@@ -382,9 +392,9 @@ def pr1_detection_items(text: str, name_to_id: dict[str, int] = COCO_NAME_TO_ID
     if not ok or type(content) is not list:
         return None
     try:  # fast path: every item valid (a non-dict item, missing key or unknown label raises)
-        ids = [name_to_id[it["label"]] for it in content]  # only dicts can be indexed by "label"
+        ids = list(map(name_to_id.__getitem__, map(_LABEL, content)))  # only dicts take "label"
         if ids:
-            return ids, [it["bbox_2d"] for it in content], len(content)
+            return ids, list(map(_BBOX, content)), len(content)
     except (KeyError, TypeError, IndexError):
         pass
     ids, raw = [], []
