@@ -201,10 +201,3 @@ def test_load_tokenizer_errors_and_fallback(tmp_path, tok_dir, tok, special):
     assert chat.encode_prompt(old, messages, [(1, 4, 4)], special).tolist() == \
         chat.encode_prompt(tok, messages, [(1, 4, 4)], special).tolist()
     assert chat.SpecialTokens.from_pretrained(d, old) == dataclasses.replace(special, eos_ids=(special.im_end,))
-
-
-@pytest.mark.parametrize("module", ["pr1_jax.rewards.coco", "pr1_jax.evaluation.detection"])
-def test_coco_names_agree_with_other_modules(module):
-    """Three modules carry the 80 names (kept uncoupled on purpose): they must not drift apart."""
-    other = pytest.importorskip(module)
-    assert tuple(other.COCO_CLASSES) == chat.COCO_CLASS_NAMES

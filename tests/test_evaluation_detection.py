@@ -24,11 +24,6 @@ def test_coco_table():
     assert d.COCO_NAME_TO_ID["dining table"] == 67 and d.COCO_NAME_TO_ID["toothbrush"] == 90
 
 
-def test_coco_table_agrees_with_rewards():
-    coco = pytest.importorskip("pr1_jax.rewards.coco")
-    assert tuple(coco.COCO_CLASSES) == d.COCO_CLASSES and dict(coco.COCO_NAME_TO_ID) == d.COCO_NAME_TO_ID
-
-
 def test_parse_fenced_json():
     assert d.parse_detections(FENCED) == [
         {"category_id": 1, "bbox": [12.0, 30.0, 188.0, 280.0], "score": 1.0},

@@ -45,22 +45,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-# The 80 COCO category names in COCO order and their (non-contiguous) ids 1..90. Same table as
-# pr1_jax.rewards.coco (a test checks they agree); kept here so evaluation has no reward import.
-COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush")
-_MISSING_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
-COCO_IDS = tuple(i for i in range(1, 91) if i not in _MISSING_IDS)
-COCO_NAME_TO_ID = dict(zip(COCO_CLASSES, COCO_IDS))
+from pr1_jax.coco import COCO_CLASSES, COCO_IDS, COCO_NAME_TO_ID  # noqa: F401  (re-exported)
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKENDS = ("pycocotools", "faster_coco_eval")

@@ -26,6 +26,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from pr1_jax.coco import COCO_CLASSES
+
 # ----------------------------------------------------------------------------- token strings
 ENDOFTEXT = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -43,19 +45,7 @@ SYSTEM_PROMPTS = {
     "qwen": "You are a helpful assistant. ",
 }
 
-# The 80 COCO category names in COCO's category-id order (ids 1..90 with 10 gaps).
-COCO_CLASS_NAMES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)
+COCO_CLASS_NAMES = COCO_CLASSES  # the 80 names in COCO id order (pr1_jax.coco)
 _COCO_LIST = ", ".join(COCO_CLASS_NAMES)
 
 # Training user prompts (PR1 constants.py), filled with str.format(question=...).

@@ -14,7 +14,7 @@ Decode conventions: grounding and counting expect completions decoded with speci
 kept; detection and OCR with special tokens skipped (as PR1's scripts).
 """
 
-from pr1_jax.rewards.coco import COCO_CLASSES, COCO_ID_TO_NAME, COCO_IDS, COCO_NAME_TO_ID
+from pr1_jax.coco import COCO_CLASSES, COCO_ID_TO_NAME, COCO_IDS, COCO_NAME_TO_ID
 from pr1_jax.rewards.counting import counting_strict, pr1_counting
 from pr1_jax.rewards.detection import detection_robust, pr1_detection
 from pr1_jax.rewards.grounding import grounding_format_strict, grounding_iou, pr1_grounding, pr1_grounding_format

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pr1_jax.rewards.coco import COCO_NAME_TO_ID
+from pr1_jax.coco import COCO_NAME_TO_ID
 
 ENDOFTEXT = "<|endoftext|>"
 IM_END = "<|im_end|>"

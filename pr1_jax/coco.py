@@ -1,7 +1,7 @@
 """The 80 COCO detection classes with their official category ids (1..90 with gaps).
 
-Used by the detection reward (label → id), the detection prompt (names in this order,
-comma-separated) and COCO evaluation. The ids skip 12, 26, 29, 30, 45, 66, 68, 69, 71, 83.
+The one table of the package: the detection reward (label → id), the detection prompts
+(names in this order, comma-separated) and COCO evaluation all read it. The ids skip 12, 26, 29, 30, 45, 66, 68, 69, 71, 83.
 """
 
 from __future__ import annotations
