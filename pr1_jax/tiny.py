@@ -1,4 +1,4 @@
-"""Tiny random Qwen2-VL checkpoints written by transformers itself.
+"""Tiny random Qwen2-VL and Qwen2.5-VL checkpoints written by transformers itself.
 
 No pretrained weights can be downloaded where pr1_jax is developed and tested, so
 the loading code is exercised on directories that `save_pretrained` writes: the same
@@ -11,6 +11,7 @@ we copy that `tokenizer.json` and add Qwen2-VL's `tokenizer_config.json` (eos, p
 and the chat template). Needs torch and transformers (CPU reference only).
 
     python -m pr1_jax.tiny --out=/tmp/tiny_qwen2vl
+    python -m pr1_jax.tiny --out=/tmp/tiny_qwen2_5vl --qwen2_5
 """
 
 from __future__ import annotations
@@ -100,7 +101,6 @@ def write_tiny_checkpoint(
     """
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers import Qwen2VLImageProcessorPil
 
     head_dim = hidden_size // num_heads
     if sum(mrope_section) * 2 != head_dim:
@@ -120,13 +120,75 @@ def write_tiny_checkpoint(
     config.initializer_range = init_std
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
+    return _save(model, out_dir, safe_serialization_max_shard, min_pixels, max_pixels)
+
+
+def write_tiny_checkpoint_qwen2_5(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    mrope_section: tuple[int, int, int] = (2, 3, 3),
+    tie_word_embeddings: bool = True,
+    vision_depth: int = 3,
+    vision_width: int = 32,
+    vision_mlp_dim: int = 48,
+    vision_heads: int = 4,
+    window_size: int = 56,
+    fullatt_block_indexes: tuple[int, ...] = (1,),
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 64,
+    init_std: float = 0.02,
+    safe_serialization_max_shard: str | None = None,
+) -> Path:
+    """Builds a random `Qwen2_5_VLForConditionalGeneration` and saves it with its processors.
+
+    The default window is 56 px = 2×2 merged tokens (Qwen2.5-VL-3B uses 112 px = 4×4),
+    so that toy images already span several windows; block 1 of 3 attends fully.
+    Qwen2.5-VL uses Qwen2-VL's image processor and tokenizer.
+    """
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    head_dim = hidden_size // num_heads
+    if sum(mrope_section) * 2 != head_dim:
+        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    text = dict(vocab_size=151936, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                num_key_value_heads=num_kv_heads, rms_norm_eps=1e-6, rope_theta=1e6,
+                max_position_embeddings=128000, tie_word_embeddings=tie_word_embeddings,
+                rope_scaling={"type": "mrope", "mrope_section": list(mrope_section)},
+                bos_token_id=151643, eos_token_id=151645)
+    vision = dict(depth=vision_depth, hidden_size=vision_width, intermediate_size=vision_mlp_dim,
+                  out_hidden_size=hidden_size, num_heads=vision_heads, in_channels=3, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=window_size,
+                  fullatt_block_indexes=list(fullatt_block_indexes), tokens_per_second=2,
+                  hidden_act="silu")
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_IDS,
+                              tie_word_embeddings=tie_word_embeddings)
+    config.text_config.initializer_range = init_std
+    config.vision_config.initializer_range = init_std
+    config.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    return _save(model, out_dir, safe_serialization_max_shard, min_pixels, max_pixels)
+
+
+def _save(model, out_dir: str | os.PathLike, max_shard: str | None, min_pixels: int, max_pixels: int) -> Path:
+    """save_pretrained + Qwen's generation config, image processor and tokenizer files."""
+    from transformers import Qwen2VLImageProcessorPil
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kwargs = {}
-    if safe_serialization_max_shard:
-        kwargs["max_shard_size"] = safe_serialization_max_shard
+    if max_shard:
+        kwargs["max_shard_size"] = max_shard
     model.save_pretrained(out, **kwargs)
-    # Real Qwen2-VL checkpoints stop on either of these (generation_config.json).
+    # Real Qwen2-VL / Qwen2.5-VL checkpoints stop on either of these (generation_config.json).
     gen = json.loads((out / "generation_config.json").read_text())
     gen.update(eos_token_id=[151645, 151643], pad_token_id=151643, bos_token_id=151643)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -140,8 +202,10 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--untied", action="store_true", help="untied lm_head")
+    parser.add_argument("--qwen2_5", action="store_true", help="Qwen2.5-VL (window attention) instead of Qwen2-VL")
     args = parser.parse_args()
-    path = write_tiny_checkpoint(args.out, seed=args.seed, tie_word_embeddings=not args.untied)
+    write = write_tiny_checkpoint_qwen2_5 if args.qwen2_5 else write_tiny_checkpoint
+    path = write(args.out, seed=args.seed, tie_word_embeddings=not args.untied)
     print(f"wrote {path}: {sorted(os.listdir(path))}")
 
 

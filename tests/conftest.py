@@ -40,3 +40,12 @@ def sampler_dir(tmp_path_factory):
     from pr1_jax import tiny
     return tiny.write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_sampler"), seed=3, init_std=0.15,
                                       tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_dir(tmp_path_factory):
+    """A tiny random Qwen2.5-VL checkpoint: window 56 px = 2×2 merged tokens, full attention
+    in block 1 of 3, untied lm_head."""
+    from pr1_jax import tiny
+    return tiny.write_tiny_checkpoint_qwen2_5(tmp_path_factory.mktemp("tiny_qwen2_5"), seed=5,
+                                              tie_word_embeddings=False)

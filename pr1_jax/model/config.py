@@ -120,6 +120,7 @@ class ModelConfig:
                     patch_size=v.get("patch_size", 14), temporal_patch_size=v.get("temporal_patch_size", 2),
                     merge_size=v.get("spatial_merge_size", 2), in_channels=v.get("in_channels", v.get("in_chans", 3)),
                     norm="rmsnorm", mlp="swiglu",
+                    rope_theta=(v.get("rope_parameters") or {}).get("rope_theta", 10000.0),
                     window_size=v.get("window_size", 112),
                     fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))))
         if text.head_dim * text.num_heads != text.width and "head_dim" not in t:

@@ -7,9 +7,15 @@ length N (a padded bucket) and attend only within their own image through segmen
 So one compiled program serves every mix of image sizes that fits the bucket, with no
 Python loop per image. `pr1_jax.processing.batch.pack_images` builds the inputs.
 
+Qwen2.5-VL (HF `Qwen2_5_VisionTransformerPretrainedModel`) differs in RMSNorm, a SwiGLU
+MLP with biases and *window attention*: most blocks attend only within square windows
+of `window_size` pixels (112 px = 8×8 patches = 4×4 merged tokens, the last window of a
+row or column cut short by the image edge); the blocks in `fullatt_block_indexes`
+attend over the whole image. See `window_attention_mask` for why we never permute.
+
 Shapes: R packed rows, N patches per row (a multiple of 4: every image occupies whole
 2×2 merge blocks), F = C·T·14·14 = 1176 patch features, W ViT width, M = N/4 merged
-tokens, D LLM width.
+tokens, D LLM width, L ViT depth.
 """
 
 from __future__ import annotations
@@ -40,16 +46,56 @@ def vision_rope(pos_hw_rn2: Array, head_dim: int, theta: float) -> tuple[Array, 
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def window_attention_mask(segment_rn: Array, pos_hw_rn2: Array, cfg: VisionConfig) -> Array:
+    """Qwen2.5-VL's window attention as a mask: same image AND same window → [R, N, N] bool.
+
+    A patch at (h, w) lies in window (h // S, w // S) of its image, S = merge ·
+    (window_size // merge // patch) patches (8 for 112 px): HF splits the merged-token
+    grid into windows of window_size // merge // patch tokens from the top-left corner,
+    padding the bottom/right edge, and drops the padding, so edge windows are smaller.
+
+    Why no permutation: HF gathers the patches (in 2×2-block units, RoPE alongside) into
+    window order so that each window is one contiguous cu_seqlens segment, runs the blocks,
+    and un-permutes the merger output. Every op of a block except attention acts per patch
+    and so commutes with any permutation; masked softmax attention is permutation
+    equivariant (permuting queries and keys together, and the mask with them, permutes the
+    output). A contiguous segment in window order is exactly the set "same window" in the
+    original order, so HF's result equals attention with this mask on unpermuted patches.
+    The permutation moves whole 2×2 blocks, so the merger's groups of 4 consecutive
+    patches are the same blocks either way, and un-permuting its output restores the
+    order we already have. The parity tests against transformers check this.
+
+    Images only (grid_t = 1): video frames share (h, w), so their windows would merge
+    across frames, where HF keeps frames apart (as `segment_rn` does not split them either).
+    """
+    side = cfg.merge_size * (cfg.window_size // cfg.merge_size // cfg.patch_size)
+    if side <= 0:
+        raise ValueError(f"window_size {cfg.window_size} is smaller than one merged token "
+                         f"({cfg.merge_size * cfg.patch_size} px)")
+    win_rn2 = pos_hw_rn2 // side
+    same = segment_rn[:, :, None] == segment_rn[:, None, :]
+    for a in range(2):  # same window row and same window column
+        same &= win_rn2[:, :, None, a] == win_rn2[:, None, :, a]
+    return same
+
+
 class VisionBlock(nn.Module):
-    """Pre-norm ViT block (HF `Qwen2VLVisionBlock`): x += attn(norm1(x)); x += mlp(norm2(x))."""
+    """Pre-norm ViT block (HF `Qwen2VLVisionBlock` / `Qwen2_5_VLVisionBlock`):
+    x += attn(norm1(x)); x += mlp(norm2(x))."""
 
     cfg: VisionConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, ctx: tuple[Array, Array, Array]) -> tuple[Array, None]:
-        cos, sin, mask_rnn = ctx
+    def __call__(self, x: Array, ctx: tuple[Array, Array, Array, Array | None],
+                 full_attention: Array) -> tuple[Array, None]:
+        """ctx = (cos, sin, image mask, window mask or None), shared by all blocks;
+        full_attention: scalar bool, this block's entry of the scanned [L] flags."""
+        cos, sin, image_mask_rnn, window_mask_rnn = ctx
+        mask_rnn = image_mask_rnn
+        if window_mask_rnn is not None:
+            mask_rnn = jnp.where(full_attention, image_mask_rnn, window_mask_rnn)
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = vit_norm(cfg, kw)
         h = norm(name="norm1")(x)
@@ -81,7 +127,7 @@ class VisionBlock(nn.Module):
 
 
 def vit_norm(cfg: VisionConfig, kw: dict[str, Any]):
-    """The ViT norm: LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL), eps 1e-6."""
+    """The ViT norm: LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL, HF `Qwen2_5_VLRMSNorm`), eps 1e-6."""
     if cfg.norm == "layernorm":
         return lambda name: layers.LayerNorm(cfg.eps, name=name, **kw)
     return lambda name: layers.RMSNorm(cfg.eps, name=name, axis_name="vit_norm", **kw)
@@ -106,19 +152,24 @@ class VisionTower(nn.Module):
         x = nn.Dense(cfg.width, use_bias=False, name="patch_embed", **kw,
                      kernel_init=layers.dense_init(("patch", "vit_embed")))(pixels_rnf.astype(self.dtype))
         cos, sin = vision_rope(pos_hw_rn2, cfg.head_dim, cfg.rope_theta)
-        mask_rnn = segment_rn[:, :, None] == segment_rn[:, None, :]
+        image_mask_rnn = segment_rn[:, :, None] == segment_rn[:, None, :]
+        windowed = bool(cfg.window_size)  # Qwen2.5-VL
+        window_mask_rnn = window_attention_mask(segment_rn, pos_hw_rn2, cfg) if windowed else None
+        # Scanned per block: attend over the whole image (True) or within the window (False).
+        full_l = jnp.asarray([not windowed or i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
         block = VisionBlock
         if self.remat:
             block = nn.remat(block, prevent_cse=False)
         blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=nn.broadcast, length=cfg.depth,
+                         in_axes=(nn.broadcast, 0), length=cfg.depth,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = blocks(cfg, name="blocks", **kw)(x, (cos, sin, mask_rnn))
+        x, _ = blocks(cfg, name="blocks", **kw)(x, (cos, sin, image_mask_rnn, window_mask_rnn), full_l)
         return PatchMerger(cfg, name="merger", **kw)(x)
 
 
 class PatchMerger(nn.Module):
-    """HF `PatchMerger`: norm, group 2×2 neighbours (4 consecutive rows), MLP to the LLM width."""
+    """HF `PatchMerger` / `Qwen2_5_VLPatchMerger`: norm, group 2×2 neighbours (4 consecutive
+    rows), MLP to the LLM width."""
 
     cfg: VisionConfig
     dtype: Any = jnp.float32
