@@ -112,8 +112,22 @@ def _place(rng: np.random.Generator, w: int, h: int, sizes: Sequence[int], taken
     return out
 
 
+def _background(w: int, h: int, kind: str) -> Image.Image:
+    """"plain": one colour. "coords": red grows left→right, green top→bottom (CoordConv-style),
+    so every patch shows where it is — a tiny model trained from scratch has no other
+    absolute-position signal (Qwen2-VL's RoPE is relative); real checkpoints don't need it."""
+    if kind == "plain":
+        return Image.new("RGB", (w, h), BACKGROUND)
+    if kind != "coords":
+        raise ValueError(f"unknown background {kind!r} (plain | coords)")
+    x = np.broadcast_to(np.linspace(40, 215, w, dtype=np.float32)[None, :], (h, w))
+    y = np.broadcast_to(np.linspace(40, 215, h, dtype=np.float32)[:, None], (h, w))
+    rgb = np.stack([x, y, np.full((h, w), 128, np.float32)], axis=-1)
+    return Image.fromarray(rgb.round().astype(np.uint8), "RGB")
+
+
 def _render(rng: np.random.Generator, w: int, h: int, kinds: Sequence[tuple[str, str]],
-            size_frac: tuple[float, float]) -> tuple[Image.Image, list[Shape]] | None:
+            size_frac: tuple[float, float], background: str = "plain") -> tuple[Image.Image, list[Shape]] | None:
     """Draws shapes of the given (colour, kind) at random non-overlapping places.
 
     Returns None when they do not fit (the caller re-draws the scene)."""
@@ -123,7 +137,7 @@ def _render(rng: np.random.Generator, w: int, h: int, kinds: Sequence[tuple[str,
     corners = _place(rng, w, h, sizes, [])
     if corners is None:
         return None
-    image = Image.new("RGB", (w, h), BACKGROUND)
+    image = _background(w, h, background)
     draw = ImageDraw.Draw(image)
     shapes = []
     for (color, kind), (x0, y0), s in zip(kinds, corners, sizes):
@@ -131,7 +145,11 @@ def _render(rng: np.random.Generator, w: int, h: int, kinds: Sequence[tuple[str,
         _draw(ImageDraw.Draw(mask), kind, x0, y0, s, 255)
         box = mask.getbbox()  # exact drawn extent, right/lower exclusive
         area = int(np.count_nonzero(np.asarray(mask)))
-        _draw(draw, kind, x0, y0, s, COLORS[color])
+        if background == "coords":  # half-transparent: the gradient (position) shows through the shape
+            image = Image.composite(Image.blend(image, Image.new("RGB", (w, h), COLORS[color]), 0.5), image, mask)
+            draw = ImageDraw.Draw(image)
+        else:
+            _draw(draw, kind, x0, y0, s, COLORS[color])
         shapes.append(Shape(color, kind, tuple(int(v) for v in box), area))
     return image, shapes
 
@@ -173,9 +191,10 @@ def _kinds(colors: Sequence[str], shapes: Sequence[str]) -> list[tuple[str, str]
 # ----------------------------------------------------------------------------- grounding
 
 
-def grounding_scene(rng: np.random.Generator, w: int, h: int, *, max_shapes: int = 4,
+def grounding_scene(rng: np.random.Generator, w: int, h: int, *, max_shapes: int = 4, min_shapes: int = 2,
                     colors: Sequence[str] = ("red", "green", "blue", "yellow"),
-                    shapes: Sequence[str] = SHAPES, p_spatial: float = 0.3):
+                    shapes: Sequence[str] = SHAPES, p_spatial: float = 0.3,
+                    size_frac: tuple[float, float] = (0.16, 0.28), background: str = "plain"):
     """One grounding scene: (image, target Shape, referring expression).
 
     The expression identifies the target uniquely: either "the red circle" (no other red
@@ -185,11 +204,11 @@ def grounding_scene(rng: np.random.Generator, w: int, h: int, *, max_shapes: int
     while True:
         target = kinds[int(rng.integers(len(kinds)))]
         others = [k for k in kinds if k != target]
-        n = int(rng.integers(2, max_shapes + 1))
-        spatial = rng.random() < p_spatial
+        n = int(rng.integers(min_shapes, max_shapes + 1))
+        spatial = n >= 2 and rng.random() < p_spatial
         scene = [target] + ([target] if spatial else []) + [
             others[int(rng.integers(len(others)))] for _ in range(n - 1 - spatial)]
-        drawn = _render(rng, w, h, scene, (0.16, 0.28))
+        drawn = _render(rng, w, h, scene, tuple(size_frac), background)
         if drawn is None:
             continue
         image, objs = drawn
