@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from flax.core import meta  # noqa: E402
 
-from pr1_jax.model.config import ModelConfig, TextConfig, VisionConfig, qwen2_vl_2b  # noqa: E402
+from pr1_jax.model.config import PRESETS, ModelConfig, TextConfig, VisionConfig  # noqa: E402
 from pr1_jax.model.qwen2_vl import Qwen2VL, init_params  # noqa: E402
 from pr1_jax.processing import batch as pb  # noqa: E402
 from pr1_jax.sampler import Sampler, SamplingConfig  # noqa: E402
@@ -128,8 +128,9 @@ def main():
     p.add_argument("--update_shape", default="8x8", help="prompts x G for the update step")
     p.add_argument("--unroll", type=int, default=1, help="decoder layers unrolled per scan step when sampling")
     p.add_argument("--smoke", action="store_true", help="a tiny model, to check the script on a CPU")
+    p.add_argument("--preset", default="qwen2_vl_2b", choices=sorted(PRESETS))
     args = p.parse_args()
-    cfg = qwen2_vl_2b()
+    cfg = PRESETS[args.preset]()
     if args.smoke:
         cfg = ModelConfig(text=TextConfig(width=64, mlp_dim=128, num_layers=2, num_heads=4, num_kv_heads=2,
                                           head_dim=16, mrope_section=(2, 3, 3)),
@@ -141,7 +142,7 @@ def main():
     results = []
 
     def emit(rec):
-        rec.update(device=device, jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
+        rec.update(device=device, jax=jax.__version__, date=time.strftime("%Y-%m-%d"), preset=args.preset)
         results.append(rec)
         print(json.dumps(rec), flush=True)
 
