@@ -6,7 +6,9 @@
 
 Paper (Table 3): COCO val2017 AP/AP50/AP75 31.9/46.7/33.4 (base Qwen2.5-VL-3B 16.1/23.7/16.7).
 The released script sets DO_PENAIlty=False (no missing-detection penalty); the curriculum
-of the paper is not in PR1's code. Qwen2.5-VL support is issue #8.
+of the paper is not in PR1's code. Qwen2.5-VL answers in absolute pixels of the resized
+image (JSON `bbox_2d`), the convention `pr1_detection` and `pr1_jax.evaluate --task=detection`
+use; model_dir must be a Qwen2.5-VL checkpoint (config.json `model_type: qwen2_5_vl`).
 """
 
 from configs import common
