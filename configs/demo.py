@@ -24,22 +24,25 @@ def get_config(arg=None):
     c.dtype = "float32"
     c.remat = False
     c.data.synthetic = 2048
-    c.data.synthetic_kwargs = dict(min_side=84, max_side=112, max_shapes=2)
+    # One shape on a coordinate-gradient background (see data/synthetic.py: a model trained
+    # from scratch has no absolute-position signal otherwise), fixed 112×112 images.
+    c.data.synthetic_kwargs = dict(min_side=112, max_side=112, min_shapes=1, max_shapes=1,
+                                   colors=("red", "blue"), size_frac=(0.25, 0.45), background="coords")
     c.data.eval_examples = 64
     c.data.min_pixels = 56 * 56
     c.data.max_pixels = 112 * 112
     c.rewards = ("pr1_grounding", "pr1_grounding_format")
     c.sampling.max_new_tokens = 32
     c.grpo.temperature = 1.0
-    c.batch.prompts_per_step = 8
-    c.batch.prompts_per_micro = 8
+    c.batch.prompts_per_step = 4
+    c.batch.prompts_per_micro = 4
     c.batch.seq_len = 64
     c.batch.patch_row_len = 64
-    c.optim.learning_rate = 3e-5
+    c.optim.learning_rate = 1e-4
     c.optim.schedule = "constant"
-    c.total_steps = 40
+    c.total_steps = 30
     c.sft.steps = 200
-    c.sft.learning_rate = 2e-3
+    c.sft.learning_rate = 1e-3
     c.sft.prompts_per_step = 16
     c.eval_every = 10
     c.checkpoint_every = 1000
