@@ -68,5 +68,6 @@ def base() -> ml_collections.ConfigDict:
     c.log_every = 1
     c.eval_every = 50
     c.checkpoint_every = 100  # PR1 saves every 100 steps
+    c.keep_checkpoints = 3  # newest N (step 0, the policy after SFT, is always kept)
     c.chunk_size = 128  # completion tokens per LM-head chunk when scoring
     return c

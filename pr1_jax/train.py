@@ -4,10 +4,14 @@
         --config.data.train=FILE [--config.x=y ...]
     python -m pr1_jax.train --config=configs/demo.py          # CPU demo, ~10 minutes
 
-Reads top to bottom: model → data → programs → (SFT) → loop of
+Reads top to bottom: model → data → programs → resume or (SFT) → loop of
 [prompts → rollouts → rewards → advantages → update → metrics] → evaluation, plots,
 checkpoint. Outputs in `workdir`: metrics.jsonl, eval.jsonl, PNG curves and a gallery,
-checkpoints/.
+checkpoints/step_<N> (orbax: params, optimizer, RNG, data iterator; step 0 = after SFT).
+
+Rerunning the same command resumes from the newest good checkpoint in `workdir`,
+bit-exactly on CPU. SIGTERM (preemption) saves a checkpoint at the end of the current
+GRPO step and exits with status 0 (docs/checkpoints.md; `pr1_jax/checkpoint.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from pr1_jax import grpo, rollouts, tiny, viz
+from pr1_jax import checkpoint, grpo, rollouts, tiny, viz
 from pr1_jax.data import pipeline, readers, synthetic
 from pr1_jax.evaluation import grounding as grounding_eval
 from pr1_jax.pretrained import Pretrained
@@ -87,18 +91,40 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, Any]:
                                   prepare=prepare, buckets=buckets, system_prompt=system_prompt)
     history: dict[str, list] = {"step": [], "reward": [], "eval_step": [], "eval_score": []}
 
-    # ---------------------------------------------------------------- SFT warm-up (optional)
-    if c.sft.steps > 0:
-        params = sft_warmup(c, pre, model, params, data, buckets, system_prompt, evaluator, history)
+    # ---------------------------------------------------------------- resume (pr1_jax/checkpoint.py)
+    ckpt = checkpoint.Checkpoints(workdir / "checkpoints", keep=c.get("keep_checkpoints", 3))
+    preempt = checkpoint.Preemption()  # SIGTERM: checkpoint at the end of the step, then exit 0
+    run_meta = {"reference": "step_0" if c.sft.steps > 0 else "base_model",
+                "model_dir": str(Path(model_dir).absolute()), "model_config": pre.config.to_hf_dict(),
+                "config": json.loads(c.to_json_best_effort())}
+    resumed = ckpt.restore_latest(checkpoint.abstract_like(init_state(params, optimizer)), rng)
+    start = resumed.step if resumed is not None else 0
+    # The logs keep the steps done so far (a killed run may have logged past its last checkpoint).
+    kept = lambda row: resumed is not None and (row.get("phase") == "sft" or row["step"] <= start)  # noqa: E731
+    checkpoint.trim_jsonl(workdir / "metrics.jsonl", kept)
+    checkpoint.trim_jsonl(workdir / "eval.jsonl", kept)
+    if resumed is not None:  # GRPO goes on from `start`; the SFT warm-up, if any, is done
+        state, rng, history = resumed.state, resumed.rng, resumed.meta["history"]
+        data.set_state(resumed.data_state)
+        # The frozen reference is read from its source: step 0 (after SFT) or the base model.
+        ref_params = ckpt.restore_params(0, like=params) if resumed.meta["reference"] == "step_0" else params
+    else:
+        # ------------------------------------------------------------ SFT warm-up (optional)
+        if c.sft.steps > 0:
+            with preempt.exit_at_once():  # not checkpointed: SIGTERM exits now, a restart redoes it
+                params = sft_warmup(c, pre, model, params, data, buckets, system_prompt, evaluator, history)
+        ref_params = params  # frozen initial policy, never synced (PR1)
+        state = init_state(jax.tree.map(jnp.copy, params), optimizer)  # the copy is donated step by step
+        score0 = evaluator(state.params, step=0, tag="grpo")
+        history["eval_step"].append(0)
+        history["eval_score"].append(score0)
+        if c.sft.steps > 0:  # a restart begins GRPO here, and reads the reference from here
+            ckpt.save(0, state, rng=rng, data_state=data.get_state(), meta=dict(run_meta, history=history))
 
     # ---------------------------------------------------------------- GRPO
-    ref_params = params  # frozen initial policy, never synced (PR1)
-    state = init_state(jax.tree.map(jnp.copy, params), optimizer)  # the copy is donated step by step
     metrics_file = open(workdir / "metrics.jsonl", "a")
-    score0 = evaluator(state.params, step=0, tag="grpo")
-    history["eval_step"].append(0)
-    history["eval_score"].append(score0)
-    bar = tqdm(range(total_steps), desc="GRPO", dynamic_ncols=True)
+    stop = False
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="GRPO", dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
         examples = [next(data) for _ in range(p_step)]
@@ -134,9 +160,17 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, Any]:
         if (step + 1) % c.eval_every == 0 or step + 1 == total_steps:
             history["eval_step"].append(step + 1)
             history["eval_score"].append(evaluator(state.params, step=step + 1, tag="grpo"))
-        if (step + 1) % c.checkpoint_every == 0 or step + 1 == total_steps:
-            save_params(workdir / "checkpoints" / f"step_{step + 1}", state.params)
+        stop = preempt.stop_requested()
+        if stop or (step + 1) % c.checkpoint_every == 0 or step + 1 == total_steps:
+            ckpt.save(step + 1, state, rng=rng, data_state=data.get_state(), meta=dict(run_meta, history=history))
+        if stop:
+            break
     metrics_file.close()
+    ckpt.close()  # waits for the last asynchronous save
+    preempt.close()
+    if stop:
+        log.warning("preempted: stopped after GRPO step %d with a checkpoint; rerun the command to resume", step + 1)
+        return {"preempted": True, "steps_done": step + 1, "checkpoint": str(ckpt.step_dir(step + 1))}
     plot(workdir, history)
     final = {"skipped_examples": data.report.as_dict() if hasattr(data.report, "as_dict") else str(data.report),
              "eval_first": history["eval_score"][0], "eval_last": history["eval_score"][-1], "steps": total_steps}
@@ -202,12 +236,6 @@ def evaluate(params, *, c, pre, sampler, examples, prepare, buckets, system_prom
         viz.gallery(items, Path(c.workdir) / f"gallery_{tag}_{step}.png")
     tqdm.write(f"[eval {tag} step {step}] score={score:.3f}")
     return score
-
-
-def save_params(path: Path, params) -> None:
-    import orbax.checkpoint as ocp
-
-    ocp.StandardCheckpointer().save(path.absolute(), params, force=True)
 
 
 def plot(workdir: Path, history: dict) -> None:

@@ -169,7 +169,7 @@ class ModelConfig:
         if self.model_type == "qwen2_vl":
             d["vision_config"] = {
                     "depth": v.depth, "embed_dim": v.width, "hidden_size": v.out_width, "num_heads": v.num_heads,
-                    "mlp_ratio": v.mlp_dim / v.width, "in_chans": v.in_channels, "in_channels": v.in_channels,
+                    "mlp_ratio": v.mlp_dim // v.width if v.mlp_dim % v.width == 0 else v.mlp_dim / v.width, "in_chans": v.in_channels, "in_channels": v.in_channels,
                     "patch_size": v.patch_size, "spatial_patch_size": v.patch_size,
                     "spatial_merge_size": v.merge_size, "temporal_patch_size": v.temporal_patch_size,
                     "hidden_act": "quick_gelu", "model_type": "qwen2_vl"}

@@ -1,0 +1,293 @@
+"""Checkpoints: exact round trip, keep-N, corrupt checkpoints set aside, SIGTERM, and
+kill-and-resume of the real entry point equal to an uninterrupted run bit for bit."""
+
+import glob
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr1_jax import checkpoint
+from pr1_jax.train_step import OptimConfig, init_state, make_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ unit level (a small tree, no model)
+def _state(seed=0):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    params = {"dense": {"kernel": jax.random.normal(k1, (4, 3)), "bias": jnp.zeros(3)},
+              "embed": jax.random.normal(k2, (5, 4)).astype(jnp.bfloat16)}
+    opt = make_optimizer(OptimConfig(learning_rate=0.1))
+    state = init_state(params, opt)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, opt_state = opt.update(grads, state.opt_state, params)  # non-trivial moments and counts
+    return state.replace(step=state.step + 1, opt_state=opt_state), jax.random.PRNGKey(seed + 7)
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _save_steps(directory, steps, keep=3):
+    state, rng = _state()
+    ckpt = checkpoint.Checkpoints(directory, keep=keep)
+    for s in steps:
+        ckpt.save(s, state, rng=rng, data_state={"grain": {"next": s}, "report": {}},
+                  meta={"history": {"reward": [0.5, float("nan")]}})
+    ckpt.close()
+    return state, rng
+
+
+def test_round_trip_is_exact(tmp_path):
+    state, rng = _save_steps(tmp_path, [3])
+    ckpt = checkpoint.Checkpoints(tmp_path)
+    got = ckpt.restore_latest(checkpoint.abstract_like(state), rng)
+    assert got.step == 3 and got.data_state == {"grain": {"next": 3}, "report": {}}
+    assert got.meta["history"]["reward"][0] == 0.5 and np.isnan(got.meta["history"]["reward"][1])
+    _assert_trees_equal(got.state, state)
+    _assert_trees_equal(got.rng, rng)
+    host = ckpt.restore_params(3)  # export's view: NumPy, no target needed
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))
+    _assert_trees_equal(host, state.params)
+    ckpt.close()
+
+
+def test_keep_newest_n_and_step_0(tmp_path):
+    _save_steps(tmp_path, range(6), keep=2)
+    assert checkpoint.Checkpoints(tmp_path).steps() == [0, 4, 5]  # step 0 = after SFT, the reference
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0", "step_4", "step_5"]
+
+
+def _largest_array_file(step_dir, item):
+    """The biggest chunk of array data (OCDBT data files live in `d/` directories)."""
+    files = [f for f in glob.glob(f"{step_dir}/{item}/**/d/*", recursive=True) if os.path.isfile(f)]
+    return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["truncate_array_data", "delete_meta", "delete_data_state", "bad_checksum"])
+def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, damage):
+    state, rng = _save_steps(tmp_path, [1, 2])
+    latest = tmp_path / "step_2"
+    if damage == "truncate_array_data":
+        f = _largest_array_file(latest, "params")
+        os.truncate(f, os.path.getsize(f) // 2)
+    elif damage == "delete_meta":
+        os.remove(latest / "meta" / "metadata")
+    elif damage == "delete_data_state":
+        os.remove(next((latest / "data").glob("process_*.json")))
+    else:  # bytes that decode fine but differ from what was saved: only the checksums see it
+        meta = json.loads((latest / "meta" / "metadata").read_text())
+        meta["checksums"]["train"][0] ^= 1
+        (latest / "meta" / "metadata").write_text(json.dumps(meta))
+    # An incomplete save (process killed while writing) is never listed at all.
+    (tmp_path / "step_3.orbax-checkpoint-tmp-1234").mkdir()
+    ckpt = checkpoint.Checkpoints(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pr1_jax.checkpoint"):
+        got = ckpt.restore_latest(checkpoint.abstract_like(state), rng)
+    assert got.step == 1
+    _assert_trees_equal(got.state, state)
+    message = caplog.text
+    assert "step_2 is corrupt or incomplete" in message and "trying step 1" in message, message
+    assert (tmp_path / "step_2.corrupt").is_dir() and ckpt.steps() == [1]
+    assert not (tmp_path / "step_3.orbax-checkpoint-tmp-1234").exists()
+    ckpt.close()
+
+
+def test_changed_shapes_raise_instead_of_skipping(tmp_path):
+    state, rng = _save_steps(tmp_path, [1])
+    other = state.replace(params={**state.params, "embed": jnp.zeros((6, 4), jnp.bfloat16)})
+    ckpt = checkpoint.Checkpoints(tmp_path)
+    with pytest.raises(ValueError, match=r"other shapes/dtypes.*embed"):
+        ckpt.restore_latest(checkpoint.abstract_like(other), rng)
+    assert ckpt.steps() == [1]  # a config mistake does not set the checkpoint aside
+    ckpt.close()
+
+
+def test_checksums_see_one_changed_bit():
+    x = {"f32": jnp.linspace(0, 1, 12).reshape(3, 4), "bf16": jnp.ones(7, jnp.bfloat16),
+         "bool": jnp.array([True, False]), "i32": jnp.arange(5)}
+    base = checkpoint.checksums(x)
+    assert base == checkpoint.checksums(jax.tree.map(jnp.copy, x))
+    flipped = jax.lax.bitcast_convert_type(x["f32"], jnp.uint32).at[2, 1].add(1)
+    y = dict(x, f32=jax.lax.bitcast_convert_type(flipped, jnp.float32))
+    assert checkpoint.checksums(y) != base
+    swapped = dict(x, i32=x["i32"][::-1])  # same values, other order
+    assert checkpoint.checksums(swapped) != base
+
+
+def test_sigterm_sets_a_flag_then_handlers_are_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    preempt = checkpoint.Preemption()
+    try:
+        assert not preempt.stop_requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert preempt.requested and preempt.stop_requested()
+        with pytest.raises(SystemExit) as e:
+            with preempt.exit_at_once():
+                pass
+        assert e.value.code == 0
+    finally:
+        preempt.close()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_trim_jsonl(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "los')  # cut short by a kill
+    checkpoint.trim_jsonl(path, lambda row: row["step"] <= 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+# ------------------------------------------------------------------ the real entry point, killed and resumed
+# The demo config at toy sizes: SFT warm-up (1 step), then 5 GRPO steps over 8 rows (the
+# data iterator crosses an epoch boundary), G = 2, 8 new tokens, no evaluation. Other
+# overrides go in `overrides` (each key once).
+TRAIN_ARGS = ["--config.data.synthetic=8", "--config.data.eval_examples=0", "--config.sft.steps=1",
+              "--config.sft.prompts_per_step=2", "--config.total_steps=5", "--config.batch.prompts_per_step=2",
+              "--config.batch.prompts_per_micro=1", "--config.grpo.num_generations=2",
+              "--config.sampling.max_new_tokens=8", "--config.eval_every=1000"]
+TIMING_KEYS = ("step_time", "tokens_per_s")
+
+
+def train_command(workdir, model_dir, *overrides):
+    keys = {o.split("=")[0] for o in overrides}
+    base = [a for a in TRAIN_ARGS if a.split("=")[0] not in keys]
+    return [sys.executable, "-m", "pr1_jax.train", "--config=configs/demo.py", f"--config.workdir={workdir}",
+            f"--config.model_dir={model_dir}", *base, *overrides]
+
+
+def train_env():
+    """Same XLA set-up for every run (bitwise comparisons), shared persistent compile cache,
+    and XLA's cheapest optimisation level: these runs are short, their compiles are not."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", TOKENIZERS_PARALLELISM="false")
+    cache = jax.config.jax_compilation_cache_dir
+    if cache:
+        env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(cache, "train_cli")
+    return env
+
+
+def start_train(workdir, model_dir, *overrides):
+    """`python -m pr1_jax.train ...` in the background; output appended to WORKDIR.log."""
+    with open(Path(str(workdir) + ".log"), "ab") as log:
+        return subprocess.Popen(train_command(workdir, model_dir, *overrides), cwd=REPO, env=train_env(),
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_train(workdir, model_dir, *overrides, timeout=600):
+    proc = start_train(workdir, model_dir, *overrides)
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0, _tail(workdir)
+    return proc
+
+
+def _tail(workdir, n=3000):
+    return Path(str(workdir) + ".log").read_text(errors="replace")[-n:]
+
+
+def _wait_for(predicate, proc, workdir, what, timeout=300):
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"the run exited (rc {proc.returncode}) before {what}:\n{_tail(workdir)}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}:\n{_tail(workdir)}")
+        time.sleep(0.02)
+
+
+def _logged_steps(workdir):
+    metrics = Path(workdir) / "metrics.jsonl"
+    return metrics.read_text().count("\n") if metrics.is_file() else 0
+
+
+def _metric_rows(workdir):
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def _steps(workdir):
+    ckpt = checkpoint.Checkpoints(Path(workdir) / "checkpoints", read_only=True)
+    steps = ckpt.steps()
+    ckpt.close()
+    return steps
+
+
+@pytest.fixture
+def spawn():
+    """start_train, with every process it started killed at teardown (a failed test leaves none)."""
+    procs = []
+    yield lambda *args: procs.append(start_train(*args)) or procs[-1]
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_sigterm_and_sigkill_then_resume_equal_an_uninterrupted_run(tmp_path, tiny_dir, spawn):
+    ref, run = tmp_path / "reference", tmp_path / "interrupted"
+    # The uninterrupted reference run; the interrupted one starts once the reference has
+    # compiled everything (GRPO step 1 logged) and finds it all in the compile cache.
+    reference = spawn(ref, tiny_dir, "--config.checkpoint_every=1000")
+    _wait_for(lambda: _logged_steps(ref) >= 1, reference, ref, "GRPO step 1")
+
+    # 1. SIGTERM mid-GRPO: a checkpoint at the step it was in (no periodic ones), exit status 0.
+    proc = spawn(run, tiny_dir, "--config.checkpoint_every=1000")
+    _wait_for(lambda: _logged_steps(run) >= 1, proc, run, "GRPO step 1")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, _tail(run)
+    assert reference.wait(timeout=600) == 0, _tail(ref)
+    stopped = len(_metric_rows(run))
+    assert '"preempted": true' in _tail(run) and 1 <= stopped < 5
+    assert _steps(run) == [0, stopped]  # step 0: the policy after SFT
+
+    # 2. Resume (no SFT again), SIGKILL once two more checkpoints exist.
+    proc = spawn(run, tiny_dir, "--config.checkpoint_every=1")
+    _wait_for((run / "checkpoints" / f"step_{stopped + 2}").is_dir, proc, run, f"step_{stopped + 2}")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    log = _tail(run, 100_000)
+    assert f"resuming from {run / 'checkpoints' / f'step_{stopped}'}" in log
+    assert log.count("SFT:") == log.split("resuming from")[0].count("SFT:")  # the warm-up ran once
+
+    # 3. Damage the newest checkpoint: the restart says so, sets it aside and uses the previous
+    #    one (written by the killed process).
+    *_, previous, latest = _steps(run)
+    assert previous > stopped and latest < 5
+    target = run / "checkpoints" / f"step_{latest}"
+    f = _largest_array_file(target, "params")
+    os.truncate(f, os.path.getsize(f) // 2)
+    run_train(run, tiny_dir, "--config.checkpoint_every=1")
+    log = _tail(run, 100_000).split("corrupt or incomplete")
+    assert len(log) == 2 and str(target) in log[0][-300:] and f"trying step {previous}" in log[1][:2000]
+    assert f"resuming from {run / 'checkpoints' / f'step_{previous}'}" in log[1]
+    assert (target.parent / f"{target.name}.corrupt").is_dir()
+
+    # Every step logged once, values bit-equal; parameters, optimizer state and RNG bit-equal.
+    assert [r["step"] for r in _metric_rows(run)] == [1, 2, 3, 4, 5]
+    assert _metric_rows(run) == _metric_rows(ref)
+    a = checkpoint.Checkpoints(ref / "checkpoints", read_only=True)
+    b = checkpoint.Checkpoints(run / "checkpoints", read_only=True)
+    _assert_trees_equal(a.restore_params(5), b.restore_params(5))
+    assert a.read_meta(5)["checksums"] == b.read_meta(5)["checksums"]  # optimizer state and RNG too
+    assert a.read_meta(5)["history"] == b.read_meta(5)["history"]
+    a.close()
+    b.close()
