@@ -173,9 +173,16 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, Any]:
         return {"preempted": True, "steps_done": step + 1, "checkpoint": str(ckpt.step_dir(step + 1))}
     plot(workdir, history)
     final = {"skipped_examples": data.report.as_dict() if hasattr(data.report, "as_dict") else str(data.report),
-             "eval_first": history["eval_score"][0], "eval_last": history["eval_score"][-1], "steps": total_steps}
+             "eval_at_grpo_start": _score_at(history, 0), "eval_last": history["eval_score"][-1],
+             "steps": total_steps}
     (workdir / "summary.json").write_text(json.dumps(final, indent=2, default=str))
     return final
+
+
+def _score_at(history: dict, step: int) -> float | None:
+    """The held-out score recorded at `step` (0 = the GRPO start, after any SFT)."""
+    scores = [s for t, s in zip(history["eval_step"], history["eval_score"]) if t == step]
+    return scores[-1] if scores else None
 
 
 def sft_warmup(c, pre, model, params, data, buckets, system_prompt, evaluator, history):
