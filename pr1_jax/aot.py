@@ -1,0 +1,198 @@
+"""Ahead-of-time check: compile the rollout and update programs for a TPU slice that is not
+here, and print each program's memory per device — an OOM shows up before the slice is rented.
+
+    python -m pr1_jax.aot --topology=v5e-8 --config=configs/grounding.py --model=qwen2_vl_2b \
+        --mesh=data=1,fsdp=-1,tensor=1 --config.batch.prompts_per_micro=8
+    python -m pr1_jax.aot --topology=cpu-8 --config=configs/demo.py   # the fake 8-CPU mesh
+
+Shapes come from the training config (prompts per step and micro-batch, G, prompt and patch
+buckets, new tokens, dtype, remat, LM-head chunk); the model from `--model` (a preset) or
+`--model_dir` (only its config.json is read). Nothing is allocated: parameters, optimizer
+state and batches are `jax.ShapeDtypeStruct`s carrying their shardings.
+
+TPU topologies need libtpu (the compiler) but no TPU: `pip install "jax[tpu]==<your jax>"`,
+or keep it out of a CPU venv with `pip install --target DIR libtpu==<pin of jax[tpu]>` and
+`TPU_LIBRARY_PATH=DIR/libtpu/libtpu.so` (jax 0.10.2 pins libtpu 0.0.42.*).
+`jax.experimental.topologies.get_topology_desc` then describes the slice's devices to the
+compiler. `cpu-N` compiles for N host devices of this process instead (any machine).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from pr1_jax import grpo, sharding, train_step
+from pr1_jax.model.config import PRESETS, ModelConfig
+from pr1_jax.model.qwen2_vl import ModelInputs, Qwen2VL
+from pr1_jax.sampler import SamplingConfig
+
+# name → (get_topology_desc name, its options, HBM GiB per JAX device). v4/v5p: one device
+# per chip (megacore); v5e/v6e single-host slices have 8 chips on one host.
+TOPOLOGIES: dict[str, tuple[str, dict, float]] = {
+    "v4-8": ("v4:2x2x1", dict(chip_config_name="megacore"), 32),
+    "v4-16": ("v4:2x2x2", dict(chip_config_name="megacore"), 32),
+    "v5e-4": ("v5e:2x2", {}, 16),
+    "v5e-8": ("v5e:2x4", dict(chips_per_host_bounds=(2, 4, 1)), 16),
+    "v5e-16": ("v5e:4x4", {}, 16),
+    "v5e-32": ("v5e:4x8", {}, 16),
+    "v5p-8": ("v5p:2x2x1", dict(chip_config_name="megacore"), 95),
+    "v5p-16": ("v5p:2x2x2", dict(chip_config_name="megacore"), 95),
+    "v6e-8": ("v6e:2x4", dict(chips_per_host_bounds=(2, 4, 1)), 32),
+    "v6e-16": ("v6e:4x4", {}, 32),
+}
+
+
+def topology_devices(topology: str) -> tuple[list[Any], float | None]:
+    """Devices of a named slice (compile-only for TPU) and their HBM in bytes (None: unknown)."""
+    if topology.startswith("cpu-"):
+        n = int(topology.split("-", 1)[1])
+        devices = jax.devices("cpu")
+        if len(devices) < n:
+            raise ValueError(f"{topology}: only {len(devices)} CPU devices; set "
+                             f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before jax starts")
+        return devices[:n], None
+    from jax.experimental import topologies
+
+    name, kwargs, gib = TOPOLOGIES.get(topology, (topology, {}, None))
+    try:
+        desc = topologies.get_topology_desc(name, "tpu", **kwargs)
+    except RuntimeError as e:
+        raise RuntimeError(f"{topology}: cannot describe the TPU topology without libtpu ({e}). "
+                           "See `python -m pr1_jax.aot --help`.") from e
+    return list(desc.devices), None if gib is None else gib * 2**30
+
+
+def program_shapes(cfg, mesh, *, prompts_per_step: int, prompts_per_micro: int, num_generations: int,
+                   seq_len: int, patch_row_len: int, max_new_tokens: int, dtype: Any = jnp.bfloat16,
+                   optimizer=None):
+    """ShapeDtypeStructs (with shardings) of params, train state, one step's Rollouts and the
+    rollout prompts."""
+    optimizer = optimizer or train_step.make_optimizer(train_step.OptimConfig())
+    state = sharding.abstract_train_state(cfg, optimizer, mesh, dtype=dtype)
+    params = state.params
+
+    def inputs(b: int, lead: tuple[int, ...] = ()) -> ModelInputs:
+        f = cfg.vision.patch_dim
+        i32 = lambda *s: jax.ShapeDtypeStruct(lead + s, jnp.int32)  # noqa: E731
+        return ModelInputs(input_ids=i32(b, seq_len), attention_mask=jax.ShapeDtypeStruct(lead + (b, seq_len), bool),
+                           positions=i32(3, b, seq_len), pixels=jax.ShapeDtypeStruct(lead + (b, patch_row_len, f),
+                                                                                     jnp.float32),
+                           segment_ids=i32(b, patch_row_len), pos_hw=i32(b, patch_row_len, 2),
+                           vision_index=i32(b, seq_len))
+
+    if prompts_per_step % prompts_per_micro:
+        raise ValueError(f"prompts_per_step={prompts_per_step} is not a multiple of "
+                         f"prompts_per_micro={prompts_per_micro}")
+    m, b, g, tc = prompts_per_step // prompts_per_micro, prompts_per_micro, num_generations, max_new_tokens
+    sds = lambda shape, dt: jax.ShapeDtypeStruct((m, b) + shape, dt)  # noqa: E731
+    batch = train_step.Rollouts(prompts=inputs(b, (m,)), completions=sds((g, tc), jnp.int32),
+                                mask=sds((g, tc), bool), advantages=sds((g,), jnp.float32),
+                                old_logp=sds((g, tc), jnp.float32), group_weight=sds((g,), jnp.float32))
+    prompts = inputs(prompts_per_step)
+    with_sh = lambda tree: jax.tree.map(  # noqa: E731
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree,
+        sharding.batch_shardings(tree, mesh))
+    return params, state, with_sh(batch), with_sh(prompts), optimizer
+
+
+def compile_programs(model: Qwen2VL, mesh, *, sampling: SamplingConfig, prompts_per_step: int,
+                     prompts_per_micro: int, seq_len: int, patch_row_len: int, chunk_size: int = 128,
+                     optimizer=None, grpo_cfg=None, eos_ids: tuple[int, ...] | None = None, pad_id: int = 0,
+                     compiler_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Lowers and compiles {"update", "rollout"} for `mesh` (the programs `train.py` runs,
+    built by `pr1_jax.sharding`); returns the compiled executables, callable on real data."""
+    cfg, g = model.cfg, sampling.num_samples
+    grpo_cfg = grpo_cfg or grpo.GRPOConfig(num_generations=g)
+    params, state, batch, prompts, optimizer = program_shapes(
+        cfg, mesh, prompts_per_step=prompts_per_step, prompts_per_micro=prompts_per_micro, num_generations=g,
+        seq_len=seq_len, patch_row_len=patch_row_len, max_new_tokens=sampling.max_new_tokens,
+        dtype=model.param_dtype, optimizer=optimizer)
+    update = sharding.shard_update_fn(model, optimizer, grpo_cfg, mesh, chunk_size=chunk_size)
+    sampler = sharding.ShardedSampler(model.clone(remat=False), eos_ids or (cfg.vision_end_token_id,), pad_id, mesh)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
+    opts = dict(compiler_options or {})
+    return {"update": update.lower(state, params, batch).compile(opts),
+            "rollout": sampler.lower(params, prompts, rng, sampling).compile(opts)}
+
+
+def memory_report(compiled: Mapping[str, Any], hbm_bytes: float | None = None) -> dict[str, dict[str, float]]:
+    """Per program and device: argument, output, temp, alias, code bytes and their peak sum."""
+    out = {}
+    for name, exe in compiled.items():
+        m = exe.memory_analysis()
+        row = {k: float(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+               for k in ("argument", "output", "temp", "alias", "generated_code")}
+        row["peak"] = row["argument"] + row["output"] + row["temp"] - row["alias"] + row["generated_code"]
+        if hbm_bytes:
+            row["hbm"] = float(hbm_bytes)
+        out[name] = row
+    return out
+
+
+def format_report(report: Mapping[str, Mapping[str, float]], title: str) -> str:
+    gib = lambda x: f"{x / 2**30:8.3f}"  # noqa: E731
+    cols = ("argument", "output", "alias", "temp", "generated_code", "peak")
+    lines = [title, f"{'program':10s}" + "".join(f"{c[:9]:>10s}" for c in cols) + "   (GiB per device)"]
+    for name, row in report.items():
+        verdict = ""
+        if "hbm" in row:
+            verdict = f"   {'fits' if row['peak'] <= row['hbm'] else 'DOES NOT FIT'} in {row['hbm'] / 2**30:.0f} GiB"
+        lines.append(f"{name:10s}" + "".join(f"{gib(row[c]):>10s}" for c in cols) + verdict)
+    return "\n".join(lines)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """Parses "data=1,fsdp=-1,tensor=1" into {"data": 1, "fsdp": -1, "tensor": 1}."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        k, v = part.split("=")
+        out[k.strip()] = int(v)
+    return out
+
+
+def main(argv) -> None:
+    del argv
+    c, f = _CONFIG.value, _FLAGS
+    cfg = ModelConfig.from_pretrained(f.model_dir) if f.model_dir else PRESETS[f.model]()
+    devices, hbm = topology_devices(f.topology)
+    mesh_cfg = parse_mesh(f.mesh) if f.mesh else dict(c.get("mesh", {}) or {})
+    mesh = sharding.mesh_from_config(mesh_cfg, devices)
+    batch_ways = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    if c.batch.prompts_per_micro % batch_ways:
+        print(f"note: prompts_per_micro={c.batch.prompts_per_micro} does not split over data×fsdp={batch_ways}: "
+              "the update batch is replicated (set --config.batch.prompts_per_micro to a multiple)")
+    grpo_cfg = grpo.GRPOConfig(**c.grpo.to_dict())
+    dtype = jnp.dtype(c.dtype)
+    sampling = SamplingConfig(num_samples=grpo_cfg.num_generations, max_new_tokens=c.sampling.max_new_tokens,
+                              top_p=c.sampling.top_p, top_k=c.sampling.top_k)
+    compiled = compile_programs(
+        Qwen2VL(cfg, dtype=dtype, param_dtype=dtype, remat=c.remat), mesh, sampling=sampling,
+        prompts_per_step=c.batch.prompts_per_step, prompts_per_micro=c.batch.prompts_per_micro,
+        seq_len=c.batch.seq_len, patch_row_len=c.batch.patch_row_len, chunk_size=c.chunk_size, grpo_cfg=grpo_cfg)
+    title = (f"{f.topology} ({len(devices)} × {devices[0].device_kind}), mesh {dict(mesh.shape)}, "
+             f"model {f.model_dir or f.model}, {c.batch.prompts_per_step} prompts × G={grpo_cfg.num_generations}, "
+             f"micro {c.batch.prompts_per_micro}, seq {c.batch.seq_len}, patches {c.batch.patch_row_len}, "
+             f"new {c.sampling.max_new_tokens}, {c.dtype}, remat={c.remat}")
+    print(format_report(memory_report(compiled, hbm), title))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/grounding.py", "training config (shapes)")
+    flags.DEFINE_string("topology", "v5e-8", f"one of {sorted(TOPOLOGIES)}, a raw name such as 'v5e:4x4', or cpu-N")
+    flags.DEFINE_string("model", "qwen2_vl_2b", "model preset (pr1_jax.model.config.PRESETS)")
+    flags.DEFINE_string("model_dir", "", "HF checkpoint directory (config.json only); overrides --model")
+    flags.DEFINE_string("mesh", "", "mesh sizes, e.g. data=1,fsdp=-1,tensor=1 (default: the config's `mesh`, "
+                                    "else all devices on fsdp)")
+    _FLAGS = flags.FLAGS
+    cpu = [a.split("-")[-1] for a in sys.argv if a.startswith("--topology=cpu-")]
+    if cpu:  # fake host devices, set before jax starts its backends
+        jax.config.update("jax_num_cpu_devices", int(cpu[-1]))
+    app.run(main)
