@@ -241,7 +241,7 @@ def _literal(obj: Any) -> Any:
         s = obj.decode() if isinstance(obj, bytes) else obj
         try:
             return json.loads(s)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 — rewards never raise: unparsable → None, scored 0
             return eval_numeric(s.strip())
     return obj
 
@@ -256,7 +256,7 @@ def parse_box_value(obj: Any) -> np.ndarray | None:
             return None
         a = a.astype(np.float64)
         return a if np.isfinite(a).all() else None
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 — rewards never raise: unparsable → None, scored 0
         return None
 
 
@@ -279,7 +279,7 @@ def parse_points(obj: Any) -> np.ndarray | None:
             pts.append((float(p[0]), float(p[1])))
         a = np.asarray(pts, np.float64).reshape(-1, 2)
         return a if np.isfinite(a).all() else None
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 — rewards never raise: unparsable → None, scored 0
         return None
 
 
@@ -331,7 +331,7 @@ def parse_detection_solution(obj: Any) -> tuple[np.ndarray, np.ndarray] | None:
         if boxes is None or not np.isfinite(boxes).all():
             return None
         return ids.astype(np.int64), boxes
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 — rewards never raise: unparsable → None, scored 0
         return None
 
 
