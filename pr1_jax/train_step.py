@@ -160,7 +160,7 @@ def _accumulate_and_apply(optimizer, state: TrainState, batch: Rollouts, micro_g
     metrics = jax.tree.map(lambda x: x / m, metrics)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["skipped_nonfinite"] = 1 - jnp.asarray(opt_state.last_finite, jnp.float32)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
