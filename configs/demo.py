@@ -2,7 +2,7 @@
 
     python -m pr1_jax.train --config=configs/demo.py
 
-No network, ~10 minutes on 2 CPU cores. A tiny Qwen2-VL (written by transformers with
+No network; about 20 minutes on a busy 2-core CPU (measured). A tiny Qwen2-VL (written by transformers with
 random weights, the real Qwen2 tokenizer) is first taught the answer format on coloured
 shapes ("Output the bounding box of the red circle in the image.") by a short SFT
 warm-up, then trained with PR1's GRPO and rewards (IoU² + format). Writes to
