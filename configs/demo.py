@@ -1,4 +1,4 @@
-"""The CPU demo: a tiny random Qwen2-VL learns synthetic visual grounding, SFT then GRPO.
+"""The CPU demo: a tiny random Qwen2-VL trained on synthetic visual grounding, SFT then GRPO.
 
     python -m pr1_jax.train --config=configs/demo.py
 
