@@ -16,7 +16,7 @@ def eval_center(group):
             warnings.simplefilter("ignore")
             (x1, y1), (x2, y2) = eval(group, {"__builtins__": {}}, {})  # noqa: S307 - test oracle
         return ((x1 + x2) / 2, (y1 + y2) / 2)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 — test oracle: any failure of eval means "no centre"
         return None
 
 
@@ -120,7 +120,7 @@ def test_load_json_equals_json_loads():
         t = "".join(rng.choice(pieces, rng.integers(0, 12)))
         try:
             ref = (True, json.loads(t))
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 — test oracle: any json.loads failure means "not JSON"
             ref = (False, None)
         ok, val = P.load_json(t)
         assert ok == ref[0], t
