@@ -1,14 +1,24 @@
 """Rollouts on device: one jitted program = vision + prefill once per prompt, then G samples
-per prompt decoded together in a `lax.while_loop` with a KV cache.
+per prompt decoded together in a loop with a KV cache.
 
     sampler = Sampler(model, eos_ids=special.eos_ids, pad_id=special.pad_id)
     out = sampler(params, prompts, rng, SamplingConfig(num_samples=8, max_new_tokens=768,
                                                        temperature=1.0, top_p=0.9, top_k=50))
 
 Group prefix sharing: the image is encoded and the prompt prefilled once per prompt; its
-K/V become a *shared prefix* [L, B, P, K, Dh] that the G samples of the group attend to
+K/V become a *shared prefix* [L, B, K, P, Dh] that the G samples of the group attend to
 (read once per step for the whole group, never copied G times), next to their own cache
-[L, B, G, Tc, K, Dh]. PR1 (vLLM) re-encodes the image and prompt for each of the G requests.
+[L, B, G, K, Tc, Dh]. PR1 (vLLM) re-encodes the image and prompt for each of the G requests.
+
+A decode step is a few hundred small kernels (latency-bound, not bandwidth-bound), so:
+  * the loop is chunked: a `lax.while_loop` over chunks of `steps_per_check` tokens, each a
+    `lax.fori_loop` with a static trip count. On GPU a while loop copies its predicate to the
+    host at every iteration, a sync that drains the launch queue; a known trip count needs
+    none, so the "all rows done?" check (and its sync) happens once per chunk. Buffers are
+    padded to whole chunks (sliced back at the end); steps past Tc record nothing.
+  * the caches are stored in the layouts the attention matmuls read in place (batch dims
+    major, K before P/Tc; see `layers.cached_attention`), the prefix transposed once after
+    prefill: no per-token transpose of cache-sized arrays.
 
 Sampling follows vLLM/HF order: temperature → top-k → top-p (smallest set with
 cumulative probability ≥ top_p) → categorical. Returned log-probs: `logp` at temperature 1
@@ -74,11 +84,11 @@ class _LoopState:
     last: Array  # [B, G] int32: token to feed next
     done: Array  # [B, G] bool
     lengths: Array  # [B, G] int32
-    tokens: Array  # [B, G, Tc] int32
-    logp: Array  # [B, G, Tc] float32
-    logp_sample: Array  # [B, G, Tc] float32
-    cache: list[tuple[Array, Array]]  # per layer (K, V), each [B, G, Tc, K, Dh]
-    logits: Array | None  # [B, G, Tc, V] float32 or None
+    tokens: Array  # [B, G, Tp] int32 (Tp ≥ Tc: padded to whole chunks)
+    logp: Array  # [B, G, Tp] float32
+    logp_sample: Array  # [B, G, Tp] float32
+    cache: list[tuple[Array, Array]]  # per layer (K, V), each [B, G, K, Tc, Dh]
+    logits: Array | None  # [B, G, Tp, V] float32 or None
 
 
 def _top_p_sorted(sorted_logits: Array, top_p: Array) -> Array:
@@ -118,11 +128,19 @@ def _choose(logits: Array, rng: Array, temperature: Array, top_p: Array, *, top_
 def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperature: Array, top_p: Array, *,
              num_samples: int, max_new_tokens: int, top_k: int, use_top_p: bool, greedy: bool,
              eos_ids: tuple[int, ...],
-             pad_id: int, ignore_eos: bool, return_logits: bool) -> SampleOutput:
-    """The whole rollout as one traced program (wrapped by `Sampler` in `jax.jit`)."""
+             pad_id: int, ignore_eos: bool, return_logits: bool, steps_per_check: int = 16,
+             decode_attention: str = "xla") -> SampleOutput:
+    """The whole rollout as one traced program (wrapped by `Sampler` in `jax.jit`).
+
+    steps_per_check: decode steps per chunk between "all rows done?" checks (module docstring).
+    decode_attention: "xla" or "pallas" (one fused kernel per layer, `model.decode_attention`).
+    """
     apply = functools.partial(model.apply, {"params": params})
     b, p = prompts.input_ids.shape
     g, tc = num_samples, max_new_tokens
+    # Token 0 comes from the prefill, tokens 1..Tc-1 from decode steps run in whole chunks.
+    chunk = max(1, min(steps_per_check, tc - 1))
+    tp = 1 + -(-(tc - 1) // chunk) * chunk  # padded buffer length
 
     # 1. Vision once per prompt, prompt prefill once per prompt → the group's shared prefix.
     def prefill(m: Qwen2VL):
@@ -134,8 +152,10 @@ def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperatu
 
     first_logits, (k_pre, v_pre) = apply(method=prefill)
     num_layers = model.cfg.text.num_layers
-    # Per-layer views, sliced once here rather than at every step (see decode_layer_by_layer).
-    prefixes = unstack_layers((k_pre[:, :, 0], v_pre[:, :, 0]), num_layers)  # each [B, P, K, Dh]
+    # Per-layer views in the decode layout, made once here rather than at every step (see
+    # decode_layer_by_layer and layers.cached_attention).
+    prefixes = unstack_layers((jnp.swapaxes(k_pre[:, :, 0], 2, 3), jnp.swapaxes(v_pre[:, :, 0], 2, 3)),
+                              num_layers)  # each [B, K, P, Dh]
     layer_params = [fuse_layer_params(p) for p in unstack_layers(params["decoder"]["layers"], num_layers)]
     # Text after the prompt continues at max position + 1 on all three M-RoPE axes.
     next_pos = jnp.max(jnp.where(prompts.attention_mask[None], prompts.positions, 0), axis=(0, 2)) + 1  # [B]
@@ -146,7 +166,7 @@ def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperatu
     def record(state: _LoopState, logits_bgv: Array, key: Array) -> _LoopState:
         token, lp, lps = _choose(logits_bgv, key, temperature, top_p, top_k=top_k, use_top_p=use_top_p,
                                  greedy=greedy)
-        live = ~state.done
+        live = ~state.done & (state.step < tc)  # padding steps past Tc record nothing
         token = jnp.where(live, token, pad_id)
         at = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val[..., None], state.step, axis=2)  # noqa: E731
         logits_buf = state.logits
@@ -158,14 +178,16 @@ def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperatu
             logp=at(state.logp, jnp.where(live, lp, 0.0)), logp_sample=at(state.logp_sample, jnp.where(live, lps, 0.0)),
             logits=logits_buf)
 
-    cache_shape = (b, g, tc) + k_pre.shape[-2:]  # [B, G, Tc, K, Dh]
+    # Step t writes slot t-1 < Tc-1; padding steps (t ≥ Tc) write slot min(t-1, Tc-1) (clamped),
+    # which no real step reads, so the cache keeps Tc slots whatever the chunk.
+    cache_shape = (b, g, k_pre.shape[-2], tc, k_pre.shape[-1])  # [B, G, K, Tc, Dh]
     state = _LoopState(
         step=jnp.zeros((), jnp.int32), last=jnp.zeros((b, g), jnp.int32), done=jnp.zeros((b, g), bool),
-        lengths=jnp.zeros((b, g), jnp.int32), tokens=jnp.full((b, g, tc), pad_id, jnp.int32),
-        logp=jnp.zeros((b, g, tc), jnp.float32), logp_sample=jnp.zeros((b, g, tc), jnp.float32),
+        lengths=jnp.zeros((b, g), jnp.int32), tokens=jnp.full((b, g, tp), pad_id, jnp.int32),
+        logp=jnp.zeros((b, g, tp), jnp.float32), logp_sample=jnp.zeros((b, g, tp), jnp.float32),
         cache=[(jnp.zeros(cache_shape, k_pre.dtype), jnp.zeros(cache_shape, v_pre.dtype))
                for _ in range(num_layers)],
-        logits=jnp.zeros((b, g, tc, first_logits.shape[-1]), jnp.float32) if return_logits else None)
+        logits=jnp.zeros((b, g, tp, first_logits.shape[-1]), jnp.float32) if return_logits else None)
     # 2. The G first tokens are G draws from the prompt's next-token distribution.
     state = record(state, jnp.broadcast_to(first_logits[:, None], (b, g, first_logits.shape[-1])),
                    jax.random.fold_in(rng, 0))
@@ -180,29 +202,46 @@ def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperatu
         ctx = DecoderContext(cos=cos, sin=sin, mask=mask, prefix_mask=prompts.attention_mask, cache_index=t - 1)
         x = apply(state.last, method=Qwen2VL.embed)[:, :, None]
         hidden, cache = decode_layer_by_layer(model.cfg.text, layer_params, params["decoder"]["norm"], x, ctx,
-                                              state.cache, prefixes, model.dtype)
+                                              state.cache, prefixes, model.dtype, decode_attention)
         logits = apply(hidden[:, :, 0], method=Qwen2VL.logits).astype(jnp.float32)
         return record(state.replace(cache=cache), logits, jax.random.fold_in(rng, t))
 
     def cond(state: _LoopState) -> Array:
         return (state.step < tc) & ~jnp.all(state.done)
 
-    state = jax.lax.while_loop(cond, body, state)
-    return SampleOutput(tokens=state.tokens, logp=state.logp, logp_sample=state.logp_sample,
-                        lengths=state.lengths, logits=state.logits)
+    def run_chunk(state: _LoopState) -> _LoopState:  # static trip count: no per-step predicate
+        return jax.lax.fori_loop(0, chunk, lambda _, s: body(s), state)
+
+    state = jax.lax.while_loop(cond, run_chunk, state)
+    cut = lambda a: None if a is None else a[:, :, :tc]  # noqa: E731
+    return SampleOutput(tokens=cut(state.tokens), logp=cut(state.logp), logp_sample=cut(state.logp_sample),
+                        lengths=state.lengths, logits=cut(state.logits))
 
 
 class Sampler:
-    """Compiles `generate` once per (shape bucket, static sampling options)."""
+    """Compiles `generate` once per (shape bucket, static sampling options).
 
-    def __init__(self, model: Qwen2VL, eos_ids: Sequence[int], pad_id: int):
+    steps_per_check: decode steps between checks whether every row is done (module docstring):
+    larger saves host syncs, at the cost of up to steps_per_check − 1 wasted steps at the end.
+    decode_attention: "xla" (default) or "pallas": each layer's decode attention as one fused
+    Pallas kernel (`model.decode_attention`; interpreted on CPU).
+    """
+
+    def __init__(self, model: Qwen2VL, eos_ids: Sequence[int], pad_id: int, steps_per_check: int = 16,
+                 decode_attention: str = "xla"):
+        if steps_per_check <= 0:
+            raise ValueError(f"steps_per_check must be positive, got {steps_per_check}")
+        if decode_attention not in ("xla", "pallas"):
+            raise ValueError(f"decode_attention must be 'xla' or 'pallas', got {decode_attention!r}")
+        self.decode_attention = decode_attention
         self.model = model
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
+        self.steps_per_check = int(steps_per_check)
         self._generate = jax.jit(
             functools.partial(generate, model),
             static_argnames=("num_samples", "max_new_tokens", "top_k", "use_top_p", "greedy", "eos_ids", "pad_id",
-                             "ignore_eos", "return_logits"))
+                             "ignore_eos", "return_logits", "steps_per_check", "decode_attention"))
 
     def __call__(self, params, prompts: ModelInputs, rng: Array, cfg: SamplingConfig,
                  return_logits: bool = False) -> SampleOutput:
@@ -211,7 +250,8 @@ class Sampler:
             params, prompts, rng, jnp.float32(max(cfg.temperature, 1e-6)), jnp.float32(cfg.top_p),
             num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k,
             use_top_p=cfg.top_p < 1.0, greedy=greedy, eos_ids=self.eos_ids, pad_id=self.pad_id, ignore_eos=cfg.ignore_eos,
-            return_logits=return_logits)
+            return_logits=return_logits, steps_per_check=self.steps_per_check,
+            decode_attention=self.decode_attention)
 
     def num_compiled(self) -> int:
         """How many programs have been compiled so far (tests: no recompiles per batch)."""

@@ -139,6 +139,29 @@ def test_eos_stops_rows_and_pads(setup):
     np.testing.assert_array_equal(np.asarray(out.mask[0, 0]), np.arange(12) <= first)
 
 
+def test_chunked_loop_equals_step_by_step(setup):
+    """Checking "all rows done?" every 1, 5 or 16 steps gives the same rollouts: 12 tokens are
+    11 decode steps (chunks of 5 run 4 padding steps), with rows that stop early (sampled) and
+    a batch whose rows all stop early (greedy: the loop exits before max_new_tokens)."""
+    s = setup
+    run = lambda eos, c, cfg: sampler_lib.Sampler(s["model"], eos, PAD, steps_per_check=c)(  # noqa: E731
+        s["params"], s["inputs"], jax.random.PRNGKey(2), cfg)
+    sampled = sampler_lib.SamplingConfig(num_samples=2, max_new_tokens=12, temperature=1.0, top_k=50)
+    greedy = sampler_lib.SamplingConfig(max_new_tokens=12, temperature=0)
+    free_run = np.asarray(run(EOS, 1, sampled).tokens)
+    greedy_run = np.asarray(run(EOS, 1, greedy).tokens)
+    cases = [(sampled, (int(free_run[0, 0, 3]), int(free_run[2, 1, 6]))),  # some rows stop early
+             (greedy, tuple(int(t) for t in greedy_run[:, 0, 4]))]  # every row stops by token 5
+    for cfg, eos in cases:
+        ref = run(eos, 1, cfg)
+        lengths = np.asarray(ref.lengths)
+        assert lengths.min() < 12 and (cfg is greedy) == (lengths.max() <= 5), lengths
+        for c in (5, 16):
+            out = run(eos, c, cfg)
+            for name in ("tokens", "logp", "logp_sample", "lengths"):
+                np.testing.assert_array_equal(np.asarray(getattr(out, name)), np.asarray(getattr(ref, name)), name)
+
+
 def test_one_compile_per_bucket(setup):
     s = setup
     sam = sampler_lib.Sampler(s["model"], EOS, PAD)

@@ -5,7 +5,9 @@ One layer definition serves every way the model is run, through the K/V it is gi
   * prefill: the same, returning each layer's K/V of the chunk (the prompt cache);
   * grouped decoding: x [B, G, T, D] — G samples of one prompt — attending to the
     prompt's K/V *shared* by the group (read once, never copied G times) plus their own
-    cache [B, G, S, K, Dh] into which this chunk's K/V are written at `cache_index`.
+    cache [B, G, K, S, Dh] into which this chunk's K/V are written at `cache_index`.
+    With a cache the prefix is laid out [B, K, P, Dh] (without, [B, P, K, Dh] as returned
+    by prefill): the layouts `layers.cached_attention` reads without transposing them.
 Layers are scanned (`nn.scan`, parameters stacked on a leading "layers" axis), which
 keeps compile time flat in depth; `remat=True` recomputes each layer in the backward pass.
 
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pr1_jax.model import layers
+from pr1_jax.model.decode_attention import fused_cached_attention
 from pr1_jax.model.config import TextConfig
 
 Array = jax.Array
@@ -65,6 +68,9 @@ class DecoderLayer(nn.Module):
     return_kv: bool = False
     # Decoding reads q/k/v and gate/up weights as one matrix each (see fuse_layer_params).
     fused: bool = False
+    # Attention of one-token cached steps: "xla" (layers.cached_attention) or "pallas"
+    # (decode_attention.fused_cached_attention, one kernel; interpreted on CPU).
+    decode_attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array, ctx: DecoderContext, cache: KV | None, prefix: KV | None):
@@ -84,12 +90,17 @@ class DecoderLayer(nn.Module):
                        proj("v_proj", cfg.num_kv_heads, "kv_heads"))
         q = layers.apply_rotary(q, ctx.cos, ctx.sin)  # [B, G, T, H, Dh]
         k = layers.apply_rotary(k, ctx.cos, ctx.sin)  # [B, G, T, K, Dh]
-        if cache is not None:  # write this chunk into the own cache, attend over all of it
-            idx = (0, 0, ctx.cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), idx)
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), idx)
         pre = None if prefix is None else (prefix[0], prefix[1], ctx.prefix_mask)
-        out = layers.attention(q, k, v, ctx.mask, pre)
+        if cache is not None:  # write this chunk into the own cache [B, G, K, S, Dh], attend over all of it
+            idx = (0, 0, 0, ctx.cache_index, 0)
+            put = lambda c, a: jax.lax.dynamic_update_slice(c, jnp.swapaxes(a, 2, 3).astype(c.dtype), idx)  # noqa: E731
+            k, v = put(cache[0], k), put(cache[1], v)
+            if self.decode_attention == "pallas" and q.shape[2] == 1:
+                out = fused_cached_attention(q, k, v, ctx.mask, pre, interpret=jax.default_backend() == "cpu")
+            else:
+                out = layers.cached_attention(q, k, v, ctx.mask, pre)
+        else:
+            out = layers.attention(q, k, v, ctx.mask, pre)
         x = x + nn.DenseGeneral(cfg.width, axis=(-2, -1), use_bias=False, name="o_proj", **kw,
                                 kernel_init=layers.dense_init(("heads", "head_dim", "embed")))(out)
 
@@ -112,7 +123,7 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """Scanned decoder layers + final RMSNorm. embeds [B, G, T, D] → hidden [B, G, T, D].
 
-    cache / prefix: per-layer K/V stacked on a leading L axis, or None.
+    cache / prefix: per-layer K/V stacked on a leading L axis, or None (layouts: module docstring).
     Returns (hidden, new_kv): new_kv is the updated cache (when one was given), the
     chunk's own K/V stacked [L, B, G, T, K, Dh] (when `return_kv`), or None.
     """
@@ -122,13 +133,14 @@ class Decoder(nn.Module):
     param_dtype: Any = jnp.float32
     remat: bool = False
     scan_unroll: int = 1  # > 1 trades compile time for fewer per-layer overheads (decoding)
+    remat_policy: Any = None  # jax.checkpoint policy: what remat keeps (None: nothing, recompute all)
 
     @nn.compact
     def __call__(self, x: Array, ctx: DecoderContext, cache: KV | None = None,
                  prefix: KV | None = None, return_kv: bool = False) -> tuple[Array, KV | None]:
         layer = DecoderLayer
         if self.remat:
-            layer = nn.remat(layer, prevent_cse=False)
+            layer = nn.remat(layer, prevent_cse=False, policy=self.remat_policy)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, 0, 0), length=self.cfg.num_layers, unroll=self.scan_unroll,
                         metadata_params={nn.PARTITION_NAME: "layers"})
@@ -155,7 +167,7 @@ def fuse_layer_params(p: dict) -> dict:
 
 def decode_layer_by_layer(cfg: TextConfig, layer_params: list[Any], norm_params: Any, x: Array,
                           ctx: DecoderContext, caches: list[KV], prefixes: list[KV],
-                          dtype: Any = jnp.float32) -> tuple[Array, list[KV]]:
+                          dtype: Any = jnp.float32, decode_attention: str = "xla") -> tuple[Array, list[KV]]:
     """`Decoder` with a cache, unrolled over per-layer parameters and caches (for decoding).
 
     `layer_params` are per-layer, fused (`fuse_layer_params`) once before the decode loop:
@@ -163,7 +175,7 @@ def decode_layer_by_layer(cfg: TextConfig, layer_params: list[Any], norm_params:
     out of the stack at every step (a second full read and write of the model per token),
     while per-layer arrays are read in place and per-layer caches updated in place.
     """
-    layer = DecoderLayer(cfg, dtype, dtype, fused=True)
+    layer = DecoderLayer(cfg, dtype, dtype, fused=True, decode_attention=decode_attention)
     new_caches = []
     for params, cache, prefix in zip(layer_params, caches, prefixes):
         x, kv = layer.apply({"params": params}, x, ctx, cache, prefix)

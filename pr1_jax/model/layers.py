@@ -110,3 +110,42 @@ def attention(q: Array, k: Array, v: Array, mask: Array,
     out = (jnp.einsum("bgkrtp,bpkd->bgtkrd", p_pre, v_p)
            + jnp.einsum("bgkrts,bgskd->bgtkrd", p_self, v))
     return out.reshape(b, g, t, h, dh)
+
+
+def cached_attention(q: Array, k: Array, v: Array, mask: Array,
+                     prefix: tuple[Array, Array, Array] | None = None) -> Array:
+    """`attention` for decoding, with the caches in the layouts the matmuls read in place.
+
+    q: [B, G, T, H, Dh]; k, v: [B, G, K, S, Dh] (own cache); mask: [B, G, T, S] bool.
+    prefix: (k_p [B, K, P, Dh], v_p [B, K, P, Dh], mask_p [B, P] bool), the group's shared keys.
+    With the batch dims (b, g, k / b, k) major and Dh or S minor, every einsum is a plain
+    batched matmul of the caches as stored: no per-step transpose of cache-sized arrays (the
+    [.., S, K, Dh] layout of `attention` costs one per cache per layer per token).
+    Two-part softmax (no concatenated scores): joint max, exp and sum of each part, and the
+    division by the total applied once to the summed outputs (float32) rather than to both
+    probability tensors: fewer kernels per step. Scores in float32; exp(s − max) ∈ [0, 1] is
+    cast to v's dtype for the matmul, like the probabilities of `attention`.
+    Returns [B, G, T, H, Dh] in q's dtype.
+    """
+    b, g, t, h, dh = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, g, t, kv, h // kv, dh) * jnp.asarray(dh**-0.5, q.dtype)
+    f32 = jnp.float32
+    s_self = jnp.einsum("bgtkrd,bgksd->bgktrs", q, k, preferred_element_type=f32)
+    s_self = jnp.where(mask[:, :, None, :, None, :], s_self, NEG_INF)
+    m = jnp.max(s_self, axis=-1)  # [B, G, K, T, R]
+    if prefix is not None:
+        k_p, v_p, mask_p = prefix
+        s_pre = jnp.einsum("bgtkrd,bkpd->bkgtrp", q, k_p, preferred_element_type=f32)
+        s_pre = jnp.where(mask_p[:, None, None, None, None, :], s_pre, NEG_INF)
+        m = jnp.maximum(jnp.swapaxes(jnp.max(s_pre, axis=-1), 1, 2), m)
+    e_self = jnp.exp(s_self - m[..., None])
+    total = jnp.sum(e_self, axis=-1)
+    out = jnp.einsum("bgktrs,bgksd->bgktrd", e_self.astype(v.dtype), v, preferred_element_type=f32)
+    if prefix is not None:
+        e_pre = jnp.exp(s_pre - jnp.swapaxes(m, 1, 2)[..., None])  # [B, K, G, T, R, P]
+        total = total + jnp.swapaxes(jnp.sum(e_pre, axis=-1), 1, 2)
+        out = out + jnp.swapaxes(
+            jnp.einsum("bkgtrp,bkpd->bkgtrd", e_pre.astype(v_p.dtype), v_p, preferred_element_type=f32), 1, 2)
+    out = (out / total[..., None]).astype(q.dtype)  # [B, G, K, T, R, Dh]
+    return out.transpose(0, 1, 3, 2, 4, 5).reshape(b, g, t, h, dh)

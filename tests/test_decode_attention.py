@@ -1,0 +1,79 @@
+"""The fused Pallas decode attention (interpret mode on CPU) equals `layers.cached_attention`,
+and the sampler's greedy tokens are the same with it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr1_jax import sampler as sampler_lib
+from pr1_jax.model import hf_io, layers
+from pr1_jax.model.config import ModelConfig
+from pr1_jax.model.decode_attention import fused_cached_attention
+from pr1_jax.model.qwen2_vl import Qwen2VL
+from pr1_jax.processing import batch as pb
+from tests.helpers import mixed_batch
+
+B, G, K, R, DH, P, S = 2, 3, 2, 3, 32, 70, 40
+
+
+def _inputs(dtype, num_valid, seed=0, dh=DH, p=P, s=S):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = jax.random.normal(ks[0], (B, G, 1, K * R, dh), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (B, G, K, s, dh), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (B, G, K, s, dh), jnp.float32).astype(dtype)
+    k_p = jax.random.normal(ks[3], (B, K, p, dh), jnp.float32).astype(dtype)
+    v_p = jax.random.normal(ks[4], (B, K, p, dh), jnp.float32).astype(dtype)
+    pad = jnp.asarray([0, 13])[:, None]  # left padding: row 1's first 13 prefix keys are invalid
+    mask_p = jnp.arange(p)[None] >= pad
+    mask = jnp.broadcast_to(jnp.arange(s) < num_valid, (B, G, 1, s))
+    return q, k, v, mask, (k_p, v_p, mask_p)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("num_valid", [1, 7, S])
+@pytest.mark.parametrize("with_prefix", [True, False])
+def test_fused_equals_cached_attention(dtype, tol, num_valid, with_prefix):
+    q, k, v, mask, prefix = _inputs(dtype, num_valid)
+    prefix = prefix if with_prefix else None
+    ref = layers.cached_attention(q, k, v, mask, prefix)
+    out = fused_cached_attention(q, k, v, mask, prefix, interpret=True)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
+
+
+def test_fused_general_masks_and_small_lengths():
+    """Non-prefix own masks (holes), per-sample different lengths, keys fewer than 16."""
+    q, k, v, _, (k_p, v_p, _) = _inputs(jnp.float32, 1, seed=3, p=9, s=12)
+    mask = jax.random.bernoulli(jax.random.PRNGKey(7), 0.5, (B, G, 1, 12)).at[..., 0].set(True)
+    mask_p = jnp.arange(9)[None] >= jnp.asarray([0, 4])[:, None]
+    ref = layers.cached_attention(q, k, v, mask, (k_p, v_p, mask_p))
+    out = fused_cached_attention(q, k, v, mask, (k_p, v_p, mask_p), interpret=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+def test_fused_head_dim_128(dtype, tol):
+    """The Qwen2-VL head dim, with a prefix longer than two blocks of 64."""
+    q, k, v, mask, prefix = _inputs(dtype, 19, seed=5, dh=128, p=150, s=70)
+    ref = layers.cached_attention(q, k, v, mask, prefix)
+    out = fused_cached_attention(q, k, v, mask, prefix, interpret=True)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
+
+
+EOS = (151645, 151643)
+PAD = 151643
+
+
+def test_sampler_pallas_equals_xla(sampler_dir):
+    cfg = ModelConfig.from_pretrained(sampler_dir)
+    params = jax.tree.map(jnp.asarray, hf_io.load_params(sampler_dir, cfg))
+    rows, images, _, _ = mixed_batch(sampler_dir, cfg)
+    inputs = jax.tree.map(jnp.asarray, pb.build_inputs(rows, images, image_token_id=cfg.image_token_id, pad_id=PAD))
+    model = Qwen2VL(cfg)
+    sc = sampler_lib.SamplingConfig(num_samples=2, max_new_tokens=12, temperature=0)
+    outs = [sampler_lib.Sampler(model, EOS, PAD, decode_attention=a)(params, inputs, jax.random.PRNGKey(0), sc)
+            for a in ("xla", "pallas")]
+    np.testing.assert_array_equal(np.asarray(outs[1].tokens), np.asarray(outs[0].tokens))
+    np.testing.assert_array_equal(np.asarray(outs[1].lengths), np.asarray(outs[0].lengths))
+    np.testing.assert_allclose(np.asarray(outs[1].logp), np.asarray(outs[0].logp), atol=1e-4)
