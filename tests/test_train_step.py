@@ -84,3 +84,25 @@ def test_one_grpo_and_one_sft_step(setup):
     s2, m2 = sft(init_state(jax.tree.map(jnp.copy, params), opt),
                  _rollouts(prompts, comp[:, :1], np.zeros((2, 1), np.float32)))
     assert np.isfinite(float(m2["loss"])) and float(m2["loss"]) > 0
+
+
+def test_remat_policies_keep_values_and_gradients(setup):
+    """Every remat policy (opt-in; the default recomputes whole layers) changes only what the
+    backward pass stores, never the log-probs or their gradients."""
+    cfg, params, _, _, prompts, comp = setup
+    x, c = jax.tree.map(jnp.asarray, prompts), jnp.asarray(comp)
+    w = jnp.asarray(np.random.default_rng(2).standard_normal(comp.shape), jnp.float32)
+
+    def value_and_grad(model):
+        return jax.jit(jax.value_and_grad(lambda p: (completion_log_probs(model, p, x, c, chunk_size=4)[0] * w).sum()))(
+            params)
+
+    v0, g0 = value_and_grad(Qwen2VL(cfg))
+    for kw in (dict(remat_policy="full"), dict(remat_policy="dots", vision_remat_policy="none")):
+        v, g = value_and_grad(Qwen2VL(cfg, remat=True, **kw))
+        np.testing.assert_allclose(float(v), float(v0), rtol=1e-5, err_msg=str(kw))
+        for path, a in hf_io.flatten(g).items():
+            np.testing.assert_allclose(np.asarray(a), np.asarray(hf_io.flatten(g0)[path]), atol=2e-4, rtol=2e-3,
+                                       err_msg=f"{kw} {path}")
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        Qwen2VL(cfg, remat=True, remat_policy="dot").apply({"params": params}, x)

@@ -27,6 +27,26 @@ from pr1_jax.model.vision import VisionTower
 
 Array = jax.Array
 
+# What `remat=True` keeps for the backward pass of each decoder layer / ViT block (the rest
+# is recomputed). "full" keeps nothing (PR1 trains with gradient checkpointing; the
+# default); "dots" keeps the outputs of the weight matmuls (attention scores and
+# elementwise ops are recomputed); "dots_all" also the attention einsums; "offload_dots"
+# moves the weight matmul outputs to host memory; "none" turns remat off.
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.dots_saveable,
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    "none": None,
+}
+
+
+def _remat(remat: bool, policy: str) -> dict[str, Any]:
+    """`remat` / `remat_policy` fields of a Decoder or VisionTower for a named policy."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r} (one of {sorted(REMAT_POLICIES)})")
+    return dict(remat=remat and policy != "none", remat_policy=REMAT_POLICIES[policy])
+
 
 @flax.struct.dataclass
 class ModelInputs:
@@ -50,14 +70,18 @@ class Qwen2VL(nn.Module):
     param_dtype: Any = jnp.float32
     remat: bool = False
     scan_unroll: int = 1  # decoder layers unrolled per scan step (the sampler may unroll fully)
+    remat_policy: str = "full"  # with remat: a key of REMAT_POLICIES (decoder, and vision unless set below)
+    vision_remat_policy: str | None = None  # with remat: the vision tower's policy (None: remat_policy)
 
     def setup(self):
         t, kw = self.cfg.text, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # HF model.embed_tokens (tied with lm_head when tie_word_embeddings).
         self.embed_tokens = nn.Embed(t.vocab_size, t.width, name="embed_tokens", **kw,
                                      embedding_init=layers.dense_init(("vocab", "embed")))
-        self.visual = VisionTower(self.cfg.vision, remat=self.remat, name="visual", **kw)
-        self.decoder = Decoder(t, remat=self.remat, scan_unroll=self.scan_unroll, name="decoder", **kw)
+        vision_policy = self.remat_policy if self.vision_remat_policy is None else self.vision_remat_policy
+        self.visual = VisionTower(self.cfg.vision, **_remat(self.remat, vision_policy), name="visual", **kw)
+        self.decoder = Decoder(t, **_remat(self.remat, self.remat_policy), scan_unroll=self.scan_unroll,
+                               name="decoder", **kw)
         if not t.tie_word_embeddings:
             self.lm_head = nn.Dense(t.vocab_size, use_bias=False, name="lm_head", **kw,
                                     kernel_init=layers.dense_init(("embed", "vocab")))

@@ -31,6 +31,17 @@ from pr1_jax.model.config import VisionConfig
 
 Array = jax.Array
 
+# Activations run data-parallel over the packed rows, their width WHOLE ("act_vit_embed" /
+# "act_embed" are unsharded in every rule table, unlike the weights' "vit_embed" / "embed"):
+# under FSDP each matmul then gathers its weight instead of contracting over a width that
+# is sharded on both sides (partial sums → an activation-sized all-reduce per matmul).
+ROWS_W = ("batch", None, "act_vit_embed")
+
+
+def _rows(x: Array, *names: str | None) -> Array:
+    """x [R, N, ...] constrained to packed rows over the batch axes, the rest as named."""
+    return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1 - len(names)) + names)
+
 
 def vision_rope(pos_hw_rn2: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
     """2D RoPE tables: angle vector concat(h·inv_freq, w·inv_freq), duplicated to head_dim.
@@ -98,7 +109,8 @@ class VisionBlock(nn.Module):
             mask_rnn = jnp.where(full_attention, image_mask_rnn, window_mask_rnn)
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = vit_norm(cfg, kw)
-        h = norm(name="norm1")(x)
+        x = nn.with_logical_constraint(x, ROWS_W)
+        h = nn.with_logical_constraint(norm(name="norm1")(x), ROWS_W)
         # HF attn.qkv: Linear(W, 3W) whose outputs are laid out (3, heads, head_dim).
         qkv = nn.DenseGeneral((3, cfg.num_heads, cfg.head_dim), name="qkv", **kw,
                               kernel_init=layers.dense_init(("vit_embed", None, "vit_heads", "head_dim")),
@@ -110,11 +122,12 @@ class VisionBlock(nn.Module):
         x = x + nn.DenseGeneral(cfg.width, axis=(-2, -1), name="proj", **kw,  # HF attn.proj
                                 kernel_init=layers.dense_init(("vit_heads", "head_dim", "vit_embed")),
                                 bias_init=layers.zeros_init(("vit_embed",)))(out)
-        h = norm(name="norm2")(x)
+        x = nn.with_logical_constraint(x, ROWS_W)
+        h = nn.with_logical_constraint(norm(name="norm2")(x), ROWS_W)
         if cfg.mlp == "quick_gelu":  # HF mlp.fc1 / fc2
             h = nn.Dense(cfg.mlp_dim, name="fc1", **kw, kernel_init=layers.dense_init(("vit_embed", "vit_mlp")),
                          bias_init=layers.zeros_init(("vit_mlp",)))(h)
-            h = h * jax.nn.sigmoid(1.702 * h)
+            h = _rows(h * jax.nn.sigmoid(1.702 * h), "vit_mlp")
             h = nn.Dense(cfg.width, name="fc2", **kw, kernel_init=layers.dense_init(("vit_mlp", "vit_embed")),
                          bias_init=layers.zeros_init(("vit_embed",)))(h)
         else:  # Qwen2.5-VL SwiGLU with biases: HF mlp.gate_proj / up_proj / down_proj
@@ -122,8 +135,8 @@ class VisionBlock(nn.Module):
                                                 bias_init=layers.zeros_init(axes[-1:]))
             h = (jax.nn.silu(dense("gate_proj", cfg.mlp_dim, ("vit_embed", "vit_mlp"))(h))
                  * dense("up_proj", cfg.mlp_dim, ("vit_embed", "vit_mlp"))(h))
-            h = dense("down_proj", cfg.width, ("vit_mlp", "vit_embed"))(h)
-        return x + h, None
+            h = dense("down_proj", cfg.width, ("vit_mlp", "vit_embed"))(_rows(h, "vit_mlp"))
+        return nn.with_logical_constraint(x + h, ROWS_W), None
 
 
 def vit_norm(cfg: VisionConfig, kw: dict[str, Any]):
@@ -144,13 +157,16 @@ class VisionTower(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    remat_policy: Any = None  # jax.checkpoint policy: what remat keeps (None: nothing, recompute all)
 
     @nn.compact
     def __call__(self, pixels_rnf: Array, segment_rn: Array, pos_hw_rn2: Array) -> Array:
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # HF patch_embed.proj: Conv3d(3→W, kernel=stride=(2,14,14)) ≡ Linear on the flat patch.
+        pixels_rnf = _rows(pixels_rnf.astype(self.dtype))
         x = nn.Dense(cfg.width, use_bias=False, name="patch_embed", **kw,
-                     kernel_init=layers.dense_init(("patch", "vit_embed")))(pixels_rnf.astype(self.dtype))
+                     kernel_init=layers.dense_init(("patch", "vit_embed")))(pixels_rnf)
+        x = nn.with_logical_constraint(x, ROWS_W)
         cos, sin = vision_rope(pos_hw_rn2, cfg.head_dim, cfg.rope_theta)
         image_mask_rnn = segment_rn[:, :, None] == segment_rn[:, None, :]
         windowed = bool(cfg.window_size)  # Qwen2.5-VL
@@ -159,7 +175,7 @@ class VisionTower(nn.Module):
         full_l = jnp.asarray([not windowed or i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
         block = VisionBlock
         if self.remat:
-            block = nn.remat(block, prevent_cse=False)
+            block = nn.remat(block, prevent_cse=False, policy=self.remat_policy)
         blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, 0), length=cfg.depth,
                          metadata_params={nn.PARTITION_NAME: "layers"})
@@ -178,12 +194,13 @@ class PatchMerger(nn.Module):
     @nn.compact
     def __call__(self, x_rnw: Array) -> Array:
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = vit_norm(cfg, kw)("ln_q")(x_rnw)
+        x = vit_norm(cfg, kw)("ln_q")(nn.with_logical_constraint(x_rnw, ROWS_W))
         r, n, w = x.shape
         unit = cfg.merge_size**2
-        x = x.reshape(r, n // unit, unit * w)
+        x = _rows(x.reshape(r, n // unit, unit * w))
         x = nn.Dense(unit * w, name="mlp_0", **kw, kernel_init=layers.dense_init(("vit_mlp", "vit_mlp2")),
                      bias_init=layers.zeros_init(("vit_mlp2",)))(x)
-        x = jax.nn.gelu(x, approximate=False)
-        return nn.Dense(cfg.out_width, name="mlp_2", **kw, kernel_init=layers.dense_init(("vit_mlp2", "embed")),
-                        bias_init=layers.zeros_init(("embed",)))(x)
+        x = _rows(jax.nn.gelu(x, approximate=False))
+        x = nn.Dense(cfg.out_width, name="mlp_2", **kw, kernel_init=layers.dense_init(("vit_mlp2", "embed")),
+                     bias_init=layers.zeros_init(("embed",)))(x)
+        return _rows(x, "act_embed")
