@@ -15,6 +15,9 @@ def base() -> ml_collections.ConfigDict:
     c.seed = 42  # HF TrainingArguments default
     c.dtype = "bfloat16"  # compute and parameter dtype (PR1: bf16 with fp32 master weights under ZeRO-3)
     c.remat = True  # PR1 trains with gradient checkpointing
+    # The device mesh (pr1_jax/sharding.py): batch split over data × fsdp, weights over fsdp
+    # (and tensor); -1 takes the remaining devices. Batch sizes must be multiples of data × fsdp.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # PR1-format file (JSON/JSONL/YAML mixture/HF dir/TFDS)
@@ -22,6 +25,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.image_dir = ""
     c.data.train_sample_size = -1  # first N rows (PR1's train_sample_size); -1 = all
     c.data.eval_examples = 64
+    c.data.eval_batch = 0  # prompts per greedy evaluation batch; 0 = batch.prompts_per_step
     c.data.min_pixels = 3136
     c.data.max_pixels = 1_000_000  # PR1 trains at max_pixels 1e6
     c.data.synthetic = 0  # > 0: generate this many synthetic training rows (demo/tests)
@@ -57,6 +61,7 @@ def base() -> ml_collections.ConfigDict:
     c.optim.schedule = "linear"
     c.optim.max_grad_norm = 1.0
     c.optim.weight_decay = 0.0
+    c.optim.eps = 1e-8  # AdamW epsilon (HF adam_epsilon); the SFT warm-up uses it too
     c.num_epochs = 1
     c.total_steps = -1  # -1 = num_epochs · examples / prompts_per_step
 
@@ -64,6 +69,7 @@ def base() -> ml_collections.ConfigDict:
     c.sft.steps = 0
     c.sft.learning_rate = 1e-5
     c.sft.prompts_per_step = 16
+    c.sft.eval_every = 50  # held-out evaluation every N SFT steps (the policy after SFT: at GRPO step 0)
 
     c.log_every = 1
     c.eval_every = 50

@@ -8,6 +8,11 @@ programs, and the few multi-host helpers a training loop needs.
     state, metrics = update(state, ref_params, shard_batch(batch, mesh))
     sampler = ShardedSampler(model, eos_ids, pad_id, mesh)    # rollouts in the sampling layout
 
+The training loop (`pr1_jax/train.py`) adds: `load_pretrained`, `check_batch_sizes`,
+`replicate` (PRNG keys), `local_batch_size` / `local_slice` (each process's prompts),
+`shard_batch(..., process_local=True)`, `host_local` (completions back), `gather` (metrics)
+and `is_main_process` (who writes files).
+
 The model names every parameter and activation dimension with a *logical* axis
 ("embed", "heads", "batch", ...; see `pr1_jax/model/layers.py`). ONE table maps those
 names to the mesh axes for training (`TRAIN_RULES`, FSDP + optional tensor parallelism)
@@ -27,6 +32,7 @@ import functools
 import inspect
 import math
 import os
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -43,6 +49,9 @@ from pr1_jax import train_step
 from pr1_jax.model import hf_io
 from pr1_jax.model.config import ModelConfig
 from pr1_jax.model.qwen2_vl import ModelInputs, Qwen2VL, init_params as _init_boxed
+from pr1_jax.pretrained import Pretrained
+from pr1_jax.processing import chat
+from pr1_jax.processing import image as image_lib
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -345,8 +354,8 @@ class ShardedSampler(sampler_lib.Sampler):
     program into the sampling layout (`SAMPLE_RULES`), then read in place at every token."""
 
     def __init__(self, model: Qwen2VL, eos_ids: Sequence[int], pad_id: int, mesh: Mesh,
-                 rules: Rules = SAMPLE_RULES):
-        super().__init__(model, eos_ids, pad_id)
+                 rules: Rules = SAMPLE_RULES, steps_per_check: int = 16):
+        super().__init__(model, eos_ids, pad_id, steps_per_check)
         self.mesh, self.rules = mesh, rules
         sample_sh = param_shardings(model.cfg, mesh, rules)
 
@@ -366,7 +375,7 @@ class ShardedSampler(sampler_lib.Sampler):
         return self._generate.lower(
             params, prompts, rng, scalar, scalar, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
             top_k=cfg.top_k, use_top_p=cfg.top_p < 1.0, greedy=cfg.temperature == 0, eos_ids=self.eos_ids,
-            pad_id=self.pad_id, ignore_eos=cfg.ignore_eos, return_logits=False)
+            pad_id=self.pad_id, ignore_eos=cfg.ignore_eos, return_logits=False, steps_per_check=self.steps_per_check)
 
 
 # ------------------------------------------------------------------ batches
@@ -529,3 +538,64 @@ def local_batch_size(global_size: int) -> int:
     if global_size % jax.process_count():
         raise ValueError(f"global batch {global_size} is not divisible by {jax.process_count()} processes")
     return global_size // jax.process_count()
+
+
+# ------------------------------------------------------------------ the training loop's plumbing
+def replicate(tree, mesh: Mesh):
+    """Host values that are the same on every process (a PRNG key) → arrays replicated on
+    every device of the mesh."""
+    sh = replicated(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sh, lambda i: np.asarray(x)[i]), tree)
+
+
+def local_slice(global_size: int) -> slice:
+    """This process's block of a global batch of `global_size` rows (`local_batch_size` rows at
+    its process index): `gather` of the blocks gives the batch back in order."""
+    n = local_batch_size(global_size)
+    return slice(jax.process_index() * n, (jax.process_index() + 1) * n)
+
+
+def batch_shards(mesh: Mesh, rules: Rules = TRAIN_RULES) -> int:
+    """How many blocks a batch is split into: the product of the mesh axes of the "batch" rule
+    (data × fsdp)."""
+    return math.prod(mesh.shape[a] for a in _batch_axes(rules))
+
+
+def check_batch_sizes(sizes: Mapping[str, int], mesh: Mesh, rules: Rules = TRAIN_RULES) -> None:
+    """ValueError naming every batch size ({config key: prompts}) that the batch shards (data ×
+    fsdp) do not divide: every device must get whole rows, and every process its own rows."""
+    shards, axes = batch_shards(mesh, rules), _batch_axes(rules)
+    mine = {tuple(c[mesh.axis_names.index(a)] for a in axes)
+            for c in np.ndindex(mesh.devices.shape) if mesh.devices[c].process_index == jax.process_index()}
+    if len(mine) * jax.process_count() != shards:
+        raise ValueError(f"mesh {dict(mesh.shape)} does not give each of the {jax.process_count()} processes its "
+                         f"own rows of the batch (a tensor axis across hosts?): make data × fsdp a multiple of "
+                         f"the process count")
+    bad = [f"{k}={v}" for k, v in sizes.items() if v % shards]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: batch sizes must be multiples of the {shards} batch shards "
+                         f"(data × fsdp) of mesh {dict(mesh.shape)}; change them, or config.mesh")
+
+
+def _batch_axes(rules: Rules) -> tuple[str, ...]:
+    axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def load_pretrained(model_dir: str | os.PathLike, mesh: Mesh, *, rules: Rules = TRAIN_RULES, dtype: Any = np.float32,
+                    **image_overrides) -> Pretrained:
+    """`Pretrained.load` with the params sharded on the mesh (`load_params`): each process
+    reads only its slices of the safetensors files."""
+    d = Path(model_dir)
+    cfg = ModelConfig.from_pretrained(d)
+    tokenizer = chat.load_tokenizer(d)
+    return Pretrained(d, cfg, load_params(d, mesh, rules, cfg, dtype), tokenizer,
+                      chat.SpecialTokens.from_pretrained(d, tokenizer),
+                      image_lib.ImageProcessorConfig.from_pretrained(d, **image_overrides))
+
+
+def process_path(path: str | os.PathLike) -> Path:
+    """`path`, or `path/process_<i>` when there are several processes: for files that every
+    process generates for itself (tiny model, synthetic data), so no shared disk is needed."""
+    path = Path(path)
+    return path / f"process_{jax.process_index()}" if jax.process_count() > 1 else path

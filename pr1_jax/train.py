@@ -9,6 +9,13 @@ Reads top to bottom: model → data → programs → resume or (SFT) → loop of
 checkpoint. Outputs in `workdir`: metrics.jsonl, eval.jsonl, PNG curves and a gallery,
 checkpoints/step_<N> (orbax: params, optimizer, RNG, data iterator; step 0 = after SFT).
 
+Runs on a device mesh (`config.mesh`: data × fsdp × tensor, `pr1_jax/sharding.py`), on one
+host or several: the same command on every host (`tpu/run.sh`) joins them with
+`jax.distributed`. Each process loads only its slices of the weights and only its share of
+the prompts (`local_batch_size`: batch sizes are multiples of data × fsdp); rewards are
+computed where the completions were decoded; metrics are gathered, and process 0 writes
+the files.
+
 Rerunning the same command resumes from the newest good checkpoint in `workdir`,
 bit-exactly on CPU. SIGTERM (preemption) saves a checkpoint at the end of the current
 GRPO step and exits with status 0 (docs/checkpoints.md; `pr1_jax/checkpoint.py`).
@@ -16,13 +23,13 @@ GRPO step and exits with status 0 (docs/checkpoints.md; `pr1_jax/checkpoint.py`)
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,41 +39,51 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from pr1_jax import checkpoint, grpo, rollouts, tiny, viz
+from pr1_jax import checkpoint, grpo, rollouts, sharding, tiny, viz
 from pr1_jax.data import pipeline, readers, synthetic
 from pr1_jax.evaluation import grounding as grounding_eval
-from pr1_jax.pretrained import Pretrained
 from pr1_jax.processing import chat
-from pr1_jax.sampler import Sampler, SamplingConfig
-from pr1_jax.train_step import OptimConfig, init_state, make_optimizer, make_sft_fn, make_update_fn
+from pr1_jax.sampler import SamplingConfig
+from pr1_jax.train_step import OptimConfig, make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 log = logging.getLogger("pr1_jax.train")
 
 
-def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, Any]:
+def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+    """The whole run on a mesh of `devices` (default: all, shaped by `c.mesh`); every process
+    of a multi-host run calls it, process 0 writes the logs. Returns the summary."""
+    mesh = sharding.mesh_from_config(c.mesh, devices)
+    sharding.check_batch_sizes({"batch.prompts_per_step": c.batch.prompts_per_step,
+                                "batch.prompts_per_micro": c.batch.prompts_per_micro,
+                                "data.eval_batch": eval_batch_size(c),
+                                **({"sft.prompts_per_step": c.sft.prompts_per_step} if c.sft.steps > 0 else {})}, mesh)
+    main = sharding.is_main_process()
     workdir = Path(c.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-    rng = jax.random.PRNGKey(c.seed)
+    if main:
+        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+    rng = sharding.replicate(jax.random.PRNGKey(c.seed), mesh)
     dtype = jnp.dtype(c.dtype)
 
-    # ---------------------------------------------------------------- model
+    # ---------------------------------------------------------------- model (each process reads its slices)
     model_dir = c.model_dir
     if model_dir.startswith("tiny"):  # a tiny random Qwen2-VL, written by transformers (demo/tests)
-        model_dir = tiny.write_tiny_checkpoint(workdir / "base_model", **dict(c.get("tiny", {})))
-    pre = Pretrained.load(model_dir, dtype=dtype, min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels)
+        model_dir = tiny.write_tiny_checkpoint(sharding.process_path(workdir / "base_model"), **dict(c.get("tiny", {})))
+    pre = sharding.load_pretrained(model_dir, mesh, dtype=dtype, min_pixels=c.data.min_pixels,
+                                   max_pixels=c.data.max_pixels)
     special = pre.special
     system_prompt = chat.SYSTEM_PROMPTS.get(c.prompt.system, c.prompt.system)
 
-    # ---------------------------------------------------------------- data
+    # ---------------------------------------------------------------- data (each process reads its shard)
     train_path, eval_path, image_dir = c.data.train, c.data.eval, c.data.image_dir or None
     if c.data.synthetic:
         writer = synthetic.WRITERS[c.task]
         kw = dict(c.data.get("synthetic_kwargs", {}))
-        files = writer(workdir / "data", c.data.synthetic, seed=c.seed, name="train", **kw)
+        data_dir = sharding.process_path(workdir / "data")
+        files = writer(data_dir, c.data.synthetic, seed=c.seed, name="train", **kw)
         train_path, image_dir = files.path, files.image_dir
-        eval_path = writer(workdir / "data", c.data.eval_examples, seed=c.seed + 1, name="eval", **kw).path
+        eval_path = writer(data_dir, c.data.eval_examples, seed=c.seed + 1, name="eval", **kw).path
     size = c.data.train_sample_size if c.data.train_sample_size > 0 else None
     train_examples, report = readers.read(train_path, c.task, image_dir=image_dir, train_sample_size=size)
     eval_examples, _ = readers.read(eval_path, c.task, image_dir=image_dir) if eval_path else ([], None)
@@ -75,19 +92,19 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, Any]:
     prepare = functools.partial(pipeline.load_and_resize, cfg=pre.image_config)
     p_step = c.batch.prompts_per_step
     total_steps = c.total_steps if c.total_steps > 0 else max(1, c.num_epochs * len(train_examples) // p_step)
-    data = pipeline.make_iterator(train_examples, prepare=prepare, seed=c.seed, num_epochs=None)
+    data = pipeline.make_iterator(train_examples, prepare=prepare, seed=c.seed, num_epochs=None)  # this process's shard
     buckets = rollouts.Buckets(seq_len=c.batch.seq_len, row_len=c.batch.patch_row_len)
 
-    # ---------------------------------------------------------------- programs
+    # ---------------------------------------------------------------- programs (pr1_jax/sharding.py)
     model = pre.model(remat=c.remat)
-    sampler = Sampler(pre.model(), special.eos_ids, special.pad_id)
+    sampler = sharding.ShardedSampler(pre.model(), special.eos_ids, special.pad_id, mesh)
     grpo_cfg = grpo.GRPOConfig(**c.grpo.to_dict())
     optimizer = make_optimizer(OptimConfig(learning_rate=c.optim.learning_rate, total_steps=total_steps,
                                            schedule=c.optim.schedule, max_grad_norm=c.optim.max_grad_norm,
-                                           weight_decay=c.optim.weight_decay))
-    update = make_update_fn(model, optimizer, grpo_cfg, c.chunk_size)
+                                           weight_decay=c.optim.weight_decay, eps=c.optim.eps))
+    update = sharding.shard_update_fn(model, optimizer, grpo_cfg, mesh, chunk_size=c.chunk_size)
     params = pre.params
-    evaluator = functools.partial(evaluate, c=c, pre=pre, sampler=sampler, examples=eval_examples,
+    evaluator = functools.partial(evaluate, c=c, pre=pre, sampler=sampler, mesh=mesh, examples=eval_examples,
                                   prepare=prepare, buckets=buckets, system_prompt=system_prompt)
     history: dict[str, list] = {"step": [], "reward": [], "eval_step": [], "eval_score": []}
 
@@ -97,12 +114,13 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, Any]:
     run_meta = {"reference": "step_0" if c.sft.steps > 0 else "base_model",
                 "model_dir": str(Path(model_dir).absolute()), "model_config": pre.config.to_hf_dict(),
                 "config": json.loads(c.to_json_best_effort())}
-    resumed = ckpt.restore_latest(checkpoint.abstract_like(init_state(params, optimizer)), rng)
+    resumed = ckpt.restore_latest(sharding.abstract_train_state(pre.config, optimizer, mesh, dtype=dtype), rng)
     start = resumed.step if resumed is not None else 0
     # The logs keep the steps done so far (a killed run may have logged past its last checkpoint).
     kept = lambda row: resumed is not None and (row.get("phase") == "sft" or row["step"] <= start)  # noqa: E731
-    checkpoint.trim_jsonl(workdir / "metrics.jsonl", kept)
-    checkpoint.trim_jsonl(workdir / "eval.jsonl", kept)
+    if main:
+        checkpoint.trim_jsonl(workdir / "metrics.jsonl", kept)
+        checkpoint.trim_jsonl(workdir / "eval.jsonl", kept)
     if resumed is not None:  # GRPO goes on from `start`; the SFT warm-up, if any, is done
         state, rng, history = resumed.state, resumed.rng, resumed.meta["history"]
         data.set_state(resumed.data_state)
@@ -112,9 +130,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, Any]:
         # ------------------------------------------------------------ SFT warm-up (optional)
         if c.sft.steps > 0:
             with preempt.exit_at_once():  # not checkpointed: SIGTERM exits now, a restart redoes it
-                params = sft_warmup(c, pre, model, params, data, buckets, system_prompt, evaluator, history)
+                params = sft_warmup(c, pre, model, params, mesh, data, buckets, system_prompt, evaluator, history)
         ref_params = params  # frozen initial policy, never synced (PR1)
-        state = init_state(jax.tree.map(jnp.copy, params), optimizer)  # the copy is donated step by step
+        state = sharding.init_train_state(params, optimizer, mesh, cfg=pre.config)  # a copy: donated step by step
         score0 = evaluator(state.params, step=0, tag="grpo")
         history["eval_step"].append(0)
         history["eval_score"].append(score0)
@@ -122,33 +140,36 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, Any]:
             ckpt.save(0, state, rng=rng, data_state=data.get_state(), meta=dict(run_meta, history=history))
 
     # ---------------------------------------------------------------- GRPO
-    metrics_file = open(workdir / "metrics.jsonl", "a")
+    metrics_file = open(workdir / "metrics.jsonl" if main else os.devnull, "a")
+    p_local, micro_local = sharding.local_batch_size(p_step), sharding.local_batch_size(c.batch.prompts_per_micro)
     stop = False
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="GRPO", dynamic_ncols=True)
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="GRPO", dynamic_ncols=True,
+               disable=not main)
     for step in bar:
         t0 = time.perf_counter()
-        examples = [next(data) for _ in range(p_step)]
+        examples = [next(data) for _ in range(p_local)]  # this process's prompts of the step
         prompts = rollouts.encode_examples(examples, c.task, special, pre.tokenizer, pre.image_config, system_prompt)
         temperature = grpo.temperature_at(step, grpo_cfg, total_steps)
         rng, key = jax.random.split(rng)
-        out = sampler(state.params, jax.tree.map(jnp.asarray, rollouts.prompt_inputs(prompts, special, buckets)),
-                      key, SamplingConfig(num_samples=grpo_cfg.num_generations, max_new_tokens=c.sampling.max_new_tokens,
-                                          temperature=temperature, top_p=c.sampling.top_p, top_k=c.sampling.top_k))
-        tokens = np.asarray(out.tokens)  # [P, G, Tc]
+        inputs = sharding.shard_batch(rollouts.prompt_inputs(prompts, special, buckets), mesh, process_local=True)
+        out = sampler(state.params, inputs, key,
+                      SamplingConfig(num_samples=grpo_cfg.num_generations, max_new_tokens=c.sampling.max_new_tokens,
+                                     temperature=temperature, top_p=c.sampling.top_p, top_k=c.sampling.top_k))
+        tokens, lengths, logp = sharding.host_local((out.tokens, out.lengths, out.logp))  # [p_local, G, ...]
         texts = rollouts.decode_completions(pre.tokenizer, tokens, c.skip_special_tokens)
         total, per_fn = rollouts.score(texts, examples, c.rewards, grpo_cfg.num_generations, c.reward_kwargs.to_dict())
-        advantages, adv_stats = grpo.group_advantages(jnp.asarray(total), grpo_cfg)
+        advantages, adv_stats = grpo.group_advantages(jnp.asarray(total), grpo_cfg)  # a group lives on one process
         mask = np.asarray(grpo.completion_mask(
             jnp.asarray(tokens.reshape(-1, tokens.shape[-1])), special.im_end, special.pad_id,
-            lengths_b=out.lengths.reshape(-1), pr1_mask_quirk=grpo_cfg.pr1_mask_quirk)).reshape(tokens.shape)
-        batch = rollouts.assemble(prompts, special, buckets, tokens, mask, np.asarray(advantages),
-                                  np.asarray(out.logp), np.asarray(adv_stats["loss_weight"]), c.batch.prompts_per_micro)
-        batch = jax.tree.map(jnp.asarray, batch)
+            lengths_b=jnp.asarray(lengths.reshape(-1)), pr1_mask_quirk=grpo_cfg.pr1_mask_quirk)).reshape(tokens.shape)
+        batch = rollouts.assemble(prompts, special, buckets, tokens, mask, np.asarray(advantages), logp,
+                                  np.asarray(adv_stats["loss_weight"]), micro_local)
+        batch = sharding.shard_batch(batch, mesh, process_local=True)
         for _ in range(grpo_cfg.num_iterations):  # μ = 1 in PR1: one update per rollout batch
             state, m = update(state, ref_params, batch)
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        lengths = np.asarray(out.lengths)
-        m.update(reward=float(total.mean()), reward_std=float(adv_stats["reward_std"]),
+        m = {k: float(v) for k, v in jax.device_get(m).items()}  # replicated: the same on every process
+        total, per_fn, std_g, lengths = sharding.gather((total, per_fn, np.asarray(adv_stats["std_g"]), lengths))
+        m.update(reward=float(total.mean()), reward_std=float(std_g.mean()),
                  completion_length=float(lengths.mean()), temperature=float(temperature),
                  step_time=time.perf_counter() - t0, **{f"reward/{k}": float(v.mean()) for k, v in per_fn.items()})
         m["tokens_per_s"] = float(lengths.sum()) / m["step_time"]
@@ -171,11 +192,13 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, Any]:
     if stop:
         log.warning("preempted: stopped after GRPO step %d with a checkpoint; rerun the command to resume", step + 1)
         return {"preempted": True, "steps_done": step + 1, "checkpoint": str(ckpt.step_dir(step + 1))}
-    plot(workdir, history)
+    # skipped_examples: this process's shard of the data.
     final = {"skipped_examples": data.report.as_dict() if hasattr(data.report, "as_dict") else str(data.report),
              "eval_at_grpo_start": _score_at(history, 0), "eval_last": history["eval_score"][-1],
              "steps": total_steps}
-    (workdir / "summary.json").write_text(json.dumps(final, indent=2, default=str))
+    if main:
+        plot(workdir, history)
+        (workdir / "summary.json").write_text(json.dumps(final, indent=2, default=str))
     return final
 
 
@@ -185,14 +208,14 @@ def _score_at(history: dict, step: int) -> float | None:
     return scores[-1] if scores else None
 
 
-def sft_warmup(c, pre, model, params, data, buckets, system_prompt, evaluator, history):
+def sft_warmup(c, pre, model, params, mesh, data, buckets, system_prompt, evaluator, history):
     """Supervised warm-up on the task's ground-truth answers (same scoring path as GRPO)."""
     opt = make_optimizer(OptimConfig(learning_rate=c.sft.learning_rate, total_steps=c.sft.steps,
-                                     schedule="constant", max_grad_norm=c.optim.max_grad_norm))
-    sft = make_sft_fn(model, opt, c.chunk_size)
-    state = init_state(jax.tree.map(jnp.copy, params), opt)
-    n = c.sft.prompts_per_step
-    bar = tqdm(range(c.sft.steps), desc="SFT", dynamic_ncols=True)
+                                     schedule="constant", max_grad_norm=c.optim.max_grad_norm, eps=c.optim.eps))
+    sft = sharding.shard_sft_fn(model, opt, mesh, chunk_size=c.chunk_size)
+    state = sharding.init_train_state(params, opt, mesh, cfg=pre.config)
+    n = sharding.local_batch_size(c.sft.prompts_per_step)  # this process's prompts of a step
+    bar = tqdm(range(c.sft.steps), desc="SFT", dynamic_ncols=True, disable=not sharding.is_main_process())
     for step in bar:
         examples = [next(data) for _ in range(n)]
         prompts = rollouts.encode_examples(examples, c.task, pre.special, pre.tokenizer, pre.image_config,
@@ -202,28 +225,36 @@ def sft_warmup(c, pre, model, params, data, buckets, system_prompt, evaluator, h
         zeros = np.zeros(ids.shape, np.float32)
         batch = rollouts.assemble(prompts, pre.special, buckets, ids, mask, zeros[..., 0], zeros,
                                   np.ones(zeros.shape[:2], np.float32), n)
-        state, m = sft(state, jax.tree.map(jnp.asarray, batch))
+        state, m = sft(state, sharding.shard_batch(batch, mesh, process_local=True))
         bar.set_postfix(loss=f"{float(m['loss']):.3f}")
-        if (step + 1) % c.eval_every == 0:
+        if (step + 1) % c.sft.eval_every == 0 and step + 1 < c.sft.steps:  # the GRPO start evaluates the last
             history["eval_step"].append(-(c.sft.steps - step - 1))
             history["eval_score"].append(evaluator(state.params, step=step + 1, tag="sft"))
     return state.params
 
 
-def evaluate(params, *, c, pre, sampler, examples, prepare, buckets, system_prompt, step: int, tag: str) -> float:
-    """Greedy decoding of the held-out examples; grounding Acc@0.5 (else mean reward). Logs eval.jsonl."""
+def evaluate(params, *, c, pre, sampler, mesh, examples, prepare, buckets, system_prompt, step: int,
+             tag: str) -> float:
+    """Greedy decoding of the held-out examples; grounding Acc@0.5 (else mean reward). Logs eval.jsonl.
+
+    Batches of `data.eval_batch` prompts, the last one padded (padding is not scored); each
+    process decodes its block of a batch and every process scores the gathered whole.
+    """
     if not examples:
         return float("nan")
-    bs = c.batch.prompts_per_step
+    bs = eval_batch_size(c)
+    key = sharding.replicate(jax.random.PRNGKey(0), mesh)  # greedy: unused
     texts, prepared = [], []
     for i in range(0, len(examples), bs):
         chunk = [prepare(ex) for ex in examples[i:i + bs]]
-        chunk = chunk + [chunk[-1]] * (bs - len(chunk))  # pad the last batch: one compiled shape
-        prompts = rollouts.encode_examples(chunk, c.task, pre.special, pre.tokenizer, pre.image_config, system_prompt)
-        out = sampler(params, jax.tree.map(jnp.asarray, rollouts.prompt_inputs(prompts, pre.special, buckets)),
-                      jax.random.PRNGKey(0), SamplingConfig(max_new_tokens=c.sampling.max_new_tokens, temperature=0))
-        n_real = min(bs, len(examples) - i)
-        texts += rollouts.decode_completions(pre.tokenizer, np.asarray(out.tokens), c.skip_special_tokens)[:n_real]
+        n_real = len(chunk)
+        chunk = chunk + [chunk[-1]] * (bs - n_real)  # pad the last batch: one compiled shape
+        prompts = rollouts.encode_examples(chunk[sharding.local_slice(bs)], c.task, pre.special, pre.tokenizer,
+                                           pre.image_config, system_prompt)
+        inputs = sharding.shard_batch(rollouts.prompt_inputs(prompts, pre.special, buckets), mesh, process_local=True)
+        out = sampler(params, inputs, key, SamplingConfig(max_new_tokens=c.sampling.max_new_tokens, temperature=0))
+        tokens = sharding.gather(sharding.host_local(out.tokens))  # every process's block, in order
+        texts += rollouts.decode_completions(pre.tokenizer, tokens, c.skip_special_tokens)[:n_real]
         prepared += chunk[:n_real]
     if c.task == "grounding":
         metrics = grounding_eval.evaluate_grounding(texts, [ex["solution"] for ex in prepared])["all"]
@@ -231,6 +262,8 @@ def evaluate(params, *, c, pre, sampler, examples, prepare, buckets, system_prom
     else:
         total, _ = rollouts.score(texts, prepared, c.rewards, 1, c.reward_kwargs.to_dict())
         metrics, score = {"reward": float(total.mean())}, float(total.mean())
+    if not sharding.is_main_process():
+        return score
     with open(Path(c.workdir) / "eval.jsonl", "a") as f:
         f.write(json.dumps({"phase": tag, "step": step, **metrics}) + "\n")
     if c.task == "grounding":
@@ -245,6 +278,11 @@ def evaluate(params, *, c, pre, sampler, examples, prepare, buckets, system_prom
     return score
 
 
+def eval_batch_size(c) -> int:
+    """Prompts per evaluation batch: `data.eval_batch`, or 0 → the GRPO batch."""
+    return c.data.eval_batch or c.batch.prompts_per_step
+
+
 def plot(workdir: Path, history: dict) -> None:
     viz.plot_curves({"reward": (history["step"], history["reward"])}, workdir / "reward.png",
                     title="GRPO reward (mean over the step's completions)", smooth=5)
@@ -254,8 +292,11 @@ def plot(workdir: Path, history: dict) -> None:
 
 def main(argv) -> None:
     del argv
+    sharding.initialize_distributed()  # joins the other processes of a multi-host run; no-op on one
     logging.basicConfig(level=logging.INFO)
-    print(json.dumps(train_and_evaluate(_CONFIG.value), indent=2, default=str))
+    summary = train_and_evaluate(_CONFIG.value)
+    if sharding.is_main_process():
+        print(json.dumps(summary, indent=2, default=str))
 
 
 if __name__ == "__main__":

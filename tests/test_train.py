@@ -1,27 +1,54 @@
-"""One step of the real entry point (`pr1_jax.train`), SFT warm-up then GRPO, on a tiny model."""
+"""The real entry point (`pr1_jax.train`), SFT warm-up then one GRPO step on a tiny model: on
+one device, and on a data × fsdp × tensor = 1×2×2 mesh of the fake CPU devices, where every
+logged metric, evaluation and parameter equals the one-device run."""
 
 import json
 
+import jax
+import numpy as np
+import pytest
+
 from configs import demo
-from pr1_jax import train
+from pr1_jax import checkpoint, train
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+TIMING_KEYS = ("step_time", "tokens_per_s")
 
 
-def test_train_entry_point_one_step(tmp_path):
+def config(workdir, **mesh):
     c = demo.get_config()
-    c.workdir = str(tmp_path / "run")
+    c.workdir = str(workdir)
+    c.mesh.update(mesh)
     c.data.synthetic = 16
-    c.data.eval_examples = 4
+    c.data.eval_examples = 6  # two evaluation batches of 4, the last one padded
+    c.data.eval_batch = 4
     c.sft.steps = 1
     c.sft.prompts_per_step = 2
     c.total_steps = 1
-    c.batch.prompts_per_step = 2
-    c.batch.prompts_per_micro = 1
+    c.batch.prompts_per_step = 4
+    c.batch.prompts_per_micro = 2  # 2 micro-batches
     c.grpo.num_generations = 2
     c.sampling.max_new_tokens = 8
     c.eval_every = 1
-    summary = train.train_and_evaluate(c)
-    run = tmp_path / "run"
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # Adam's first steps are ≈ lr·sign(g): eps = 1 makes them ≈ lr·g, so the float
+    # re-association of sharded sums moves parameters by ~lr·1e-7, not ±lr (as in sharding_case).
+    c.optim.eps = 1.0
+    return c
+
+
+def _jsonl(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    run = tmp_path_factory.mktemp("one_device")
+    return run, train.train_and_evaluate(config(run, fsdp=1), devices=jax.devices()[:1])
+
+
+def test_train_entry_point_one_step(one_device):
+    run, summary = one_device
+    lines = _jsonl(run / "metrics.jsonl")
     assert len(lines) == 1 and lines[0]["step"] == 1
     for key in ("loss", "reward", "reward_std", "kl", "completion_length", "grad_norm", "tokens_per_s"):
         assert key in lines[0], key
@@ -29,3 +56,31 @@ def test_train_entry_point_one_step(tmp_path):
     for name in ("reward.png", "eval.png", "summary.json", "eval.jsonl"):
         assert (run / name).is_file(), name
     assert list(run.glob("gallery_*.png")) and (run / "checkpoints" / "step_1").is_dir()
+
+
+def test_sharded_run_equals_one_device(one_device, tmp_path):
+    ref, _ = one_device
+    run = tmp_path / "mesh"
+    train.train_and_evaluate(config(run, data=1, fsdp=2, tensor=2), devices=jax.devices()[:4])
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        got, want = _jsonl(run / name), _jsonl(ref / name)
+        assert len(got) == len(want) > 0, name
+        for g, w in zip(got, want):
+            assert set(g) == set(w), name
+            for k in set(w) - set(TIMING_KEYS):
+                if isinstance(w[k], str):
+                    assert g[k] == w[k], k
+                else:
+                    np.testing.assert_allclose(g[k], w[k], **TOL, err_msg=f"{name}: {k}")
+    for step in (0, 1):  # after SFT, after the GRPO step
+        a = checkpoint.Checkpoints(ref / "checkpoints", read_only=True).restore_params(step)
+        b = checkpoint.Checkpoints(run / "checkpoints", read_only=True).restore_params(step)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(y, x, **TOL)
+
+
+def test_batch_sizes_must_divide_over_the_mesh(tmp_path):
+    c = config(tmp_path, data=1, fsdp=4, tensor=1)
+    c.batch.prompts_per_micro = 2
+    with pytest.raises(ValueError, match=r"batch.prompts_per_micro=2, sft.prompts_per_step=2: .* 4 batch shards"):
+        train.train_and_evaluate(c, devices=jax.devices()[:4])
