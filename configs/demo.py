@@ -2,12 +2,14 @@
 
     python -m pr1_jax.train --config=configs/demo.py
 
-No network; about 20 minutes on a busy 2-core CPU (measured). A tiny Qwen2-VL (written by transformers with
-random weights, the real Qwen2 tokenizer) is first taught the answer format on coloured
-shapes ("Output the bounding box of the red circle in the image.") by a short SFT
-warm-up, then trained with PR1's GRPO and rewards (IoU² + format). Writes to
-runs/demo: reward.png, eval.png (held-out Acc@0.5 over steps), gallery PNGs,
-metrics.jsonl, eval.jsonl, checkpoints/. The README records a run's numbers.
+No network; about MINUTES minutes on a 2-core CPU (measured, README). A tiny Qwen2-VL (written by
+transformers with random weights, the real Qwen2 tokenizer) sees one red or blue shape in
+one quadrant of a 112×112 image ("Output the bounding box of the red circle in the
+image."). A short SFT warm-up (160 steps × 8 prompts) teaches the answer format and part of
+the localisation; PR1's GRPO with PR1's rewards (IoU + format) then improves held-out
+Acc@0.5. Writes to runs/demo: reward.png, eval.png (held-out Acc@0.5 over SFT and GRPO
+steps), gallery PNGs, metrics.jsonl, eval.jsonl, summary.json, checkpoints/.
+`--config=configs/demo.py:short` is the shortened run the tests guard (tests/test_demo.py).
 """
 
 from configs import common
@@ -24,11 +26,13 @@ def get_config(arg=None):
     c.dtype = "float32"
     c.remat = False
     c.data.synthetic = 2048
-    # One shape on a coordinate-gradient background (see data/synthetic.py: a model trained
-    # from scratch has no absolute-position signal otherwise), fixed 112×112 images.
+    # One shape centred in one of the four quadrants (70–90% of the quadrant's side), on a
+    # coordinate-gradient background (data/synthetic.py: a model trained from scratch has no
+    # absolute-position signal otherwise), fixed 112×112 images.
     c.data.synthetic_kwargs = dict(min_side=112, max_side=112, min_shapes=1, max_shapes=1,
-                                   colors=("red", "blue"), size_frac=(0.25, 0.45), background="coords")
+                                   colors=("red", "blue"), size_frac=(0.7, 0.9), background="coords", grid=2)
     c.data.eval_examples = 64
+    c.data.eval_batch = 64  # the whole held-out set in one greedy batch
     c.data.min_pixels = 56 * 56
     c.data.max_pixels = 112 * 112
     c.rewards = ("pr1_grounding", "pr1_grounding_format")
@@ -41,10 +45,17 @@ def get_config(arg=None):
     c.optim.learning_rate = 1e-4
     c.optim.schedule = "constant"
     c.total_steps = 30
-    c.sft.steps = 200
+    c.sft.steps = 160
     c.sft.learning_rate = 1e-3
-    c.sft.prompts_per_step = 16
+    c.sft.prompts_per_step = 8
+    c.sft.eval_every = 40
     c.eval_every = 10
     c.checkpoint_every = 1000
     c.chunk_size = 32
+    if arg == "short":  # the guarded run: the same SFT, 10 GRPO steps, no evaluations in between
+        c.workdir = "runs/demo_short"
+        c.total_steps = 10
+        c.sft.eval_every = 10**6
+    elif arg:
+        raise ValueError(f"configs/demo.py takes no argument or 'short', got {arg!r}")
     return c

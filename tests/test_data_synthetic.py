@@ -146,3 +146,18 @@ def test_ocr_format(tmp_path):
         ink = (np.asarray(Image.open(files.image_dir / row["image"]).convert("L")) < 128).any(axis=1)
         bands = np.count_nonzero(np.diff(ink.astype(int)) == 1) + int(ink[0])
         assert bands == len(lines)  # one band of dark rows per rendered line
+
+
+def test_grounding_on_a_grid(tmp_path):
+    """grid=2: each shape centred (±2 px) in its own quadrant, size relative to the cell."""
+    files = synthetic.write_grounding(tmp_path, 24, seed=3, min_side=112, max_side=112, min_shapes=1,
+                                      max_shapes=1, size_frac=(0.7, 0.9), background="coords", grid=2)
+    cells = set()
+    for row in json.loads(files.path.read_text()):
+        x1, y1, x2, y2 = (v * 112 / 1000 for v in row["normalized_solution"])
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        col, r = int(cx // 56), int(cy // 56)
+        assert abs(cx - (col + 0.5) * 56) <= 3.5 and abs(cy - (r + 0.5) * 56) <= 3.5, row
+        assert 0.7 * 56 - 2 <= x2 - x1 <= 0.9 * 56 + 1, row
+        cells.add((col, r))
+    assert cells == {(0, 0), (0, 1), (1, 0), (1, 1)}

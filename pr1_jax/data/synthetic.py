@@ -126,15 +126,29 @@ def _background(w: int, h: int, kind: str) -> Image.Image:
     return Image.fromarray(rgb.round().astype(np.uint8), "RGB")
 
 
+def _place_on_grid(rng: np.random.Generator, w: int, h: int, sizes: Sequence[int], grid: int):
+    """Top-left corners of squares centred in distinct cells of a grid × grid layout (±2 px)."""
+    cells = rng.choice(grid * grid, size=len(sizes), replace=False)
+    out = []
+    for cell, s in zip(cells, sizes):
+        cx, cy = (cell % grid + 0.5) * w / grid, (cell // grid + 0.5) * h / grid
+        out.append((int(np.clip(round(cx - s / 2) + rng.integers(-2, 3), 0, w - s)),
+                    int(np.clip(round(cy - s / 2) + rng.integers(-2, 3), 0, h - s))))
+    return out
+
+
 def _render(rng: np.random.Generator, w: int, h: int, kinds: Sequence[tuple[str, str]],
-            size_frac: tuple[float, float], background: str = "plain") -> tuple[Image.Image, list[Shape]] | None:
+            size_frac: tuple[float, float], background: str = "plain",
+            grid: int = 0) -> tuple[Image.Image, list[Shape]] | None:
     """Draws shapes of the given (colour, kind) at random non-overlapping places.
 
+    grid > 0: each shape is centred in its own cell of a grid × grid layout and
+    `size_frac` is relative to the cell's side (an easier task: few distinct positions).
     Returns None when they do not fit (the caller re-draws the scene)."""
-    side = min(w, h)
+    side = min(w, h) / grid if grid else min(w, h)
     lo, hi = max(6, int(size_frac[0] * side)), max(7, int(size_frac[1] * side))
     sizes = [int(rng.integers(lo, hi + 1)) for _ in kinds]
-    corners = _place(rng, w, h, sizes, [])
+    corners = _place_on_grid(rng, w, h, sizes, grid) if grid else _place(rng, w, h, sizes, [])
     if corners is None:
         return None
     image = _background(w, h, background)
@@ -194,7 +208,7 @@ def _kinds(colors: Sequence[str], shapes: Sequence[str]) -> list[tuple[str, str]
 def grounding_scene(rng: np.random.Generator, w: int, h: int, *, max_shapes: int = 4, min_shapes: int = 2,
                     colors: Sequence[str] = ("red", "green", "blue", "yellow"),
                     shapes: Sequence[str] = SHAPES, p_spatial: float = 0.3,
-                    size_frac: tuple[float, float] = (0.16, 0.28), background: str = "plain"):
+                    size_frac: tuple[float, float] = (0.16, 0.28), background: str = "plain", grid: int = 0):
     """One grounding scene: (image, target Shape, referring expression).
 
     The expression identifies the target uniquely: either "the red circle" (no other red
@@ -208,7 +222,7 @@ def grounding_scene(rng: np.random.Generator, w: int, h: int, *, max_shapes: int
         spatial = n >= 2 and rng.random() < p_spatial
         scene = [target] + ([target] if spatial else []) + [
             others[int(rng.integers(len(others)))] for _ in range(n - 1 - spatial)]
-        drawn = _render(rng, w, h, scene, tuple(size_frac), background)
+        drawn = _render(rng, w, h, scene, tuple(size_frac), background, grid)
         if drawn is None:
             continue
         image, objs = drawn
