@@ -2,7 +2,7 @@
 
     python -m pr1_jax.train --config=configs/grounding.py --config.model_dir=DIR \
         --config.data.train=FILE [--config.x=y ...]
-    python -m pr1_jax.train --config=configs/demo.py          # CPU demo (~20 min on 2 busy cores)
+    python -m pr1_jax.train --config=configs/demo.py          # the CPU demo (README)
 
 Reads top to bottom: model → data → programs → resume or (SFT) → loop of
 [prompts → rollouts → rewards → advantages → update → metrics] → evaluation, plots,
