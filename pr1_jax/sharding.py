@@ -58,7 +58,11 @@ Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 # Logical axis → mesh axes, in priority order (a mesh axis is used at most once per array;
 # a later rule for the same name is a fallback). Names not listed stay unsharded:
-# "length", "head_dim", "norm", "vit_norm", "layers" (the scan axis), "patch".
+# "length", "head_dim", "norm", "vit_norm", "layers" (the scan axis), "patch", and
+# "act_embed" / "act_vit_embed": the width of ACTIVATIONS (weights name theirs "embed" /
+# "vit_embed", FSDP-sharded). Activations are split over the batch with their width whole,
+# so each FSDP matmul all-gathers its weight (and reduce-scatters its gradient) instead of
+# contracting a width sharded on both sides into activation-sized all-reduces (issue #4).
 TRAIN_RULES: Rules = (
     ("batch", ("data", "fsdp")),  # activations and data: rows split over data × fsdp
     ("vocab", "tensor"),

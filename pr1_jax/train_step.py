@@ -18,6 +18,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -112,7 +113,9 @@ def completion_log_probs(model: Qwen2VL, params, prompts: ModelInputs, completio
     b, g, tc = completions.shape
     hidden = group_hidden(model, params, prompts, completions)
     logits_fn = lambda h: model.apply({"params": params}, h, method=Qwen2VL.logits)  # noqa: E731
-    logp, entropy = grpo.chunked_token_log_probs(hidden.reshape(b * g, tc, -1), completions.reshape(b * g, tc),
+    # rows over the batch axes, width whole: the LM head gathers its (FSDP) weight per chunk
+    hidden = nn.with_logical_constraint(hidden.reshape(b * g, tc, -1), ("batch", "length", "act_embed"))
+    logp, entropy = grpo.chunked_token_log_probs(hidden, completions.reshape(b * g, tc),
                                                  logits_fn, chunk_size)
     return logp.reshape(b, g, tc), entropy.reshape(b, g, tc)
 

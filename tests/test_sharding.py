@@ -179,3 +179,28 @@ def test_aot_compiles_for_a_v5e_8_without_the_hardware():
     report = aot.memory_report(compiled, hbm)
     print(aot.format_report(report, "v5e-8, tiny case"))
     assert all(0 < r["peak"] < r["hbm"] and r["generated_code"] > 0 for r in report.values())
+
+
+def activation_all_reduces(hlo: str, cfg) -> list:
+    """All-reduces in an HLO that are not gradients of parameters: non-scalar results whose
+    dimensions (1s dropped, any order) match no parameter's (the stacked layer axis dropped).
+    One is expected per micro-batch program: the gradient of the merged visual tokens [M, D]
+    (`embed`'s gather by `vision_index`, plain data parallelism has it too)."""
+    from benchmarks.count_collectives import collectives
+
+    key = lambda s: tuple(sorted(d for d in s if d != 1))  # noqa: E731
+    params = {key(s[k:]) for s, _ in sharding._param_meta(cfg).values() for k in (0, 1)}
+    return [(dt, s) for dt, s in collectives(hlo)["all-reduce"] if key(s) and key(s) not in params]
+
+
+def test_fsdp_update_has_no_activation_all_reduces():
+    """Issue #4: under FSDP every matmul gathers its weight; none contracts a width sharded on
+    both sides into partial sums (activation-sized all-reduces, e.g. in the vision tower)."""
+    from benchmarks.bench_model import smoke_config
+    from benchmarks.count_collectives import compile_update
+
+    cfg = smoke_config()
+    compiled, _ = compile_update("fsdp=4", per_device="1x2", new=4, cfg=cfg)
+    extra = activation_all_reduces(compiled.as_text(), cfg)
+    # only the merged visual tokens' gradient: 4 prompts × one 56-px image (4×4 patches → 4 tokens)
+    assert [s for _, s in extra] == [(16, cfg.text.width)], extra

@@ -30,6 +30,9 @@ from pr1_jax.model.config import TextConfig
 
 Array = jax.Array
 KV = tuple[Array, Array]
+# x [B, G, T, D] inside a layer: rows over the batch axes, the width unsharded ("act_embed" is in
+# no rule table; "embed", the weights' width, is FSDP-sharded): matmuls then gather weights.
+ACT = ("batch", None, "length", "act_embed")
 
 
 def mrope(pos_3bgt: Array, cfg: TextConfig) -> tuple[Array, Array]:
@@ -75,7 +78,8 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, ctx: DecoderContext, cache: KV | None, prefix: KV | None):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = layers.RMSNorm(cfg.rms_norm_eps, name="input_norm", **kw)(x)
+        # Activations: rows over the batch axes, width whole ("act_embed"; weights' "embed" is FSDP).
+        h = nn.with_logical_constraint(layers.RMSNorm(cfg.rms_norm_eps, name="input_norm", **kw)(x), ACT)
 
         def proj(name: str, heads: int, axis: str) -> Array:  # HF self_attn.{q,k,v}_proj (bias)
             return nn.DenseGeneral((heads, cfg.head_dim), name=name, **kw,
@@ -104,7 +108,8 @@ class DecoderLayer(nn.Module):
         x = x + nn.DenseGeneral(cfg.width, axis=(-2, -1), use_bias=False, name="o_proj", **kw,
                                 kernel_init=layers.dense_init(("heads", "head_dim", "embed")))(out)
 
-        h = layers.RMSNorm(cfg.rms_norm_eps, name="post_attention_norm", **kw)(x)
+        x = nn.with_logical_constraint(x, ACT)
+        h = nn.with_logical_constraint(layers.RMSNorm(cfg.rms_norm_eps, name="post_attention_norm", **kw)(x), ACT)
         dense = lambda n, f, axes: nn.Dense(f, use_bias=False, name=n, **kw,  # noqa: E731
                                             kernel_init=layers.dense_init(axes))
         if self.fused:
@@ -115,7 +120,7 @@ class DecoderLayer(nn.Module):
             h = (jax.nn.silu(dense("gate_proj", cfg.mlp_dim, ("embed", "mlp"))(h))
                  * dense("up_proj", cfg.mlp_dim, ("embed", "mlp"))(h))
         x = x + dense("down_proj", cfg.width, ("mlp", "embed"))(h)
-        x = nn.with_logical_constraint(x, ("batch", None, "length", "embed"))
+        x = nn.with_logical_constraint(x, ACT)
         new_kv = (k, v) if (cache is not None or self.return_kv) else None
         return x, new_kv
 
