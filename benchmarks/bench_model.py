@@ -384,7 +384,6 @@ def main():
     p.add_argument("--side", type=int, default=None, help=f"image side in pixels ({SIDE}; --smoke {SMOKE_SIDE})")
     p.add_argument("--steps_per_check", type=int, default=16, help="decode steps between all-done checks")
     p.add_argument("--unroll", type=int, default=1, help="decoder layers unrolled per scan step when sampling")
-    p.add_argument("--rng_impl", default="threefry", choices=("threefry", "rbg"), help="sampling noise (Sampler)")
     p.add_argument("--decode_attention", default="xla", choices=("xla", "pallas"),
                    help="rollout decode attention: XLA ops or the fused Pallas kernel")
     p.add_argument("--smoke", action="store_true", help="a tiny model, to check the script on a CPU")
@@ -419,7 +418,7 @@ def main():
     if "rollout" in args.modes:
         decode_model = Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_unroll=args.unroll)
         sampler = Sampler(decode_model, eos_ids=(151645, 151643), pad_id=151643, steps_per_check=args.steps_per_check,
-                          decode_attention=args.decode_attention, rng_impl=args.rng_impl)
+                          decode_attention=args.decode_attention)
         t_ = cfg.text
         dec_bytes = 2 * sum(x.size for x in jax.tree.leaves(params["decoder"]))
         head_bytes = 2 * t_.vocab_size * t_.width
@@ -438,7 +437,7 @@ def main():
                   "prompt_tokens": int(inputs.input_ids.shape[1]), "seconds": round(s, 3),
                   "tokens_per_s": round(b * g * new / s, 1), "roofline_fraction": round(roofline_s / s, 3),
                   "ms_per_step": round(1e3 * s / new, 3), "unroll": args.unroll, "steps_per_check": args.steps_per_check,
-                  "decode_attention": args.decode_attention, "rng_impl": args.rng_impl,
+                  "decode_attention": args.decode_attention,
                   "xla_flags": os.environ.get("XLA_FLAGS", "")})
     if "e2e" in args.modes:
         try:

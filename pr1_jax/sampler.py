@@ -129,17 +129,12 @@ def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperatu
              num_samples: int, max_new_tokens: int, top_k: int, use_top_p: bool, greedy: bool,
              eos_ids: tuple[int, ...],
              pad_id: int, ignore_eos: bool, return_logits: bool, steps_per_check: int = 16,
-             decode_attention: str = "xla", rng_impl: str = "threefry") -> SampleOutput:
+             decode_attention: str = "xla") -> SampleOutput:
     """The whole rollout as one traced program (wrapped by `Sampler` in `jax.jit`).
 
     steps_per_check: decode steps per chunk between "all rows done?" checks (module docstring).
     decode_attention: "xla" or "pallas" (one fused kernel per layer, `model.decode_attention`).
-    rng_impl: "threefry" (JAX's default) or "rbg": sampling draws B·G·V Gumbel variates per
-      step, and the hardware RngBitGenerator makes them far cheaper than threefry hashing.
-      Same distribution, other draws (and not guaranteed equal across shardings).
     """
-    if rng_impl == "rbg":
-        rng = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
     apply = functools.partial(model.apply, {"params": params})
     b, p = prompts.input_ids.shape
     g, tc = num_samples, max_new_tokens
@@ -230,18 +225,15 @@ class Sampler:
     larger saves host syncs, at the cost of up to steps_per_check − 1 wasted steps at the end.
     decode_attention: "xla" (default) or "pallas": each layer's decode attention as one fused
     Pallas kernel (`model.decode_attention`; interpreted on CPU).
-    rng_impl: "threefry" (default) or "rbg" (cheaper sampling noise; see `generate`).
     """
 
     def __init__(self, model: Qwen2VL, eos_ids: Sequence[int], pad_id: int, steps_per_check: int = 16,
-                 decode_attention: str = "xla", rng_impl: str = "threefry"):
+                 decode_attention: str = "xla"):
         if steps_per_check <= 0:
             raise ValueError(f"steps_per_check must be positive, got {steps_per_check}")
         if decode_attention not in ("xla", "pallas"):
             raise ValueError(f"decode_attention must be 'xla' or 'pallas', got {decode_attention!r}")
-        if rng_impl not in ("threefry", "rbg"):
-            raise ValueError(f"rng_impl must be 'threefry' or 'rbg', got {rng_impl!r}")
-        self.decode_attention, self.rng_impl = decode_attention, rng_impl
+        self.decode_attention = decode_attention
         self.model = model
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
@@ -249,8 +241,7 @@ class Sampler:
         self._generate = jax.jit(
             functools.partial(generate, model),
             static_argnames=("num_samples", "max_new_tokens", "top_k", "use_top_p", "greedy", "eos_ids", "pad_id",
-                             "ignore_eos", "return_logits", "steps_per_check", "decode_attention",
-                             "rng_impl"))
+                             "ignore_eos", "return_logits", "steps_per_check", "decode_attention"))
 
     def __call__(self, params, prompts: ModelInputs, rng: Array, cfg: SamplingConfig,
                  return_logits: bool = False) -> SampleOutput:
@@ -260,7 +251,7 @@ class Sampler:
             num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k,
             use_top_p=cfg.top_p < 1.0, greedy=greedy, eos_ids=self.eos_ids, pad_id=self.pad_id, ignore_eos=cfg.ignore_eos,
             return_logits=return_logits, steps_per_check=self.steps_per_check,
-            decode_attention=self.decode_attention, rng_impl=self.rng_impl)
+            decode_attention=self.decode_attention)
 
     def num_compiled(self) -> int:
         """How many programs have been compiled so far (tests: no recompiles per batch)."""

@@ -112,26 +112,6 @@ def test_sampling_distribution_chi_square(temperature, top_k, top_p):
     np.testing.assert_allclose(np.exp(np.asarray(logp_sample)), p[np.asarray(token)], rtol=1e-4)
 
 
-def test_rbg_sampling_is_seeded_and_matches_the_distribution(setup):
-    """Sampler(rng_impl="rbg"): reproducible per key, and the G samples' first tokens (G draws
-    from the prompt's next-token distribution) agree with that distribution (χ²)."""
-    s = setup
-    sampler = sampler_lib.Sampler(s["model"], EOS, PAD, rng_impl="rbg")
-    cfg = sampler_lib.SamplingConfig(num_samples=1024, max_new_tokens=2, temperature=1.0, top_k=6)
-    a = sampler(s["params"], s["inputs"], jax.random.PRNGKey(3), cfg)
-    b = sampler(s["params"], s["inputs"], jax.random.PRNGKey(3), cfg)
-    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-    logp = np.asarray(a.logp[0, :, 0], np.float64)  # log π(first token), temperature 1
-    first = np.asarray(a.tokens[0, :, 0])
-    ids, counts = np.unique(first, return_counts=True)
-    p = np.array([np.exp(logp[first == i][0]) for i in ids])
-    assert len(ids) > 1 and np.all(np.asarray(a.logp_sample[0, :, 0]) <= 0)
-    chi2 = scipy.stats.chisquare(counts, p / p.sum() * counts.sum())
-    assert chi2.pvalue > 1e-3, chi2
-    with pytest.raises(ValueError, match="rng_impl"):
-        sampler_lib.Sampler(s["model"], EOS, PAD, rng_impl="philox")
-
-
 def test_seeded_reproducible_and_rows_independent(setup):
     s = setup
     cfg = sampler_lib.SamplingConfig(num_samples=4, max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=50)
