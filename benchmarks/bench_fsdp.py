@@ -87,7 +87,7 @@ def bench_mesh(cfg, spec: str, b_dev: int, g: int, new: int, side: int, micro: i
         state, m = compiled(state, params, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
-    if profile_top and n > 1:  # where the time of one step goes on device 0 (collectives included)
+    if profile_top:  # where the time of one step goes on device 0 (collectives included)
         from benchmarks.profile_rollout import kernel_times
         trace_dir = f"/tmp/pr1_fsdp_trace_{spec.replace('=', '').replace(',', '_')}"
         with jax.profiler.trace(trace_dir):
