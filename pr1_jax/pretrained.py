@@ -49,14 +49,21 @@ class Pretrained:
     image_config: image_lib.ImageProcessorConfig
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike, *, dtype: Any = jnp.float32, **image_overrides) -> "Pretrained":
+    def load(cls, model_dir: str | os.PathLike, *, dtype: Any = jnp.float32, mesh=None,
+             **image_overrides) -> "Pretrained":
         """Reads config.json, safetensors, tokenizer and preprocessor_config.json.
 
+        mesh: params sharded on it as training lays them out (`sharding.load_params`: each
+          process reads only its slices of the safetensors files); None: on the default device.
         image_overrides: e.g. max_pixels=1_000_000 (PR1's training setting).
         """
         d = Path(model_dir)
         config = ModelConfig.from_pretrained(d)
-        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), hf_io.load_params(d, config))
+        if mesh is not None:
+            from pr1_jax import sharding  # sharding imports the sampler and model; import on use
+            params = sharding.load_params(d, mesh, cfg=config, dtype=dtype)
+        else:
+            params = jax.tree.map(lambda x: jnp.asarray(x, dtype), hf_io.load_params(d, config))
         tokenizer = chat.load_tokenizer(d)
         special = chat.SpecialTokens.from_pretrained(d, tokenizer)
         image_config = image_lib.ImageProcessorConfig.from_pretrained(d, **image_overrides)

@@ -1,5 +1,5 @@
 """Sharding over a device mesh: the mesh, the logical-axis rules, sharded params, batches and
-programs, and the few multi-host helpers a training loop needs.
+programs (process-level helpers: `pr1_jax/multihost.py`).
 
     mesh = make_mesh(data=1, fsdp=-1, tensor=1)              # -1 takes the remaining devices
     params = load_params(model_dir, mesh)                     # each host reads only its slices
@@ -8,10 +8,10 @@ programs, and the few multi-host helpers a training loop needs.
     state, metrics = update(state, ref_params, shard_batch(batch, mesh))
     sampler = ShardedSampler(model, eos_ids, pad_id, mesh)    # rollouts in the sampling layout
 
-The training loop (`pr1_jax/train.py`) adds: `load_pretrained`, `check_batch_sizes`,
-`replicate` (PRNG keys), `local_batch_size` / `local_slice` (each process's prompts),
-`shard_batch(..., process_local=True)`, `host_local` (completions back), `gather` (metrics)
-and `is_main_process` (who writes files).
+The training loop (`pr1_jax/train.py`) adds: `Pretrained.load(dir, mesh=mesh)`,
+`check_batch_sizes`, `replicate` (PRNG keys), `shard_batch(..., process_local=True)` (each
+process's prompts), and from `multihost`: `local_batch_size`, `host_local` (completions
+back), `gather` (metrics), `is_main_process` (who writes files).
 
 The model names every parameter and activation dimension with a *logical* axis
 ("embed", "heads", "batch", ...; see `pr1_jax/model/layers.py`). ONE table maps those
@@ -32,7 +32,6 @@ import functools
 import inspect
 import math
 import os
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -41,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.core import meta
-from jax.experimental import mesh_utils, multihost_utils
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pr1_jax import sampler as sampler_lib
@@ -49,9 +48,6 @@ from pr1_jax import train_step
 from pr1_jax.model import hf_io
 from pr1_jax.model.config import ModelConfig
 from pr1_jax.model.qwen2_vl import ModelInputs, Qwen2VL, init_params as _init_boxed
-from pr1_jax.pretrained import Pretrained
-from pr1_jax.processing import chat
-from pr1_jax.processing import image as image_lib
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -471,92 +467,12 @@ def _offset_vision_index(tree, shardings, global_shapes, merge: int):
     return tree
 
 
-# ------------------------------------------------------------------ multi-host
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
-    """`jax.distributed.initialize()` when the environment says this is one of several
-    processes; a no-op on one host. Call before any other jax call. Returns whether it ran.
-
-    Multi-process when: arguments are given; JAX_COORDINATOR_ADDRESS is set; PR1_JAX_DISTRIBUTED=1
-    (`tpu/run.sh` sets it: jax then finds the TPU pod's workers itself); or a SLURM / Open MPI
-    launch of more than one task.
-    """
-    if jax.distributed.is_initialized():
-        return False
-    env = os.environ
-    wanted = (coordinator_address is not None or "JAX_COORDINATOR_ADDRESS" in env
-              or env.get("PR1_JAX_DISTRIBUTED", "0") not in ("", "0")
-              or int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-    if not wanted:
-        return False
-    num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
-    process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    return True
-
-
-def _env_int(name: str) -> int | None:
-    return int(os.environ[name]) if name in os.environ else None
-
-
-def is_main_process() -> bool:
-    """Process 0 writes logs, metrics files and plots."""
-    return jax.process_index() == 0
-
-
-def host_local(tree):
-    """Global arrays split along the batch → NumPy arrays of THIS process's rows (the rows
-    it passed with `shard_batch(..., process_local=True)`); whole arrays on one host."""
-
-    def one(x):
-        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
-            return np.asarray(x)
-        local = multihost_utils.global_array_to_host_local_array(x, x.sharding.mesh, x.sharding.spec)
-        return np.asarray(local)
-
-    return jax.tree.map(one, tree)
-
-
-def fetch(tree):
-    """Global arrays → their full NumPy values on every process (all-gathers the rows other
-    processes hold); plain `np.asarray` on one host."""
-
-    def one(x):
-        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
-            return np.asarray(x)
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-    return jax.tree.map(one, tree)
-
-
-def gather(tree):
-    """Per-process NumPy values → the same global values on every process, concatenated
-    along axis 0 in process order (`process_allgather`); identity on one host."""
-    if jax.process_count() == 1:
-        return jax.tree.map(np.asarray, tree)
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-
-
-def local_batch_size(global_size: int) -> int:
-    """Prompts per process for a global batch (the data pipeline shards by process)."""
-    if global_size % jax.process_count():
-        raise ValueError(f"global batch {global_size} is not divisible by {jax.process_count()} processes")
-    return global_size // jax.process_count()
-
-
 # ------------------------------------------------------------------ the training loop's plumbing
 def replicate(tree, mesh: Mesh):
     """Host values that are the same on every process (a PRNG key) → arrays replicated on
     every device of the mesh."""
     sh = replicated(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sh, lambda i: np.asarray(x)[i]), tree)
-
-
-def local_slice(global_size: int) -> slice:
-    """This process's block of a global batch of `global_size` rows (`local_batch_size` rows at
-    its process index): `gather` of the blocks gives the batch back in order."""
-    n = local_batch_size(global_size)
-    return slice(jax.process_index() * n, (jax.process_index() + 1) * n)
 
 
 def batch_shards(mesh: Mesh, rules: Rules = TRAIN_RULES) -> int:
@@ -584,22 +500,3 @@ def check_batch_sizes(sizes: Mapping[str, int], mesh: Mesh, rules: Rules = TRAIN
 def _batch_axes(rules: Rules) -> tuple[str, ...]:
     axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
     return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-
-
-def load_pretrained(model_dir: str | os.PathLike, mesh: Mesh, *, rules: Rules = TRAIN_RULES, dtype: Any = np.float32,
-                    **image_overrides) -> Pretrained:
-    """`Pretrained.load` with the params sharded on the mesh (`load_params`): each process
-    reads only its slices of the safetensors files."""
-    d = Path(model_dir)
-    cfg = ModelConfig.from_pretrained(d)
-    tokenizer = chat.load_tokenizer(d)
-    return Pretrained(d, cfg, load_params(d, mesh, rules, cfg, dtype), tokenizer,
-                      chat.SpecialTokens.from_pretrained(d, tokenizer),
-                      image_lib.ImageProcessorConfig.from_pretrained(d, **image_overrides))
-
-
-def process_path(path: str | os.PathLike) -> Path:
-    """`path`, or `path/process_<i>` when there are several processes: for files that every
-    process generates for itself (tiny model, synthetic data), so no shared disk is needed."""
-    path = Path(path)
-    return path / f"process_{jax.process_index()}" if jax.process_count() > 1 else path

@@ -35,13 +35,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from pr1_jax import checkpoint, grpo, rollouts, sharding, tiny, viz
+from pr1_jax import checkpoint, grpo, multihost, rollouts, sharding, tiny, viz
 from pr1_jax.data import pipeline, readers, synthetic
 from pr1_jax.evaluation import grounding as grounding_eval
+from pr1_jax.pretrained import Pretrained
 from pr1_jax.processing import chat
 from pr1_jax.sampler import SamplingConfig
 from pr1_jax.train_step import OptimConfig, make_optimizer
@@ -58,7 +59,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
                                 "batch.prompts_per_micro": c.batch.prompts_per_micro,
                                 "data.eval_batch": eval_batch_size(c),
                                 **({"sft.prompts_per_step": c.sft.prompts_per_step} if c.sft.steps > 0 else {})}, mesh)
-    main = sharding.is_main_process()
+    main = multihost.is_main_process()
     workdir = Path(c.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
@@ -69,9 +70,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     # ---------------------------------------------------------------- model (each process reads its slices)
     model_dir = c.model_dir
     if model_dir.startswith("tiny"):  # a tiny random Qwen2-VL, written by transformers (demo/tests)
-        model_dir = tiny.write_tiny_checkpoint(sharding.process_path(workdir / "base_model"), **dict(c.get("tiny", {})))
-    pre = sharding.load_pretrained(model_dir, mesh, dtype=dtype, min_pixels=c.data.min_pixels,
-                                   max_pixels=c.data.max_pixels)
+        model_dir = tiny.write_tiny_checkpoint(multihost.process_path(workdir / "base_model"), **dict(c.get("tiny", {})))
+    pre = Pretrained.load(model_dir, mesh=mesh, dtype=dtype, min_pixels=c.data.min_pixels,
+                          max_pixels=c.data.max_pixels)
     special = pre.special
     system_prompt = chat.SYSTEM_PROMPTS.get(c.prompt.system, c.prompt.system)
 
@@ -80,7 +81,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     if c.data.synthetic:
         writer = synthetic.WRITERS[c.task]
         kw = dict(c.data.get("synthetic_kwargs", {}))
-        data_dir = sharding.process_path(workdir / "data")
+        data_dir = multihost.process_path(workdir / "data")
         files = writer(data_dir, c.data.synthetic, seed=c.seed, name="train", **kw)
         train_path, image_dir = files.path, files.image_dir
         eval_path = writer(data_dir, c.data.eval_examples, seed=c.seed + 1, name="eval", **kw).path
@@ -141,7 +142,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
 
     # ---------------------------------------------------------------- GRPO
     metrics_file = open(workdir / "metrics.jsonl" if main else os.devnull, "a")
-    p_local, micro_local = sharding.local_batch_size(p_step), sharding.local_batch_size(c.batch.prompts_per_micro)
+    p_local, micro_local = multihost.local_batch_size(p_step), multihost.local_batch_size(c.batch.prompts_per_micro)
     stop = False
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="GRPO", dynamic_ncols=True,
                disable=not main)
@@ -155,7 +156,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         out = sampler(state.params, inputs, key,
                       SamplingConfig(num_samples=grpo_cfg.num_generations, max_new_tokens=c.sampling.max_new_tokens,
                                      temperature=temperature, top_p=c.sampling.top_p, top_k=c.sampling.top_k))
-        tokens, lengths, logp = sharding.host_local((out.tokens, out.lengths, out.logp))  # [p_local, G, ...]
+        tokens, lengths, logp = multihost.host_local((out.tokens, out.lengths, out.logp))  # [p_local, G, ...]
         texts = rollouts.decode_completions(pre.tokenizer, tokens, c.skip_special_tokens)
         total, per_fn = rollouts.score(texts, examples, c.rewards, grpo_cfg.num_generations, c.reward_kwargs.to_dict())
         advantages, adv_stats = grpo.group_advantages(jnp.asarray(total), grpo_cfg)  # a group lives on one process
@@ -168,7 +169,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         for _ in range(grpo_cfg.num_iterations):  # μ = 1 in PR1: one update per rollout batch
             state, m = update(state, ref_params, batch)
         m = {k: float(v) for k, v in jax.device_get(m).items()}  # replicated: the same on every process
-        total, per_fn, std_g, lengths = sharding.gather((total, per_fn, np.asarray(adv_stats["std_g"]), lengths))
+        total, per_fn, std_g, lengths = multihost.gather((total, per_fn, np.asarray(adv_stats["std_g"]), lengths))
         m.update(reward=float(total.mean()), reward_std=float(std_g.mean()),
                  completion_length=float(lengths.mean()), temperature=float(temperature),
                  step_time=time.perf_counter() - t0, **{f"reward/{k}": float(v.mean()) for k, v in per_fn.items()})
@@ -214,8 +215,8 @@ def sft_warmup(c, pre, model, params, mesh, data, buckets, system_prompt, evalua
                                      schedule="constant", max_grad_norm=c.optim.max_grad_norm, eps=c.optim.eps))
     sft = sharding.shard_sft_fn(model, opt, mesh, chunk_size=c.chunk_size)
     state = sharding.init_train_state(params, opt, mesh, cfg=pre.config)
-    n = sharding.local_batch_size(c.sft.prompts_per_step)  # this process's prompts of a step
-    bar = tqdm(range(c.sft.steps), desc="SFT", dynamic_ncols=True, disable=not sharding.is_main_process())
+    n = multihost.local_batch_size(c.sft.prompts_per_step)  # this process's prompts of a step
+    bar = tqdm(range(c.sft.steps), desc="SFT", dynamic_ncols=True, disable=not multihost.is_main_process())
     for step in bar:
         examples = [next(data) for _ in range(n)]
         prompts = rollouts.encode_examples(examples, c.task, pre.special, pre.tokenizer, pre.image_config,
@@ -249,11 +250,11 @@ def evaluate(params, *, c, pre, sampler, mesh, examples, prepare, buckets, syste
         chunk = [prepare(ex) for ex in examples[i:i + bs]]
         n_real = len(chunk)
         chunk = chunk + [chunk[-1]] * (bs - n_real)  # pad the last batch: one compiled shape
-        prompts = rollouts.encode_examples(chunk[sharding.local_slice(bs)], c.task, pre.special, pre.tokenizer,
+        prompts = rollouts.encode_examples(chunk[multihost.local_slice(bs)], c.task, pre.special, pre.tokenizer,
                                            pre.image_config, system_prompt)
         inputs = sharding.shard_batch(rollouts.prompt_inputs(prompts, pre.special, buckets), mesh, process_local=True)
         out = sampler(params, inputs, key, SamplingConfig(max_new_tokens=c.sampling.max_new_tokens, temperature=0))
-        tokens = sharding.gather(sharding.host_local(out.tokens))  # every process's block, in order
+        tokens = multihost.gather(multihost.host_local(out.tokens))  # every process's block, in order
         texts += rollouts.decode_completions(pre.tokenizer, tokens, c.skip_special_tokens)[:n_real]
         prepared += chunk[:n_real]
     if c.task == "grounding":
@@ -262,7 +263,7 @@ def evaluate(params, *, c, pre, sampler, mesh, examples, prepare, buckets, syste
     else:
         total, _ = rollouts.score(texts, prepared, c.rewards, 1, c.reward_kwargs.to_dict())
         metrics, score = {"reward": float(total.mean())}, float(total.mean())
-    if not sharding.is_main_process():
+    if not multihost.is_main_process():
         return score
     with open(Path(c.workdir) / "eval.jsonl", "a") as f:
         f.write(json.dumps({"phase": tag, "step": step, **metrics}) + "\n")
@@ -292,10 +293,10 @@ def plot(workdir: Path, history: dict) -> None:
 
 def main(argv) -> None:
     del argv
-    sharding.initialize_distributed()  # joins the other processes of a multi-host run; no-op on one
+    multihost.initialize_distributed()  # joins the other processes of a multi-host run; no-op on one
     logging.basicConfig(level=logging.INFO)
     summary = train_and_evaluate(_CONFIG.value)
-    if sharding.is_main_process():
+    if multihost.is_main_process():
         print(json.dumps(summary, indent=2, default=str))
 
 

@@ -198,11 +198,11 @@ def worker(process: int, port: int, ckpt: str, out: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from jax.experimental import multihost_utils
 
-    from pr1_jax import sharding
+    from pr1_jax import multihost, sharding
     from pr1_jax.model import hf_io
     from pr1_jax.model.qwen2_vl import Qwen2VL
 
-    assert sharding.initialize_distributed() and jax.process_count() == 2 and len(jax.local_devices()) == 4
+    assert multihost.initialize_distributed() and jax.process_count() == 2 and len(jax.local_devices()) == 4
     # Devices interleaved across processes: each process holds two NON-adjacent blocks of
     # the batch (as a TPU pod's physical device order can give), the general case.
     devices = sorted(jax.devices(), key=lambda d: (d.id % 4 // 2, d.process_index, d.id))
@@ -223,13 +223,13 @@ def worker(process: int, port: int, ckpt: str, out: str) -> None:
     local = model_inputs(rows)
     fwd = sharding.shard_apply(lambda p, x: model.apply({"params": p}, x), mesh)
     logits = run_fast(fwd, params, sharding.shard_batch(local, mesh, process_local=True))
-    results["logits"] = sharding.fetch(logits)
-    results["local_logits"] = multihost_utils.process_allgather(sharding.host_local(logits))
+    results["logits"] = multihost.fetch(logits)
+    results["local_logits"] = multihost_utils.process_allgather(multihost.host_local(logits))
     # Greedy rollouts of the same prompts: sampled on the mesh, read back per process.
     sampler = sharding.ShardedSampler(model, (VEND,), PAD, mesh)
     sampled = sampler(params, sharding.shard_batch(local, mesh, process_local=True), jax.random.PRNGKey(0), greedy())
-    results["rollout_tokens"] = sharding.fetch(sampled.tokens)
-    results["rollout_logp"] = sharding.fetch(sampled.logp)
+    results["rollout_tokens"] = multihost.fetch(sampled.tokens)
+    results["rollout_logp"] = multihost.fetch(sampled.logp)
     # GRPO step: each micro-batch's 4 prompts split 2 + 2 between the processes.
     micro = [[mb[i] for i in mine(len(mb))] for mb in MICRO]
     opt = optimizer()
@@ -238,11 +238,11 @@ def worker(process: int, port: int, ckpt: str, out: str) -> None:
     state, metrics = run_fast(update, state, params, sharding.shard_batch(rollouts(micro), mesh, process_local=True))
     for k, v in jax.device_get(metrics).items():  # replicated: readable on every process
         results[f"metric/{k}"] = np.asarray(v)
-    for k, v in sharding.fetch(hf_io.flatten(state.params)).items():
+    for k, v in multihost.fetch(hf_io.flatten(state.params)).items():
         results[f"param/{k}"] = v
     results["spec/q_proj"] = np.asarray(str(state.params["decoder"]["layers"]["q_proj"]["kernel"].sharding.spec))
-    results["gathered_ids"] = sharding.gather(np.asarray([jax.process_index()]))
-    if sharding.is_main_process():
+    results["gathered_ids"] = multihost.gather(np.asarray([jax.process_index()]))
+    if multihost.is_main_process():
         np.savez(Path(out) / "results.npz", **{k: np.asarray(v) for k, v in results.items()})
     multihost_utils.sync_global_devices("done")
     jax.distributed.shutdown()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from pr1_jax import sharding
+from pr1_jax import multihost, sharding
 from pr1_jax.model import hf_io
 from tests import sharding_case as case
 
@@ -30,14 +30,14 @@ def _free_port() -> int:
 def test_single_process_helpers_are_no_ops(monkeypatch):
     for var in ("JAX_COORDINATOR_ADDRESS", "PR1_JAX_DISTRIBUTED", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    assert sharding.initialize_distributed() is False  # one host: nothing to join
-    assert sharding.is_main_process() and sharding.local_batch_size(8) == 8
+    assert multihost.initialize_distributed() is False  # one host: nothing to join
+    assert multihost.is_main_process() and multihost.local_batch_size(8) == 8
     x = np.arange(6).reshape(3, 2)
-    np.testing.assert_array_equal(sharding.gather(x), x)
+    np.testing.assert_array_equal(multihost.gather(x), x)
     mesh = sharding.make_mesh(data=2, fsdp=4)
     arr = sharding.shard_batch(x.repeat(8, 0), mesh, process_local=True)  # one process: local == global
     assert arr.sharding.spec == PartitionSpec(("data", "fsdp"), None)
-    np.testing.assert_array_equal(sharding.host_local(arr), x.repeat(8, 0))
+    np.testing.assert_array_equal(multihost.host_local(arr), x.repeat(8, 0))
 
 
 def test_two_processes_agree_with_one(tmp_path):

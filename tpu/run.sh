@@ -6,7 +6,7 @@
 #   tpu/run.sh --sync NAME COMMAND...          # first copy this checkout to every worker
 #   tpu/run.sh pr1 .venv/bin/python -m pr1_jax.train --config=configs/grounding.py ...
 #
-# Sets PR1_JAX_DISTRIBUTED=1, so pr1_jax.sharding.initialize_distributed() calls
+# Sets PR1_JAX_DISTRIBUTED=1, so pr1_jax.multihost.initialize_distributed() calls
 # jax.distributed.initialize(), which finds the slice's workers itself. Optional: ZONE,
 # PROJECT, REMOTE_DIR (default ~/pr1_jax).
 set -euo pipefail
