@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.bench_model import (NEW, SIDE, SMOKE_NEW, SMOKE_SIDE, host_rollouts, parse_shape,  # noqa: E402
-                                    program_gb, smoke_config, update_flops)
+                                    program_gb, smoke_config, time_updates, update_flops)
 from pr1_jax import grpo, sharding  # noqa: E402
 from pr1_jax.model.config import PRESETS  # noqa: E402
 from pr1_jax.model.qwen2_vl import Qwen2VL  # noqa: E402
@@ -79,14 +79,7 @@ def bench_mesh(cfg, spec: str, b_dev: int, g: int, new: int, side: int, micro: i
     t0 = time.perf_counter()
     compiled = update.lower(state, params, batch).compile()
     compile_s = time.perf_counter() - t0
-    state, m = compiled(state, params, batch)  # warm-up
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        state, m = compiled(state, params, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+    state, m, times = time_updates(compiled, state, params, batch, repeats)
     if profile_top:  # where the time of one step goes on device 0 (collectives included)
         from benchmarks.profile_rollout import kernel_times
         trace_dir = f"/tmp/pr1_fsdp_trace_{spec.replace('=', '').replace(',', '_')}"

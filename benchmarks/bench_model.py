@@ -124,6 +124,20 @@ def timeit(fn, repeats: int) -> float:
     return best
 
 
+def time_updates(compiled, state, ref, batch, repeats: int):
+    """One warm-up step, then `repeats` timed steps of a donating update program.
+    Returns (final state, last metrics, per-step seconds)."""
+    state, m = compiled(state, ref, batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, m = compiled(state, ref, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    return state, m, times
+
+
 def copy_bandwidth(n: int = 1 << 30) -> float:
     x = jnp.ones((n,), jnp.bfloat16)  # 2 GiB
     f = jax.jit(lambda a: a * 2)
@@ -207,15 +221,7 @@ def bench_update(cfg, params, shape: str, *, ref=None, micro: int = 1, chunk: in
     state_fn = lambda opt: init_state(jax.tree.map(jnp.copy, params), opt)  # noqa: E731
     key = (b, g, new, side, micro, chunk, remat, vremat)
     optimizer, compiled, compile_s = compiled_update(cfg, key, g, remat, vremat, chunk, state_fn, ref, batch)
-    state = state_fn(optimizer)
-    state, m = compiled(state, ref, batch)  # warm-up
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        state, m = compiled(state, ref, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+    state, m, times = time_updates(compiled, state_fn(optimizer), ref, batch, repeats)
     s = min(times)
     p, patches = int(batch.prompts.input_ids.shape[-1]), int(batch.prompts.pixels.shape[-2])
     flops = update_flops(cfg, b, g, p, new, patches)
