@@ -98,42 +98,91 @@ def _top_p_sorted(sorted_logits: Array, top_p: Array) -> Array:
     return jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)  # always keeps the best
 
 
+# Vocabulary reductions of a decode step run over [rows, V/VOCAB_BLOCK, VOCAB_BLOCK]: a few
+# dozen rows × 151,936 logits as one row reduction each leaves most of the GPU idle (one
+# such kernel took 58 µs of a ~2.2 ms step); per block, then over the block results, it is
+# a reduction over ~10⁵ short rows that fills the GPU.
+VOCAB_BLOCK = 128
+
+
+def _blocked(x: Array, block: int) -> Array:
+    """[..., V] → [..., ceil(V/block), block], padded with -inf (never drawn, adds no mass)."""
+    v = x.shape[-1]
+    nb = -(-v // block)
+    if nb * block != v:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, nb * block - v)], constant_values=-jnp.inf)
+    return x.reshape(*x.shape[:-1], nb, block)
+
+
+def _pick(a: Array, i: Array) -> Array:
+    return jnp.take_along_axis(a, i[..., None], -1)[..., 0]
+
+
+def _categorical_blocked(rng: Array, z_bk: Array) -> tuple[Array, Array]:
+    """An exact draw from softmax(z) for z blocked [..., nb, block] (`_blocked`), in two stages:
+    a block with probability ∝ its mass (its logsumexp), then a token within it ∝ exp(z).
+    P(block)·P(token | block) = exp(z_token)/Σexp(z). Gumbel noise is drawn for nb + block
+    values per row instead of V. Returns (token index into the unblocked V, z[token])."""
+    k_block, k_token = jax.random.split(rng)
+    lse_b = jax.nn.logsumexp(z_bk, axis=-1)  # [..., nb]
+    blk = jax.random.categorical(k_block, lse_b, axis=-1)
+    inner = jnp.take_along_axis(z_bk, blk[..., None, None], -2)[..., 0, :]  # [..., block]
+    j = jax.random.categorical(k_token, inner, axis=-1)
+    return blk * z_bk.shape[-1] + j, _pick(inner, j)
+
+
+def _argmax_blocked(x_bk: Array) -> Array:
+    """argmax over the unblocked V (first maximum, as jnp.argmax), in two stages."""
+    blk = jnp.argmax(jnp.max(x_bk, axis=-1), axis=-1)
+    inner = jnp.take_along_axis(x_bk, blk[..., None, None], -2)[..., 0, :]
+    return blk * x_bk.shape[-1] + jnp.argmax(inner, axis=-1)
+
+
+def _logsumexp_blocked(x_bk: Array) -> Array:
+    return jax.nn.logsumexp(jax.nn.logsumexp(x_bk, axis=-1), axis=-1)
+
+
 def _choose(logits: Array, rng: Array, temperature: Array, top_p: Array, *, top_k: int, use_top_p: bool,
-            greedy: bool) -> tuple[Array, Array, Array]:
+            greedy: bool, block: int = VOCAB_BLOCK) -> tuple[Array, Array, Array]:
     """logits [..., V] float32 → (token, logp at T=1 over V, logp under sampling), each [...].
 
     With top-k the candidates are the k best (`lax.top_k`, no full-vocabulary sort);
-    top-p then trims them. Without top-k, top-p sorts the vocabulary.
+    top-p then trims them. Without top-k, top-p sorts the vocabulary. Plain temperature
+    sampling and greedy decoding reduce the vocabulary in blocks (`VOCAB_BLOCK`).
     """
-    logp_full = jax.nn.log_softmax(logits, axis=-1)
-    pick = lambda a, i: jnp.take_along_axis(a, i[..., None], -1)[..., 0]  # noqa: E731
+    x_bk = _blocked(logits, block)
+    logp_of = lambda token: _pick(logits, token) - _logsumexp_blocked(x_bk)  # noqa: E731  log_softmax(logits)[token]
     if greedy:
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return token, pick(logp_full, token), jnp.zeros(token.shape, jnp.float32)
+        token = _argmax_blocked(x_bk).astype(jnp.int32)
+        return token, logp_of(token), jnp.zeros(token.shape, jnp.float32)
+    if not top_k and not use_top_p:
+        z_bk = x_bk / temperature
+        token, z_token = _categorical_blocked(rng, z_bk)
+        token = token.astype(jnp.int32)
+        return token, logp_of(token), z_token - _logsumexp_blocked(z_bk)
     scaled = logits / temperature
-    cand_ids = None
     if top_k:
         scaled, cand_ids = jax.lax.top_k(scaled, top_k)  # sorted descending
-    elif use_top_p:
+    else:
         cand_ids = jnp.argsort(-scaled, axis=-1)
         scaled = jnp.take_along_axis(scaled, cand_ids, -1)
     if use_top_p:
         scaled = _top_p_sorted(scaled, top_p)
     choice = jax.random.categorical(rng, scaled, axis=-1)
-    token = choice if cand_ids is None else pick(cand_ids, choice)
-    token = token.astype(jnp.int32)
-    return token, pick(logp_full, token), pick(jax.nn.log_softmax(scaled, axis=-1), choice)
+    token = _pick(cand_ids, choice).astype(jnp.int32)
+    return token, logp_of(token), _pick(jax.nn.log_softmax(scaled, axis=-1), choice)
 
 
 def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperature: Array, top_p: Array, *,
              num_samples: int, max_new_tokens: int, top_k: int, use_top_p: bool, greedy: bool,
              eos_ids: tuple[int, ...],
              pad_id: int, ignore_eos: bool, return_logits: bool, steps_per_check: int = 16,
-             decode_attention: str = "xla") -> SampleOutput:
+             decode_attention: str = "xla", decode_splits: int = 0) -> SampleOutput:
     """The whole rollout as one traced program (wrapped by `Sampler` in `jax.jit`).
 
     steps_per_check: decode steps per chunk between "all rows done?" checks (module docstring).
-    decode_attention: "xla" or "pallas" (one fused kernel per layer, `model.decode_attention`).
+    decode_attention: "xla" or "pallas" (one fused kernel per layer, `model.decode_attention`);
+    decode_splits: with "pallas", key splits per program (0: automatic).
     """
     apply = functools.partial(model.apply, {"params": params})
     b, p = prompts.input_ids.shape
@@ -202,7 +251,8 @@ def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperatu
         ctx = DecoderContext(cos=cos, sin=sin, mask=mask, prefix_mask=prompts.attention_mask, cache_index=t - 1)
         x = apply(state.last, method=Qwen2VL.embed)[:, :, None]
         hidden, cache = decode_layer_by_layer(model.cfg.text, layer_params, params["decoder"]["norm"], x, ctx,
-                                              state.cache, prefixes, model.dtype, decode_attention)
+                                              state.cache, prefixes, model.dtype, decode_attention,
+                                              decode_splits)
         logits = apply(hidden[:, :, 0], method=Qwen2VL.logits).astype(jnp.float32)
         return record(state.replace(cache=cache), logits, jax.random.fold_in(rng, t))
 
@@ -224,16 +274,19 @@ class Sampler:
     steps_per_check: decode steps between checks whether every row is done (module docstring):
     larger saves host syncs, at the cost of up to steps_per_check − 1 wasted steps at the end.
     decode_attention: "xla" (default) or "pallas": each layer's decode attention as one fused
-    Pallas kernel (`model.decode_attention`; interpreted on CPU).
+    Pallas kernel (`model.decode_attention`; interpreted on CPU), its keys split over
+    `decode_splits` programs per (row, sample, kv head) (0: enough programs to fill the GPU).
     """
 
     def __init__(self, model: Qwen2VL, eos_ids: Sequence[int], pad_id: int, steps_per_check: int = 16,
-                 decode_attention: str = "xla"):
+                 decode_attention: str = "xla", decode_splits: int = 0):
         if steps_per_check <= 0:
             raise ValueError(f"steps_per_check must be positive, got {steps_per_check}")
         if decode_attention not in ("xla", "pallas"):
             raise ValueError(f"decode_attention must be 'xla' or 'pallas', got {decode_attention!r}")
-        self.decode_attention = decode_attention
+        if decode_splits < 0:
+            raise ValueError(f"decode_splits must be ≥ 0, got {decode_splits}")
+        self.decode_attention, self.decode_splits = decode_attention, int(decode_splits)
         self.model = model
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
@@ -241,7 +294,8 @@ class Sampler:
         self._generate = jax.jit(
             functools.partial(generate, model),
             static_argnames=("num_samples", "max_new_tokens", "top_k", "use_top_p", "greedy", "eos_ids", "pad_id",
-                             "ignore_eos", "return_logits", "steps_per_check", "decode_attention"))
+                             "ignore_eos", "return_logits", "steps_per_check", "decode_attention",
+                             "decode_splits"))
 
     def __call__(self, params, prompts: ModelInputs, rng: Array, cfg: SamplingConfig,
                  return_logits: bool = False) -> SampleOutput:
@@ -251,7 +305,7 @@ class Sampler:
             num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k,
             use_top_p=cfg.top_p < 1.0, greedy=greedy, eos_ids=self.eos_ids, pad_id=self.pad_id, ignore_eos=cfg.ignore_eos,
             return_logits=return_logits, steps_per_check=self.steps_per_check,
-            decode_attention=self.decode_attention)
+            decode_attention=self.decode_attention, decode_splits=self.decode_splits)
 
     def num_compiled(self) -> int:
         """How many programs have been compiled so far (tests: no recompiles per batch)."""

@@ -95,14 +95,18 @@ def _analytic(logits, temperature, top_k, top_p):
     return p / p.sum()
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.8), (0.9, 8, 0.9)])
-def test_sampling_distribution_chi_square(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,block", [
+    (1.0, 0, 1.0, 128), (0.7, 0, 1.0, 4), (1.3, 0, 1.0, 6),  # blocked two-stage draws (6: padded vocab)
+    (0.7, 5, 1.0, 128), (1.0, 0, 0.8, 128), (0.9, 8, 0.9, 128)])
+def test_sampling_distribution_chi_square(temperature, top_k, top_p, block):
     logits = np.random.default_rng(0).normal(size=20).astype(np.float32) * 1.5
     n = 40_000
     batch = jnp.broadcast_to(jnp.asarray(logits), (n, 20))
-    token, _, logp_sample = jax.jit(lambda k: sampler_lib._choose(
+    token, logp, logp_sample = jax.jit(lambda k: sampler_lib._choose(
         batch, k, jnp.float32(temperature), jnp.float32(top_p), top_k=top_k, use_top_p=top_p < 1,
-        greedy=False))(jax.random.PRNGKey(7))
+        greedy=False, block=block))(jax.random.PRNGKey(7))
+    np.testing.assert_allclose(np.asarray(logp), np.asarray(jax.nn.log_softmax(batch))[np.arange(n), token],
+                               atol=1e-5)
     p = _analytic(logits.astype(np.float64), temperature, top_k, top_p)
     counts = np.bincount(np.asarray(token), minlength=20)
     assert counts[p == 0].sum() == 0  # filtered tokens are never drawn
@@ -110,6 +114,16 @@ def test_sampling_distribution_chi_square(temperature, top_k, top_p):
     chi2 = scipy.stats.chisquare(counts[support], n * p[support])
     assert chi2.pvalue > 1e-3, chi2
     np.testing.assert_allclose(np.exp(np.asarray(logp_sample)), p[np.asarray(token)], rtol=1e-4)
+
+
+@pytest.mark.parametrize("block", [128, 4, 7])
+def test_blocked_greedy_is_argmax(block):
+    """Two-stage argmax = jnp.argmax (first maximum on ties), V not a multiple of the block."""
+    logits = jnp.asarray(np.random.default_rng(1).integers(0, 6, size=(50, 30)).astype(np.float32))  # many ties
+    token, logp, _ = sampler_lib._choose(logits, None, jnp.float32(1), jnp.float32(1), top_k=0, use_top_p=False,
+                                         greedy=True, block=block)
+    np.testing.assert_array_equal(np.asarray(token), np.argmax(np.asarray(logits), -1))
+    np.testing.assert_allclose(np.asarray(logp), np.max(np.asarray(jax.nn.log_softmax(logits)), -1), atol=1e-6)
 
 
 def test_seeded_reproducible_and_rows_independent(setup):
