@@ -354,8 +354,11 @@ class ShardedSampler(sampler_lib.Sampler):
     program into the sampling layout (`SAMPLE_RULES`), then read in place at every token."""
 
     def __init__(self, model: Qwen2VL, eos_ids: Sequence[int], pad_id: int, mesh: Mesh,
-                 rules: Rules = SAMPLE_RULES, steps_per_check: int = 16):
-        super().__init__(model, eos_ids, pad_id, steps_per_check)
+                 rules: Rules = SAMPLE_RULES, steps_per_check: int = 16, decode_attention: str = "xla"):
+        if decode_attention == "pallas" and mesh.size > 1:  # GSPMD cannot split a Pallas kernel
+            raise ValueError(f"decode_attention='pallas' runs on one device for now (the kernel is not "
+                             f"wrapped in shard_map); this mesh has {mesh.size}: use 'xla'")
+        super().__init__(model, eos_ids, pad_id, steps_per_check, decode_attention=decode_attention)
         self.mesh, self.rules = mesh, rules
         sample_sh = param_shardings(model.cfg, mesh, rules)
 
@@ -375,7 +378,8 @@ class ShardedSampler(sampler_lib.Sampler):
         return self._generate.lower(
             params, prompts, rng, scalar, scalar, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
             top_k=cfg.top_k, use_top_p=cfg.top_p < 1.0, greedy=cfg.temperature == 0, eos_ids=self.eos_ids,
-            pad_id=self.pad_id, ignore_eos=cfg.ignore_eos, return_logits=False, steps_per_check=self.steps_per_check)
+            pad_id=self.pad_id, ignore_eos=cfg.ignore_eos, return_logits=False, steps_per_check=self.steps_per_check,
+            decode_attention=self.decode_attention, decode_splits=self.decode_splits)
 
 
 # ------------------------------------------------------------------ batches

@@ -9,7 +9,7 @@ import pytest
 from pr1_jax import sampler as sampler_lib
 from pr1_jax.model import hf_io, layers
 from pr1_jax.model.config import ModelConfig
-from pr1_jax.model.decode_attention import fused_cached_attention
+from pr1_jax.model.decode_attention import fused_cached_attention, fused_decode_step
 from pr1_jax.model.qwen2_vl import Qwen2VL
 from pr1_jax.processing import batch as pb
 from tests.helpers import mixed_batch
@@ -61,6 +61,56 @@ def test_fused_head_dim_128(dtype, tol):
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("num_splits", [2, 3, 8])
+@pytest.mark.parametrize("with_prefix", [True, False])
+def test_split_keys_equal_one_program(num_splits, with_prefix):
+    """Flash-decoding splits (8 > the blocks there are: some splits see no key) merge exactly."""
+    q, k, v, mask, prefix = _inputs(jnp.float32, 19, seed=9, dh=128, p=150, s=70)
+    prefix = prefix if with_prefix else None
+    ref = layers.cached_attention(q, k, v, mask, prefix)
+    out = fused_cached_attention(q, k, v, mask, prefix, interpret=True, num_splits=num_splits, block_k=32)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
+def _reference_step(qkv, cos, sin, k_cache, v_cache, slot, mask, prefix, num_heads):
+    """What DecoderLayer does without the fused step: RoPE, cache writes, attention."""
+    kv = (qkv.shape[-2] - num_heads) // 2
+    q, k, v = jnp.split(qkv, [num_heads, num_heads + kv], axis=-2)
+    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+    put = lambda c, a: jax.lax.dynamic_update_slice(c, jnp.swapaxes(a, 2, 3), (0, 0, 0, slot, 0))  # noqa: E731
+    k_cache, v_cache = put(k_cache, k), put(v_cache, v)
+    return layers.cached_attention(q, k_cache, v_cache, mask, prefix), k_cache, v_cache
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("slot,num_splits", [(0, 1), (21, 1), (21, 3), (39, 2)])
+@pytest.mark.parametrize("with_prefix", [True, False])
+def test_fused_step_equals_rope_write_attend(dtype, tol, slot, num_splits, with_prefix):
+    """RoPE + cache write + attention in one kernel = the three XLA steps; the caches are
+    updated at the slot and nowhere else (stale values at the slot are never read)."""
+    h, kv, dh, p, s = K * R, K, 128, 150, S
+    ks = jax.random.split(jax.random.PRNGKey(11), 7)
+    qkv = jax.random.normal(ks[0], (B, G, 1, h + 2 * kv, dh), jnp.float32).astype(dtype)
+    angles = jax.random.uniform(ks[1], (B, G, 1, dh // 2), jnp.float32, 0, 50)
+    cos, sin = jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1))
+    k_cache = jax.random.normal(ks[2], (B, G, kv, s, dh), jnp.float32).astype(dtype)  # slot holds garbage
+    v_cache = jax.random.normal(ks[3], (B, G, kv, s, dh), jnp.float32).astype(dtype)
+    mask = jnp.broadcast_to(jnp.arange(s) <= slot, (B, G, 1, s))
+    prefix = None
+    if with_prefix:
+        mask_p = jnp.arange(p)[None] >= jnp.asarray([0, 13])[:, None]
+        prefix = (jax.random.normal(ks[4], (B, kv, p, dh), jnp.float32).astype(dtype),
+                  jax.random.normal(ks[5], (B, kv, p, dh), jnp.float32).astype(dtype), mask_p)
+    ref = _reference_step(qkv, cos, sin, k_cache, v_cache, slot, mask, prefix, h)
+    out = fused_decode_step(qkv, cos, sin, k_cache, v_cache, jnp.int32(slot), mask, prefix, num_heads=h,
+                            interpret=True, num_splits=num_splits, block_k=32)
+    for a, b in zip(out, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol, rtol=tol)
+    np.testing.assert_array_equal(np.asarray(out[1][:, :, :, slot + 1:]), np.asarray(k_cache[:, :, :, slot + 1:]))
+
+
 EOS = (151645, 151643)
 PAD = 151643
 
@@ -71,9 +121,22 @@ def test_sampler_pallas_equals_xla(sampler_dir):
     rows, images, _, _ = mixed_batch(sampler_dir, cfg)
     inputs = jax.tree.map(jnp.asarray, pb.build_inputs(rows, images, image_token_id=cfg.image_token_id, pad_id=PAD))
     model = Qwen2VL(cfg)
-    sc = sampler_lib.SamplingConfig(num_samples=2, max_new_tokens=12, temperature=0)
+    # 20 new tokens: caches of ≥ 16 slots take the one-kernel step (fused_decode_step)
+    sc = sampler_lib.SamplingConfig(num_samples=2, max_new_tokens=20, temperature=0)
     outs = [sampler_lib.Sampler(model, EOS, PAD, decode_attention=a)(params, inputs, jax.random.PRNGKey(0), sc)
             for a in ("xla", "pallas")]
     np.testing.assert_array_equal(np.asarray(outs[1].tokens), np.asarray(outs[0].tokens))
     np.testing.assert_array_equal(np.asarray(outs[1].lengths), np.asarray(outs[0].lengths))
     np.testing.assert_allclose(np.asarray(outs[1].logp), np.asarray(outs[0].logp), atol=1e-4)
+
+
+def test_sharded_sampler_pallas_needs_one_device(sampler_dir):
+    """GSPMD cannot split the Pallas kernel: a multi-device mesh is refused up front."""
+    from pr1_jax import sharding
+    model = Qwen2VL(ModelConfig.from_pretrained(sampler_dir))
+    with pytest.raises(ValueError, match="one device"):
+        sharding.ShardedSampler(model, EOS, PAD, sharding.make_mesh(fsdp=2, devices=jax.devices()[:2]),
+                                decode_attention="pallas")
+    sampler = sharding.ShardedSampler(model, EOS, PAD, sharding.make_mesh(fsdp=1, devices=jax.devices()[:1]),
+                                      decode_attention="pallas")
+    assert sampler.decode_attention == "pallas"

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pr1_jax.model import layers
-from pr1_jax.model.decode_attention import fused_cached_attention
+from pr1_jax.model.decode_attention import fused_cached_attention, fused_decode_step
 from pr1_jax.model.config import TextConfig
 
 Array = jax.Array
@@ -71,9 +71,12 @@ class DecoderLayer(nn.Module):
     return_kv: bool = False
     # Decoding reads q/k/v and gate/up weights as one matrix each (see fuse_layer_params).
     fused: bool = False
-    # Attention of one-token cached steps: "xla" (layers.cached_attention) or "pallas"
-    # (decode_attention.fused_cached_attention, one kernel; interpreted on CPU).
+    # Attention of one-token cached steps: "xla" (layers.cached_attention) or "pallas" (one
+    # kernel, interpreted on CPU: with fused weights `decode_attention.fused_decode_step`, which
+    # also applies RoPE and writes the caches; else `fused_cached_attention`).
     decode_attention: str = "xla"
+    decode_splits: int = 0  # "pallas": key splits per program (0: auto; decode_attention.py)
+    attention: str = "xla"  # attention without a cache: layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x: Array, ctx: DecoderContext, cache: KV | None, prefix: KV | None):
@@ -86,25 +89,32 @@ class DecoderLayer(nn.Module):
                                    kernel_init=layers.dense_init(("embed", axis, "head_dim")),
                                    bias_init=layers.zeros_init((axis, "head_dim")))(h)
 
+        pre = None if prefix is None else (prefix[0], prefix[1], ctx.prefix_mask)
+        pallas = dict(interpret=jax.default_backend() == "cpu", num_splits=self.decode_splits)
         if self.fused:
-            qkv = proj("qkv_proj", cfg.num_heads + 2 * cfg.num_kv_heads, "heads")
+            qkv = proj("qkv_proj", cfg.num_heads + 2 * cfg.num_kv_heads, "heads")  # [B, G, T, H + 2K, Dh]
             q, k, v = jnp.split(qkv, [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=-2)
         else:
             q, k, v = (proj("q_proj", cfg.num_heads, "heads"), proj("k_proj", cfg.num_kv_heads, "kv_heads"),
                        proj("v_proj", cfg.num_kv_heads, "kv_heads"))
-        q = layers.apply_rotary(q, ctx.cos, ctx.sin)  # [B, G, T, H, Dh]
-        k = layers.apply_rotary(k, ctx.cos, ctx.sin)  # [B, G, T, K, Dh]
-        pre = None if prefix is None else (prefix[0], prefix[1], ctx.prefix_mask)
-        if cache is not None:  # write this chunk into the own cache [B, G, K, S, Dh], attend over all of it
-            idx = (0, 0, 0, ctx.cache_index, 0)
-            put = lambda c, a: jax.lax.dynamic_update_slice(c, jnp.swapaxes(a, 2, 3).astype(c.dtype), idx)  # noqa: E731
-            k, v = put(cache[0], k), put(cache[1], v)
-            if self.decode_attention == "pallas" and q.shape[2] == 1:
-                out = fused_cached_attention(q, k, v, ctx.mask, pre, interpret=jax.default_backend() == "cpu")
-            else:
-                out = layers.cached_attention(q, k, v, ctx.mask, pre)
+        one_step = (self.fused and self.decode_attention == "pallas" and cache is not None and q.shape[2] == 1
+                    and cache[0].shape[3] >= 16)
+        if one_step:  # RoPE, cache writes and attention in one kernel
+            out, k, v = fused_decode_step(qkv, ctx.cos, ctx.sin, cache[0], cache[1], ctx.cache_index, ctx.mask,
+                                          pre, num_heads=cfg.num_heads, **pallas)
         else:
-            out = layers.attention(q, k, v, ctx.mask, pre)
+            q = layers.apply_rotary(q, ctx.cos, ctx.sin)  # [B, G, T, H, Dh]
+            k = layers.apply_rotary(k, ctx.cos, ctx.sin)  # [B, G, T, K, Dh]
+            if cache is not None:  # write this chunk into the own cache [B, G, K, S, Dh], attend over all of it
+                idx = (0, 0, 0, ctx.cache_index, 0)
+                put = lambda c, a: jax.lax.dynamic_update_slice(c, jnp.swapaxes(a, 2, 3).astype(c.dtype), idx)  # noqa: E731
+                k, v = put(cache[0], k), put(cache[1], v)
+                if self.decode_attention == "pallas" and q.shape[2] == 1:
+                    out = fused_cached_attention(q, k, v, ctx.mask, pre, **pallas)
+                else:
+                    out = layers.cached_attention(q, k, v, ctx.mask, pre)
+            else:
+                out = layers.attention(q, k, v, ctx.mask, pre, impl=self.attention)
         x = x + nn.DenseGeneral(cfg.width, axis=(-2, -1), use_bias=False, name="o_proj", **kw,
                                 kernel_init=layers.dense_init(("heads", "head_dim", "embed")))(out)
 
@@ -139,6 +149,7 @@ class Decoder(nn.Module):
     remat: bool = False
     scan_unroll: int = 1  # > 1 trades compile time for fewer per-layer overheads (decoding)
     remat_policy: Any = None  # jax.checkpoint policy: what remat keeps (None: nothing, recompute all)
+    attention: str = "xla"  # full-forward attention (training, prefill): layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x: Array, ctx: DecoderContext, cache: KV | None = None,
@@ -149,7 +160,7 @@ class Decoder(nn.Module):
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, 0, 0), length=self.cfg.num_layers, unroll=self.scan_unroll,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_kv = stack(self.cfg, self.dtype, self.param_dtype, return_kv,
+        x, new_kv = stack(self.cfg, self.dtype, self.param_dtype, return_kv, attention=self.attention,
                           name="layers")(x, ctx, cache, prefix)
         x = layers.RMSNorm(self.cfg.rms_norm_eps, name="norm", dtype=self.dtype,
                            param_dtype=self.param_dtype)(x)
@@ -172,7 +183,8 @@ def fuse_layer_params(p: dict) -> dict:
 
 def decode_layer_by_layer(cfg: TextConfig, layer_params: list[Any], norm_params: Any, x: Array,
                           ctx: DecoderContext, caches: list[KV], prefixes: list[KV],
-                          dtype: Any = jnp.float32, decode_attention: str = "xla") -> tuple[Array, list[KV]]:
+                          dtype: Any = jnp.float32, decode_attention: str = "xla",
+                          decode_splits: int = 0) -> tuple[Array, list[KV]]:
     """`Decoder` with a cache, unrolled over per-layer parameters and caches (for decoding).
 
     `layer_params` are per-layer, fused (`fuse_layer_params`) once before the decode loop:
@@ -180,7 +192,8 @@ def decode_layer_by_layer(cfg: TextConfig, layer_params: list[Any], norm_params:
     out of the stack at every step (a second full read and write of the model per token),
     while per-layer arrays are read in place and per-layer caches updated in place.
     """
-    layer = DecoderLayer(cfg, dtype, dtype, fused=True, decode_attention=decode_attention)
+    layer = DecoderLayer(cfg, dtype, dtype, fused=True, decode_attention=decode_attention,
+                         decode_splits=decode_splits)
     new_caches = []
     for params, cache, prefix in zip(layer_params, caches, prefixes):
         x, kv = layer.apply({"params": params}, x, ctx, cache, prefix)
