@@ -15,6 +15,14 @@ def base() -> ml_collections.ConfigDict:
     c.seed = 42  # HF TrainingArguments default
     c.dtype = "bfloat16"  # compute and parameter dtype (PR1: bf16 with fp32 master weights under ZeRO-3)
     c.remat = True  # PR1 trains with gradient checkpointing
+    # Kernels: the same math, chosen for speed (benchmarks/RESULTS.md has the measurements).
+    # attention (training, scoring, prefill): "xla" einsums, "cudnn" flash attention, or
+    # "auto" = cudnn on NVIDIA GPUs where the shapes allow, xla elsewhere (CPU, TPU).
+    c.attention = "auto"
+    # With remat, what each layer keeps (pr1_jax.model.qwen2_vl.REMAT_POLICIES): "full" keeps
+    # nothing (least memory); "dots_flash" keeps the matmul and flash-attention outputs.
+    c.remat_policy = "full"
+    c.scan_unroll = 1  # decoder layers unrolled per scan step (28 = straight-line program; compiles slower)
     # The device mesh (pr1_jax/sharding.py): batch split over data × fsdp, weights over fsdp
     # (and tensor); -1 takes the remaining devices. Batch sizes must be multiples of data × fsdp.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -46,6 +54,9 @@ def base() -> ml_collections.ConfigDict:
     c.sampling.max_new_tokens = 768
     c.sampling.top_p = 0.9
     c.sampling.top_k = 50
+    # Decode-step attention: "xla", or "pallas" (one fused kernel per layer and step; GPU,
+    # single-device meshes only for now: the kernel is not yet wrapped in shard_map).
+    c.sampling.decode_attention = "xla"
 
     # PR1: 7 ranks × 1 prompt (8 completions) per micro-step × grad-accum 2 = 14 prompts / step.
     c.batch = ml_collections.ConfigDict()

@@ -97,8 +97,11 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     buckets = rollouts.Buckets(seq_len=c.batch.seq_len, row_len=c.batch.patch_row_len)
 
     # ---------------------------------------------------------------- programs (pr1_jax/sharding.py)
-    model = pre.model(remat=c.remat)
-    sampler = sharding.ShardedSampler(pre.model(), special.eos_ids, special.pad_id, mesh)
+    kernels = dict(attention=c.get("attention", "xla"))
+    model = pre.model(remat=c.remat, remat_policy=c.get("remat_policy", "full"), scan_unroll=c.get("scan_unroll", 1),
+                      **kernels)
+    sampler = sharding.ShardedSampler(pre.model(**kernels), special.eos_ids, special.pad_id, mesh,
+                                      decode_attention=c.sampling.get("decode_attention", "xla"))
     grpo_cfg = grpo.GRPOConfig(**c.grpo.to_dict())
     optimizer = make_optimizer(OptimConfig(learning_rate=c.optim.learning_rate, total_steps=total_steps,
                                            schedule=c.optim.schedule, max_grad_norm=c.optim.max_grad_norm,

@@ -98,7 +98,8 @@ def test_remat_policies_keep_values_and_gradients(setup):
             params)
 
     v0, g0 = value_and_grad(Qwen2VL(cfg))
-    for kw in (dict(remat_policy="full"), dict(remat_policy="dots", vision_remat_policy="none")):
+    for kw in (dict(remat_policy="full"), dict(remat_policy="dots", vision_remat_policy="none"),
+               dict(remat_policy="dots_flash", scan_unroll=2, attention="auto")):  # auto: xla on CPU
         v, g = value_and_grad(Qwen2VL(cfg, remat=True, **kw))
         np.testing.assert_allclose(float(v), float(v0), rtol=1e-5, err_msg=str(kw))
         for path, a in hf_io.flatten(g).items():
@@ -106,3 +107,5 @@ def test_remat_policies_keep_values_and_gradients(setup):
                                        err_msg=f"{kw} {path}")
     with pytest.raises(ValueError, match="unknown remat policy"):
         Qwen2VL(cfg, remat=True, remat_policy="dot").apply({"params": params}, x)
+    with pytest.raises(ValueError, match="unknown attention"):
+        Qwen2VL(cfg, attention="flash").apply({"params": params}, x)

@@ -84,15 +84,35 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
     return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+
+
+def cudnn_attention_fits(q: Array, num_keys: int) -> bool:
+    """Whether `flash_attention` can run: an NVIDIA GPU, 16-bit q, head dim a multiple of 8 up
+    to 256, and (with the mask as a bias) even query and key lengths."""
+    t, dh = q.shape[2], q.shape[-1]
+    return (jax.default_backend() == "gpu" and "NVIDIA" in jax.devices()[0].device_kind
+            and q.dtype in (jnp.bfloat16, jnp.float16) and dh % 8 == 0 and dh <= 256
+            and t % 2 == 0 and num_keys % 2 == 0)
+
+
 def attention(q: Array, k: Array, v: Array, mask: Array,
-              prefix: tuple[Array, Array, Array] | None = None) -> Array:
+              prefix: tuple[Array, Array, Array] | None = None, impl: str = "xla") -> Array:
     """Softmax attention of grouped queries over their own keys and an optional shared prefix.
 
     q: [B, G, T, H, Dh]; k, v: [B, G, S, K, Dh]; mask: [B, G, T, S] bool (True = attend).
     prefix: (k_p [B, P, K, Dh], v_p [B, P, K, Dh], mask_p [B, P] bool) — keys shared by
       the G rows of a group (the prompt's KV cache), read once instead of G times.
+    impl: "xla" (einsums, scores materialized), "cudnn" (`flash_attention`, NVIDIA GPUs) or
+    "auto" (cudnn where `cudnn_attention_fits`, else xla).
     Scores and softmax in float32. Returns [B, G, T, H, Dh] in q's dtype.
     """
+    if impl == "auto":
+        impl = "cudnn" if cudnn_attention_fits(q, k.shape[2] + (0 if prefix is None else prefix[0].shape[1])) else "xla"
+    if impl == "cudnn":
+        return flash_attention(q, k, v, mask, prefix)
+    if impl != "xla":
+        raise ValueError(f"unknown attention implementation {impl!r} (one of {ATTENTION_IMPLS})")
     b, g, t, h, dh = q.shape
     kv = k.shape[-2]
     q = q.reshape(b, g, t, kv, h // kv, dh) * jnp.asarray(dh**-0.5, q.dtype)
@@ -109,6 +129,30 @@ def attention(q: Array, k: Array, v: Array, mask: Array,
     p_pre, p_self = probs[..., : k_p.shape[1]], probs[..., k_p.shape[1]:]
     out = (jnp.einsum("bgkrtp,bpkd->bgtkrd", p_pre, v_p)
            + jnp.einsum("bgkrts,bgskd->bgtkrd", p_self, v))
+    return out.reshape(b, g, t, h, dh)
+
+
+def flash_attention(q: Array, k: Array, v: Array, mask: Array,
+                    prefix: tuple[Array, Array, Array] | None = None) -> Array:
+    """`attention` as one cuDNN flash-attention call (forward and backward; NVIDIA GPUs).
+
+    The scores never reach memory: the [.., T, S] float32 scores, masks and softmax of the
+    einsum path are most of a training step's non-matmul time. The (B, G) rows become one
+    batch axis; a shared prefix is broadcast to the G rows and put before the own keys (its
+    gradient sums over them), and the mask goes in as cuDNN's additive bias [B·G, 1, T, P+S].
+    cuDNN computes the softmax in float32 and casts the probabilities to v's dtype for the PV
+    product like the einsum path; with a bias it needs T and P+S even (callers pad buckets).
+    """
+    b, g, t, h, dh = q.shape
+    if prefix is not None:
+        k_p, v_p, mask_p = prefix
+        rows = lambda a: jnp.broadcast_to(a[:, None], (b, g) + a.shape[1:])  # noqa: E731
+        k, v = jnp.concatenate([rows(k_p), k], axis=2), jnp.concatenate([rows(v_p), v], axis=2)
+        mask = jnp.concatenate([jnp.broadcast_to(mask_p[:, None, None, :], (b, g, t, mask_p.shape[-1])), mask], -1)
+    s, kv = k.shape[2], k.shape[3]
+    out = jax.nn.dot_product_attention(
+        q.reshape(b * g, t, h, dh), k.reshape(b * g, s, kv, dh), v.reshape(b * g, s, kv, dh),
+        mask=mask.reshape(b * g, 1, t, s), implementation="cudnn")
     return out.reshape(b, g, t, h, dh)
 
 

@@ -27,14 +27,25 @@ from pr1_jax.model.vision import VisionTower
 
 Array = jax.Array
 
+
+def _dots_and_flash_saveable(prim, *avals, **params) -> bool:
+    """Weight-matmul outputs and the cuDNN flash-attention forward's outputs (its output and
+    softmax statistics: the backward kernel's residuals) are saved; the rest is recomputed."""
+    return (prim.name.startswith("dot_product_attention_fwd")
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
+
+
 # What `remat=True` keeps for the backward pass of each decoder layer / ViT block (the rest
 # is recomputed). "full" keeps nothing (PR1 trains with gradient checkpointing; the
 # default); "dots" keeps the outputs of the weight matmuls (attention scores and
-# elementwise ops are recomputed); "dots_all" also the attention einsums; "offload_dots"
-# moves the weight matmul outputs to host memory; "none" turns remat off.
+# elementwise ops are recomputed); "dots_flash" also the cuDNN attention's outputs
+# (with attention="cudnn": no second attention forward); "dots_all" also the attention
+# einsums; "offload_dots" moves the weight matmul outputs to host memory; "none" turns
+# remat off.
 REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_flash": _dots_and_flash_saveable,
     "dots_all": jax.checkpoint_policies.dots_saveable,
     "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
     "none": None,
@@ -72,6 +83,9 @@ class Qwen2VL(nn.Module):
     scan_unroll: int = 1  # decoder layers unrolled per scan step (the sampler may unroll fully)
     remat_policy: str = "full"  # with remat: a key of REMAT_POLICIES (decoder, and vision unless set below)
     vision_remat_policy: str | None = None  # with remat: the vision tower's policy (None: remat_policy)
+    # Attention of the full forward (training, scoring, prefill; decoding has its own):
+    # "xla" einsums (default, every backend), "cudnn" flash attention (NVIDIA GPUs) or "auto".
+    attention: str = "xla"
 
     def setup(self):
         t, kw = self.cfg.text, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -79,9 +93,12 @@ class Qwen2VL(nn.Module):
         self.embed_tokens = nn.Embed(t.vocab_size, t.width, name="embed_tokens", **kw,
                                      embedding_init=layers.dense_init(("vocab", "embed")))
         vision_policy = self.remat_policy if self.vision_remat_policy is None else self.vision_remat_policy
-        self.visual = VisionTower(self.cfg.vision, **_remat(self.remat, vision_policy), name="visual", **kw)
+        if self.attention not in layers.ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention {self.attention!r} (one of {layers.ATTENTION_IMPLS})")
+        self.visual = VisionTower(self.cfg.vision, **_remat(self.remat, vision_policy), attention=self.attention,
+                                  name="visual", **kw)
         self.decoder = Decoder(t, **_remat(self.remat, self.remat_policy), scan_unroll=self.scan_unroll,
-                               name="decoder", **kw)
+                               attention=self.attention, name="decoder", **kw)
         if not t.tie_word_embeddings:
             self.lm_head = nn.Dense(t.vocab_size, use_bias=False, name="lm_head", **kw,
                                     kernel_init=layers.dense_init(("embed", "vocab")))

@@ -97,6 +97,7 @@ class VisionBlock(nn.Module):
     cfg: VisionConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "xla"  # layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x: Array, ctx: tuple[Array, Array, Array, Array | None],
@@ -118,7 +119,7 @@ class VisionBlock(nn.Module):
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [R, N, heads, Dh]
         q = layers.apply_rotary(q, cos, sin)[:, None]
         k = layers.apply_rotary(k, cos, sin)[:, None]
-        out = layers.attention(q, k, v[:, None], mask_rnn[:, None])[:, 0]
+        out = layers.attention(q, k, v[:, None], mask_rnn[:, None], impl=self.attention)[:, 0]
         x = x + nn.DenseGeneral(cfg.width, axis=(-2, -1), name="proj", **kw,  # HF attn.proj
                                 kernel_init=layers.dense_init(("vit_heads", "head_dim", "vit_embed")),
                                 bias_init=layers.zeros_init(("vit_embed",)))(out)
@@ -158,6 +159,7 @@ class VisionTower(nn.Module):
     param_dtype: Any = jnp.float32
     remat: bool = False
     remat_policy: Any = None  # jax.checkpoint policy: what remat keeps (None: nothing, recompute all)
+    attention: str = "xla"  # layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, pixels_rnf: Array, segment_rn: Array, pos_hw_rn2: Array) -> Array:
@@ -179,7 +181,7 @@ class VisionTower(nn.Module):
         blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, 0), length=cfg.depth,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = blocks(cfg, name="blocks", **kw)(x, (cos, sin, image_mask_rnn, window_mask_rnn), full_l)
+        x, _ = blocks(cfg, name="blocks", attention=self.attention, **kw)(x, (cos, sin, image_mask_rnn, window_mask_rnn), full_l)
         return PatchMerger(cfg, name="merger", **kw)(x)
 
 
