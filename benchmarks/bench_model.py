@@ -62,7 +62,7 @@ from pr1_jax.sampler import Sampler, SamplingConfig  # noqa: E402
 SIDE, TEXT_BEFORE, TEXT_AFTER, NEW = 448, 40, 20, 256
 PAD = 151643
 SMOKE_SIDE, SMOKE_NEW = 56, 16
-UPDATE_DEFAULTS = {"micro": 1, "chunk": 256, "remat": "full", "vremat": None}
+UPDATE_DEFAULTS = {"micro": 1, "chunk": 256, "remat": "full", "vremat": None, "attn": "xla", "unroll": 1}
 E2E_REWARDS = ("pr1_grounding", "pr1_grounding_format")  # configs/grounding.py
 
 
@@ -167,7 +167,7 @@ def parse_shape(spec: str) -> tuple[int, int]:
     return b, g
 
 
-def parse_options(spec: str, allowed=("shape", "micro", "chunk", "remat", "vremat")) -> dict:
+def parse_options(spec: str, allowed=("shape", "micro", "chunk", "remat", "vremat", "attn", "unroll")) -> dict:
     """"remat=dots,chunk=128" → {"remat": "dots", "chunk": 128} (ints where they are ints)."""
     opts = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -175,7 +175,7 @@ def parse_options(spec: str, allowed=("shape", "micro", "chunk", "remat", "vrema
         key = key.strip()
         if not sep or key not in allowed:
             raise ValueError(f"bad option {item!r} in {spec!r} (expected key=value, keys {allowed})")
-        opts[key] = int(value) if key in ("micro", "chunk") else value.strip()
+        opts[key] = int(value) if key in ("micro", "chunk", "unroll") else value.strip()
     return opts
 
 
@@ -190,10 +190,11 @@ def program_gb(compiled) -> float | None:
         return None
 
 
-_COMPILED: dict = {}  # (B, G, Tc, side, micro, chunk, remat, vremat) → (optimizer, compiled update, compile s)
+_COMPILED: dict = {}  # (B, G, Tc, side, micro, chunk, remat, vremat, attn, unroll) → (optimizer, compiled, s)
 
 
-def compiled_update(cfg, key: tuple, g: int, remat: str, vremat: str | None, chunk: int, state_fn, ref, batch):
+def compiled_update(cfg, key: tuple, g: int, remat: str, vremat: str | None, chunk: int, state_fn, ref, batch,
+                    attn: str = "xla", unroll: int = 1):
     """The update program for these options and shapes, compiled once per process (the
     e2e step and the sweep's matching variant share it). state_fn(optimizer) → the state."""
     from pr1_jax import grpo
@@ -201,7 +202,7 @@ def compiled_update(cfg, key: tuple, g: int, remat: str, vremat: str | None, chu
 
     if key not in _COMPILED:
         model = Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat=True, remat_policy=remat,
-                        vision_remat_policy=vremat)
+                        vision_remat_policy=vremat, attention=attn, scan_unroll=unroll)
         optimizer = make_optimizer(OptimConfig())
         update = make_update_fn(model, optimizer, grpo.GRPOConfig(num_generations=g), chunk_size=chunk)
         t0 = time.perf_counter()
@@ -212,15 +213,17 @@ def compiled_update(cfg, key: tuple, g: int, remat: str, vremat: str | None, chu
 
 
 def bench_update(cfg, params, shape: str, *, ref=None, micro: int = 1, chunk: int = 256, remat: str = "full",
-                 vremat: str | None = None, new: int = NEW, side: int = SIDE, repeats: int = 3) -> dict:
+                 vremat: str | None = None, attn: str = "xla", unroll: int = 1, new: int = NEW, side: int = SIDE,
+                 repeats: int = 3) -> dict:
     from pr1_jax.train_step import init_state
 
     b, g = parse_shape(shape)
     batch = jax.tree.map(jnp.asarray, host_rollouts(cfg, b, g, new, micro, side))
     ref = jax.tree.map(jnp.copy, params) if ref is None else ref
     state_fn = lambda opt: init_state(jax.tree.map(jnp.copy, params), opt)  # noqa: E731
-    key = (b, g, new, side, micro, chunk, remat, vremat)
-    optimizer, compiled, compile_s = compiled_update(cfg, key, g, remat, vremat, chunk, state_fn, ref, batch)
+    key = (b, g, new, side, micro, chunk, remat, vremat, attn, unroll)
+    optimizer, compiled, compile_s = compiled_update(cfg, key, g, remat, vremat, chunk, state_fn, ref, batch, attn,
+                                                     unroll)
     state, m, times = time_updates(compiled, state_fn(optimizer), ref, batch, repeats)
     s = min(times)
     p, patches = int(batch.prompts.input_ids.shape[-1]), int(batch.prompts.pixels.shape[-2])
@@ -232,7 +235,7 @@ def bench_update(cfg, params, shape: str, *, ref=None, micro: int = 1, chunk: in
             "peak_gb": round(mem.get("peak_bytes_in_use", 0) / 2**30, 1),
             "sequences_per_s": round(b * g / s, 1),
             "micro": micro, "prompts_per_micro": b // micro, "chunk": chunk, "remat": remat,
-            "vremat": vremat or remat, "program_gb": program_gb(compiled), "compile_s": round(compile_s, 1),
+            "vremat": vremat or remat, "attn": attn, "unroll": unroll, "program_gb": program_gb(compiled), "compile_s": round(compile_s, 1),
             "loss_finite": bool(np.isfinite(float(m["loss"])))}
 
 
@@ -300,14 +303,15 @@ def bench_e2e(cfg, params, shape: str, opts: dict, *, new: int = NEW, side: int 
     encoded = [rollouts.EncodedPrompt(r, im, ex) for r, im, ex in zip(rows, images, examples)]
     buckets = rollouts.Buckets(seq_len=len(rows[0]), row_len=images[0][0].shape[0])
     grpo_cfg = grpo.GRPOConfig(num_generations=g, temperature=1.0)
-    sampler = Sampler(Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), special.eos_ids, special.pad_id)
+    sampler = Sampler(Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), special.eos_ids, special.pad_id,
+                      decode_attention=opts.get("decode", "xla"))
     scfg = SamplingConfig(num_samples=g, max_new_tokens=new, temperature=1.0, top_p=0.9, top_k=50, ignore_eos=True)
     ref = jax.tree.map(jnp.copy, params)
     state_fn = lambda opt: init_state(jax.tree.map(jnp.copy, params), opt)  # noqa: E731
     like = jax.tree.map(jnp.asarray, host_rollouts(cfg, b, g, new, opts["micro"], side))  # the batch's shapes
-    key = (b, g, new, side, opts["micro"], opts["chunk"], opts["remat"], opts["vremat"])
+    key = (b, g, new, side, opts["micro"], opts["chunk"], opts["remat"], opts["vremat"], opts["attn"], opts["unroll"])
     optimizer, update, update_compile_s = compiled_update(cfg, key, g, opts["remat"], opts["vremat"], opts["chunk"],
-                                                          state_fn, ref, like)
+                                                          state_fn, ref, like, opts["attn"], opts["unroll"])
     del like
     state = state_fn(optimizer)
 
@@ -392,6 +396,7 @@ def main():
     p.add_argument("--unroll", type=int, default=1, help="decoder layers unrolled per scan step when sampling")
     p.add_argument("--decode_attention", default="xla", choices=("xla", "pallas"),
                    help="rollout decode attention: XLA ops or the fused Pallas kernel")
+    p.add_argument("--decode_splits", type=int, default=0, help="pallas: key splits per program (0: auto)")
     p.add_argument("--smoke", action="store_true", help="a tiny model, to check the script on a CPU")
     p.add_argument("--preset", default="qwen2_vl_2b", choices=sorted(PRESETS))
     args = p.parse_args()
@@ -424,7 +429,7 @@ def main():
     if "rollout" in args.modes:
         decode_model = Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_unroll=args.unroll)
         sampler = Sampler(decode_model, eos_ids=(151645, 151643), pad_id=151643, steps_per_check=args.steps_per_check,
-                          decode_attention=args.decode_attention)
+                          decode_attention=args.decode_attention, decode_splits=args.decode_splits)
         t_ = cfg.text
         dec_bytes = 2 * sum(x.size for x in jax.tree.leaves(params["decoder"]))
         head_bytes = 2 * t_.vocab_size * t_.width
@@ -443,12 +448,13 @@ def main():
                   "prompt_tokens": int(inputs.input_ids.shape[1]), "seconds": round(s, 3),
                   "tokens_per_s": round(b * g * new / s, 1), "roofline_fraction": round(roofline_s / s, 3),
                   "ms_per_step": round(1e3 * s / new, 3), "unroll": args.unroll, "steps_per_check": args.steps_per_check,
-                  "decode_attention": args.decode_attention,
+                  "decode_attention": args.decode_attention, "decode_splits": args.decode_splits,
                   "xla_flags": os.environ.get("XLA_FLAGS", "")})
     if "e2e" in args.modes:
         try:
             emit(bench_e2e(cfg, params, args.e2e_shape, parse_options(args.e2e_update, ("micro", "chunk", "remat",
-                                                                                          "vremat")),
+                                                                                          "vremat", "attn", "unroll",
+                                                                                          "decode")),
                            new=new, side=side, steps=args.e2e_steps, tokenizer_dir=args.tokenizer))
         except Exception as e:  # noqa: BLE001  keep the update sweep
             emit({"measure": "e2e", "error": f"{type(e).__name__}: {str(e)[:600]}"})

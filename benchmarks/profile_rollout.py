@@ -87,6 +87,8 @@ def main():
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--unroll", type=int, default=1)
     p.add_argument("--steps_per_check", type=int, default=16)
+    p.add_argument("--decode_attention", default="xla", choices=("xla", "pallas"))
+    p.add_argument("--decode_splits", type=int, default=0)
     p.add_argument("--count_ops", action="store_true", help="per-layer ops of the decode step's HLO, then exit")
     p.add_argument("--trace_dir", default="/tmp/pr1_trace")
     p.add_argument("--top", type=int, default=40)
@@ -96,7 +98,8 @@ def main():
     cfg = qwen2_vl_2b()
     params = jax.jit(lambda: meta.unbox(init_params(cfg, dtype=jnp.bfloat16)))()
     model = Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_unroll=args.unroll)
-    sampler = Sampler(model, EOS, PAD, steps_per_check=args.steps_per_check)
+    sampler = Sampler(model, EOS, PAD, steps_per_check=args.steps_per_check,
+                      decode_attention=args.decode_attention, decode_splits=args.decode_splits)
     inputs = prompts(cfg, 8)
     scfg = SamplingConfig(num_samples=8, max_new_tokens=args.new, temperature=1.0, ignore_eos=True)
     key = jax.random.PRNGKey(0)
@@ -108,7 +111,13 @@ def main():
     print(f"GPU kernel time {all_ns / 1e6:.2f} ms over {sum(count.values())} kernels "
           f"({sum(count.values()) / args.new:.0f} per step, {all_ns / 1e6 / args.new:.3f} ms per step)")
     for name, ns in total.most_common(args.top):
-        print(f"{ns / 1e6:9.3f} ms {count[name]:6d}x  {name[:150]}")
+        print(f"{ns / 1e6:9.3f} ms {count[name]:6d}x {ns / 1e3 / count[name]:8.1f} us  {name[:150]}")
+    # Kernels of the decode step: launched once per step or once per layer and step.
+    step = {n: ns for n, ns in total.items() if count[n] % (args.new - 1) == 0 or count[n] % args.new == 0}
+    print(f"per-step kernels: {sum(step.values()) / 1e6 / args.new:.3f} ms per step")
+    for name, ns in sorted(step.items(), key=lambda x: -x[1]):
+        print(f"{ns / 1e3 / args.new:8.1f} us/step {count[name] / args.new:5.1f}/step {ns / 1e3 / count[name]:7.1f} us  "
+              f"{name[:120]}")
 
 
 def kernel_times(trace_dir: str, plane_filter: str = "GPU") -> tuple[collections.Counter, collections.Counter]:
