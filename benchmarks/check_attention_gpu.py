@@ -24,7 +24,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pr1_jax.model import layers  # noqa: E402
-from pr1_jax.model.decode_attention import fused_cached_attention, fused_decode_step  # noqa: E402
+from pr1_jax.model.decode_attention import (fused_cached_attention, fused_decode_step,  # noqa: E402
+                                             reference_decode_step)
 
 BF16 = jnp.bfloat16
 
@@ -98,16 +99,6 @@ def check_training(emit) -> bool:
     return ok
 
 
-def _reference_step(qkv, cos, sin, k_cache, v_cache, slot, mask, prefix, num_heads):
-    """RoPE, cache writes, attention as three XLA steps (DecoderLayer without the fused step)."""
-    kv = (qkv.shape[-2] - num_heads) // 2
-    q, k, v = jnp.split(qkv, [num_heads, num_heads + kv], axis=-2)
-    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-    put = lambda c, a: jax.lax.dynamic_update_slice(c, jnp.swapaxes(a, 2, 3), (0, 0, 0, slot, 0))  # noqa: E731
-    k_cache, v_cache = put(k_cache, k), put(v_cache, v)
-    return layers.cached_attention(q, k_cache, v_cache, mask, prefix), k_cache, v_cache
-
-
 def check_decode(emit) -> bool:
     ok = True
     b, g, kv, r, dh, p, s = 8, 8, 2, 6, 128, 318, 256
@@ -134,8 +125,8 @@ def check_decode(emit) -> bool:
         cos, sin = jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1))
         step = jax.jit(lambda qkv, kc, vc, t=t, mask=mask: fused_decode_step(
             qkv, cos, sin, kc, vc, jnp.int32(t), mask, prefix, num_heads=kv * r))
-        ref_step = jax.jit(lambda qkv, kc, vc, t=t, mask=mask: _reference_step(
-            qkv, cos, sin, kc, vc, t, mask, prefix, kv * r))
+        ref_step = jax.jit(lambda qkv, kc, vc, t=t, mask=mask: reference_decode_step(
+            qkv, cos, sin, kc, vc, t, mask, prefix, num_heads=kv * r))
         errs = [_rel(a, b_) for a, b_ in zip(step(qkv, k, v), ref_step(qkv, k, v))]
         rec = {"check": "decode_step", "t": t, "rel_err_out_k_v": [round(e, 5) for e in errs], "ok": max(errs) < 2e-2}
         ok &= rec["ok"]

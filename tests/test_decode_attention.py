@@ -9,7 +9,7 @@ import pytest
 from pr1_jax import sampler as sampler_lib
 from pr1_jax.model import hf_io, layers
 from pr1_jax.model.config import ModelConfig
-from pr1_jax.model.decode_attention import fused_cached_attention, fused_decode_step
+from pr1_jax.model.decode_attention import fused_cached_attention, fused_decode_step, reference_decode_step
 from pr1_jax.model.qwen2_vl import Qwen2VL
 from pr1_jax.processing import batch as pb
 from tests.helpers import mixed_batch
@@ -73,16 +73,6 @@ def test_split_keys_equal_one_program(num_splits, with_prefix):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
 
 
-def _reference_step(qkv, cos, sin, k_cache, v_cache, slot, mask, prefix, num_heads):
-    """What DecoderLayer does without the fused step: RoPE, cache writes, attention."""
-    kv = (qkv.shape[-2] - num_heads) // 2
-    q, k, v = jnp.split(qkv, [num_heads, num_heads + kv], axis=-2)
-    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-    put = lambda c, a: jax.lax.dynamic_update_slice(c, jnp.swapaxes(a, 2, 3), (0, 0, 0, slot, 0))  # noqa: E731
-    k_cache, v_cache = put(k_cache, k), put(v_cache, v)
-    return layers.cached_attention(q, k_cache, v_cache, mask, prefix), k_cache, v_cache
-
-
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("slot,num_splits", [(0, 1), (21, 1), (21, 3), (39, 2)])
 @pytest.mark.parametrize("with_prefix", [True, False])
@@ -102,7 +92,7 @@ def test_fused_step_equals_rope_write_attend(dtype, tol, slot, num_splits, with_
         mask_p = jnp.arange(p)[None] >= jnp.asarray([0, 13])[:, None]
         prefix = (jax.random.normal(ks[4], (B, kv, p, dh), jnp.float32).astype(dtype),
                   jax.random.normal(ks[5], (B, kv, p, dh), jnp.float32).astype(dtype), mask_p)
-    ref = _reference_step(qkv, cos, sin, k_cache, v_cache, slot, mask, prefix, h)
+    ref = reference_decode_step(qkv, cos, sin, k_cache, v_cache, slot, mask, prefix, num_heads=h)
     out = fused_decode_step(qkv, cos, sin, k_cache, v_cache, jnp.int32(slot), mask, prefix, num_heads=h,
                             interpret=True, num_splits=num_splits, block_k=32)
     for a, b in zip(out, ref):

@@ -243,6 +243,18 @@ def fused_decode_step(qkv: Array, cos: Array, sin: Array, k_cache: Array, v_cach
     return out.reshape(b, g, 1, num_heads, dh), *caches
 
 
+def reference_decode_step(qkv: Array, cos: Array, sin: Array, k_cache: Array, v_cache: Array, slot,
+                          mask: Array, prefix=None, *, num_heads: int) -> tuple[Array, Array, Array]:
+    """What `fused_decode_step` computes, as the XLA steps it replaces (tests, GPU checks)."""
+    kv = (qkv.shape[-2] - num_heads) // 2
+    q, k, v = jnp.split(qkv, [num_heads, num_heads + kv], axis=-2)
+    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+    put = lambda c, a: jax.lax.dynamic_update_slice(c, jnp.swapaxes(a, 2, 3).astype(c.dtype),  # noqa: E731
+                                                    (0, 0, 0, slot, 0))
+    k_cache, v_cache = put(k_cache, k), put(v_cache, v)
+    return layers.cached_attention(q, k_cache, v_cache, mask, prefix), k_cache, v_cache
+
+
 def _block_h(rows: int) -> int:
     return max(16, _pow2_at_least(rows))
 
