@@ -101,6 +101,15 @@ def test_fused_step_equals_rope_write_attend(dtype, tol, slot, num_splits, with_
     np.testing.assert_array_equal(np.asarray(out[1][:, :, :, slot + 1:]), np.asarray(k_cache[:, :, :, slot + 1:]))
 
 
+def test_fused_step_refuses_short_caches():
+    qkv = jnp.zeros((1, 1, 1, 8, 32))
+    cache = jnp.zeros((1, 1, 2, 8, 32))
+    rope = jnp.zeros((1, 1, 1, 32))
+    with pytest.raises(ValueError, match="16 slots"):
+        fused_decode_step(qkv, rope, rope, cache, cache, jnp.int32(0), jnp.ones((1, 1, 1, 8), bool),
+                          num_heads=4, interpret=True)
+
+
 EOS = (151645, 151643)
 PAD = 151643
 

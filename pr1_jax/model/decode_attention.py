@@ -233,6 +233,9 @@ def fused_decode_step(qkv: Array, cos: Array, sin: Array, k_cache: Array, v_cach
     Returns (out [B, G, 1, H, Dh], k_cache, v_cache).
     """
     b, g, _, hk, dh = qkv.shape
+    if k_cache.shape[3] < 16:  # the kernel's dots need ≥ 16 keys; a padded cache could not be aliased
+        raise ValueError(f"fused_decode_step needs caches of ≥ 16 slots, got {k_cache.shape[3]}: "
+                         "use reference_decode_step or fused_cached_attention")
     q_spec = pl.BlockSpec((None, None, None, hk, dh), lambda i, j, n, _: (i, n, 0, 0, 0))
     row = pl.BlockSpec((None, None, None, dh), lambda i, j, n, _: (i, n, 0, 0))
     step = ([cos.astype(jnp.float32), sin.astype(jnp.float32), jnp.asarray(slot, jnp.int32)],

@@ -141,7 +141,8 @@ def flash_attention(q: Array, k: Array, v: Array, mask: Array,
     batch axis; a shared prefix is broadcast to the G rows and put before the own keys (its
     gradient sums over them), and the mask goes in as cuDNN's additive bias [B·G, 1, T, P+S].
     cuDNN computes the softmax in float32 and casts the probabilities to v's dtype for the PV
-    product like the einsum path; with a bias it needs T and P+S even (callers pad buckets).
+    product like the einsum path; with a bias it needs T and P+S even ("auto" falls back to the
+    einsum path otherwise, see `cudnn_attention_fits`).
     """
     b, g, t, h, dh = q.shape
     if prefix is not None:
