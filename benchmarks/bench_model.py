@@ -397,6 +397,8 @@ def main():
     p.add_argument("--decode_attention", default="xla", choices=("xla", "pallas"),
                    help="rollout decode attention: XLA ops or the fused Pallas kernel")
     p.add_argument("--decode_splits", type=int, default=0, help="pallas: key splits per program (0: auto)")
+    p.add_argument("--attention", default="xla", help="rollout vision/prefill attention (xla, cudnn, auto; "
+                   "training configs use auto)")
     p.add_argument("--smoke", action="store_true", help="a tiny model, to check the script on a CPU")
     p.add_argument("--preset", default="qwen2_vl_2b", choices=sorted(PRESETS))
     args = p.parse_args()
@@ -427,7 +429,8 @@ def main():
         s = timeit(lambda: fwd(params, inputs), 5)
         emit({"measure": "forward", "batch": 8, "seq": int(inputs.input_ids.shape[1]), "seconds": round(s, 4)})
     if "rollout" in args.modes:
-        decode_model = Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_unroll=args.unroll)
+        decode_model = Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_unroll=args.unroll,
+                               attention=args.attention)
         sampler = Sampler(decode_model, eos_ids=(151645, 151643), pad_id=151643, steps_per_check=args.steps_per_check,
                           decode_attention=args.decode_attention, decode_splits=args.decode_splits)
         t_ = cfg.text
@@ -449,7 +452,7 @@ def main():
                   "tokens_per_s": round(b * g * new / s, 1), "roofline_fraction": round(roofline_s / s, 3),
                   "ms_per_step": round(1e3 * s / new, 3), "unroll": args.unroll, "steps_per_check": args.steps_per_check,
                   "decode_attention": args.decode_attention, "decode_splits": args.decode_splits,
-                  "xla_flags": os.environ.get("XLA_FLAGS", "")})
+                  "attention": args.attention, "xla_flags": os.environ.get("XLA_FLAGS", "")})
     if "e2e" in args.modes:
         try:
             emit(bench_e2e(cfg, params, args.e2e_shape, parse_options(args.e2e_update, ("micro", "chunk", "remat",

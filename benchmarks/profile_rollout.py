@@ -69,7 +69,11 @@ def count_ops(args) -> None:
         hlo = sampler._generate.lower(
             params, prompts(cfg, b), jax.random.PRNGKey(0), jnp.float32(1.0), jnp.float32(1.0), num_samples=g,
             max_new_tokens=tc, top_k=0, use_top_p=False, greedy=False, eos_ids=EOS, pad_id=PAD, ignore_eos=True,
-            return_logits=False, steps_per_check=args.steps_per_check).compile().as_text()
+            return_logits=False, steps_per_check=args.steps_per_check, decode_attention=args.decode_attention,
+            decode_splits=args.decode_splits).compile().as_text()
+        if args.hlo_out:  # the optimized program, to read which fusions/command buffers a step has
+            with open(f"{args.hlo_out}.{num_layers}layers.txt", "w") as f:
+                f.write(hlo)
         body = [x for x in _step_body(hlo) if _opcode(x) not in _FREE]
         per_layers[num_layers] = collections.Counter(map(_opcode, body))
         cache = b * g * tc * cfg.text.num_kv_heads * cfg.text.head_dim
@@ -90,6 +94,8 @@ def main():
     p.add_argument("--decode_attention", default="xla", choices=("xla", "pallas"))
     p.add_argument("--decode_splits", type=int, default=0)
     p.add_argument("--count_ops", action="store_true", help="per-layer ops of the decode step's HLO, then exit")
+    p.add_argument("--hlo_out", default=None, help="--count_ops: also write the optimized HLO to PATH.<n>layers.txt")
+    p.add_argument("--attention", default="xla", help="vision and prefill attention (layers.ATTENTION_IMPLS)")
     p.add_argument("--trace_dir", default="/tmp/pr1_trace")
     p.add_argument("--top", type=int, default=40)
     args = p.parse_args()
@@ -97,7 +103,8 @@ def main():
         return count_ops(args)
     cfg = qwen2_vl_2b()
     params = jax.jit(lambda: meta.unbox(init_params(cfg, dtype=jnp.bfloat16)))()
-    model = Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_unroll=args.unroll)
+    model = Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_unroll=args.unroll,
+                    attention=args.attention)
     sampler = Sampler(model, EOS, PAD, steps_per_check=args.steps_per_check,
                       decode_attention=args.decode_attention, decode_splits=args.decode_splits)
     inputs = prompts(cfg, 8)
@@ -118,6 +125,10 @@ def main():
     for name, ns in sorted(step.items(), key=lambda x: -x[1]):
         print(f"{ns / 1e3 / args.new:8.1f} us/step {count[name] / args.new:5.1f}/step {ns / 1e3 / count[name]:7.1f} us  "
               f"{name[:120]}")
+    once = {n: ns for n, ns in total.items() if n not in step}  # vision, prefill, per-chunk checks
+    print(f"other kernels (vision, prefill, per chunk): {sum(once.values()) / 1e6:.2f} ms in all")
+    for name, ns in sorted(once.items(), key=lambda x: -x[1])[:args.top]:
+        print(f"{ns / 1e6:9.3f} ms {count[name]:6d}x  {name[:120]}")
 
 
 def kernel_times(trace_dir: str, plane_filter: str = "GPU") -> tuple[collections.Counter, collections.Counter]:

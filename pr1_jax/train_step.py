@@ -91,16 +91,12 @@ def group_hidden(model: Qwen2VL, params, prompts: ModelInputs, completions: Arra
     b, g, tc = completions.shape
 
     def forward(m: Qwen2VL):
-        p = prompts.input_ids.shape[1]
         vision = m.encode_images(prompts.pixels, prompts.segment_ids, prompts.pos_hw)
         x = m.embed(prompts.input_ids, vision, prompts.vision_index)[:, None]
-        causal = jnp.tril(jnp.ones((p, p), bool))[None, None] & prompts.attention_mask[:, None, None, :]
-        hidden_p, (k, v) = m.decode(x, prompts.positions[:, :, None], causal, return_kv=True)
         next_pos = jnp.max(jnp.where(prompts.attention_mask[None], prompts.positions, 0), axis=(0, 2)) + 1
         pos = jnp.broadcast_to((next_pos[:, None, None] + jnp.arange(tc))[None], (3, b, g, tc))
-        mask = jnp.broadcast_to(jnp.tril(jnp.ones((tc, tc), bool)), (b, g, tc, tc))
-        hidden_c, _ = m.decode(m.embed(completions), pos, mask, prefix=(k[:, :, 0], v[:, :, 0]),
-                               prefix_mask_bp=prompts.attention_mask)
+        hidden_p, hidden_c = m.decode_group(x, m.embed(completions), prompts.positions[:, :, None], pos,
+                                            prompts.attention_mask)
         first = jnp.broadcast_to(hidden_p[:, :, -1:], (b, g, 1, hidden_p.shape[-1]))
         return jnp.concatenate([first, hidden_c[:, :, :-1]], axis=2)
 
