@@ -445,6 +445,15 @@ def test_token_log_probs_matches_torch():
     np.testing.assert_allclose(np.asarray(logp), lt.gather(-1, torch.tensor(targets)[..., None])[..., 0].numpy(), **TOL)
     np.testing.assert_allclose(np.asarray(ent), -(lt.exp() * lt).sum(-1).numpy(), rtol=1e-5, atol=1e-5)
     assert logp.dtype == jnp.float32 and ent.dtype == jnp.float32
+    # Gradients w.r.t. the logits (the loss uses log-probs, an entropy bonus the entropy).
+    ca, cb = rng.normal(size=(3, 7)).astype(np.float32), rng.normal(size=(3, 7)).astype(np.float32)
+    g = jax.grad(lambda z: jnp.sum(ca * grpo.token_log_probs(z, jnp.asarray(targets))[0]
+                                   + cb * grpo.token_log_probs(z, jnp.asarray(targets))[1]))(jnp.asarray(logits))
+    zt = torch.tensor(logits, requires_grad=True)
+    lt = torch.log_softmax(zt, -1)
+    (torch.tensor(ca) * lt.gather(-1, torch.tensor(targets)[..., None])[..., 0]
+     - torch.tensor(cb) * (lt.exp() * lt).sum(-1)).sum().backward()
+    np.testing.assert_allclose(np.asarray(g), zt.grad.numpy(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 5, 13, 64])
