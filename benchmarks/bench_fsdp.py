@@ -62,7 +62,7 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 def bench_mesh(cfg, spec: str, b_dev: int, g: int, new: int, side: int, micro: int, chunk: int, remat: str,
                vremat: str | None, repeats: int, profile_top: int = 0, attn: str = "xla", unroll: int = 1,
-               hlo_out: str | None = None) -> dict:
+               hlo_out: str | None = None, vunroll: int = 1) -> dict:
     sizes = parse_mesh(spec)
     n = math.prod(sizes.values())
     if n > jax.device_count():
@@ -71,7 +71,8 @@ def bench_mesh(cfg, spec: str, b_dev: int, g: int, new: int, side: int, micro: i
     batch_shards = sizes["data"] * sizes["fsdp"]  # the batch is split over data × fsdp
     b = b_dev * batch_shards
     model = Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat=True, remat_policy=remat,
-                    vision_remat_policy=vremat, attention=attn, scan_unroll=unroll)
+                    vision_remat_policy=vremat, attention=attn, scan_unroll=unroll,
+                    vision_scan_unroll=vunroll)
     optimizer = make_optimizer(OptimConfig())
     params = sharding.init_params(cfg, mesh, dtype=jnp.bfloat16)  # also the frozen reference
     state = sharding.init_train_state(params, optimizer, mesh, cfg=cfg)  # a copy: donated step by step
@@ -102,7 +103,7 @@ def bench_mesh(cfg, spec: str, b_dev: int, g: int, new: int, side: int, micro: i
     del state, params, batch, compiled
     return {"measure": "update_scaling", "mesh": spec, "devices": n, **sizes, "prompts": b, "samples": g,
             "sequences": b * g, "per_device_sequences": b * g / n, "seq": p + new, "micro": micro, "chunk": chunk,
-            "remat": remat, "vremat": vremat or remat, "attn": attn, "unroll": unroll, "seconds": round(s, 4), "median_seconds": round(med, 4),
+            "remat": remat, "vremat": vremat or remat, "attn": attn, "unroll": unroll, "vunroll": vunroll, "seconds": round(s, 4), "median_seconds": round(med, 4),
             "sequences_per_s_per_device": round(b * g / s / n, 2),
             "tokens_per_s_per_device": round(b * g * (p + new) / s / n, 1),
             "mfu_per_device": round(flops_dev / s / (PEAK_TFLOPS * 1e12), 4),
@@ -122,6 +123,7 @@ def main():
     p.add_argument("--vremat", default=None, help="vision remat policy (default: --remat)")
     p.add_argument("--attn", default="xla", help="training attention: xla or cudnn (pr1_jax.model.layers)")
     p.add_argument("--unroll", type=int, default=1, help="decoder layers per scan step (28: fully unrolled)")
+    p.add_argument("--vunroll", type=int, default=1, help="vision blocks per scan step (32: fully unrolled)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--hlo_out", default=None, help="write the optimized HLO of the (last) mesh here, gzipped")
     p.add_argument("--profile_top", type=int, default=0, help="print the N kernels taking most time on device 0")
@@ -147,7 +149,7 @@ def main():
             if args.deadline_s > 0 and time.perf_counter() - start > args.deadline_s:
                 raise TimeoutError("skipped: --deadline_s reached")
             rec = bench_mesh(cfg, spec, b_dev, g, new, side, args.micro, args.chunk, args.remat, args.vremat,
-                             args.repeats, args.profile_top, args.attn, args.unroll, args.hlo_out)
+                             args.repeats, args.profile_top, args.attn, args.unroll, args.hlo_out, args.vunroll)
         except Exception as e:  # noqa: BLE001  out of memory or any other failure: record it, go on
             rec = {"measure": "update_scaling", "mesh": spec, "error": f"{type(e).__name__}: {str(e)[:600]}"}
         gc.collect()

@@ -62,7 +62,7 @@ from pr1_jax.sampler import Sampler, SamplingConfig  # noqa: E402
 SIDE, TEXT_BEFORE, TEXT_AFTER, NEW = 448, 40, 20, 256
 PAD = 151643
 SMOKE_SIDE, SMOKE_NEW = 56, 16
-UPDATE_DEFAULTS = {"micro": 1, "chunk": 256, "remat": "full", "vremat": None, "attn": "xla", "unroll": 1}
+UPDATE_DEFAULTS = {"micro": 1, "chunk": 256, "remat": "full", "vremat": None, "attn": "xla", "unroll": 1, "vunroll": 1}
 E2E_REWARDS = ("pr1_grounding", "pr1_grounding_format")  # configs/grounding.py
 
 
@@ -167,7 +167,7 @@ def parse_shape(spec: str) -> tuple[int, int]:
     return b, g
 
 
-def parse_options(spec: str, allowed=("shape", "micro", "chunk", "remat", "vremat", "attn", "unroll")) -> dict:
+def parse_options(spec: str, allowed=("shape", "micro", "chunk", "remat", "vremat", "attn", "unroll", "vunroll", "vunroll")) -> dict:
     """"remat=dots,chunk=128" → {"remat": "dots", "chunk": 128} (ints where they are ints)."""
     opts = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -175,7 +175,7 @@ def parse_options(spec: str, allowed=("shape", "micro", "chunk", "remat", "vrema
         key = key.strip()
         if not sep or key not in allowed:
             raise ValueError(f"bad option {item!r} in {spec!r} (expected key=value, keys {allowed})")
-        opts[key] = int(value) if key in ("micro", "chunk", "unroll") else value.strip()
+        opts[key] = int(value) if key in ("micro", "chunk", "unroll", "vunroll") else value.strip()
     return opts
 
 
@@ -190,11 +190,11 @@ def program_gb(compiled) -> float | None:
         return None
 
 
-_COMPILED: dict = {}  # (B, G, Tc, side, micro, chunk, remat, vremat, attn, unroll) → (optimizer, compiled, s)
+_COMPILED: dict = {}  # (B, G, Tc, side, micro, chunk, remat, vremat, attn, unroll, vunroll) → (optimizer, compiled, s)
 
 
 def compiled_update(cfg, key: tuple, g: int, remat: str, vremat: str | None, chunk: int, state_fn, ref, batch,
-                    attn: str = "xla", unroll: int = 1):
+                    attn: str = "xla", unroll: int = 1, vunroll: int = 1):
     """The update program for these options and shapes, compiled once per process (the
     e2e step and the sweep's matching variant share it). state_fn(optimizer) → the state."""
     from pr1_jax import grpo
@@ -202,7 +202,7 @@ def compiled_update(cfg, key: tuple, g: int, remat: str, vremat: str | None, chu
 
     if key not in _COMPILED:
         model = Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat=True, remat_policy=remat,
-                        vision_remat_policy=vremat, attention=attn, scan_unroll=unroll)
+                        vision_remat_policy=vremat, attention=attn, scan_unroll=unroll, vision_scan_unroll=vunroll)
         optimizer = make_optimizer(OptimConfig())
         update = make_update_fn(model, optimizer, grpo.GRPOConfig(num_generations=g), chunk_size=chunk)
         t0 = time.perf_counter()
@@ -213,7 +213,8 @@ def compiled_update(cfg, key: tuple, g: int, remat: str, vremat: str | None, chu
 
 
 def bench_update(cfg, params, shape: str, *, ref=None, micro: int = 1, chunk: int = 256, remat: str = "full",
-                 vremat: str | None = None, attn: str = "xla", unroll: int = 1, new: int = NEW, side: int = SIDE,
+                 vremat: str | None = None, attn: str = "xla", unroll: int = 1, vunroll: int = 1, new: int = NEW,
+                 side: int = SIDE,
                  repeats: int = 3) -> dict:
     from pr1_jax.train_step import init_state
 
@@ -221,9 +222,9 @@ def bench_update(cfg, params, shape: str, *, ref=None, micro: int = 1, chunk: in
     batch = jax.tree.map(jnp.asarray, host_rollouts(cfg, b, g, new, micro, side))
     ref = jax.tree.map(jnp.copy, params) if ref is None else ref
     state_fn = lambda opt: init_state(jax.tree.map(jnp.copy, params), opt)  # noqa: E731
-    key = (b, g, new, side, micro, chunk, remat, vremat, attn, unroll)
+    key = (b, g, new, side, micro, chunk, remat, vremat, attn, unroll, vunroll)
     optimizer, compiled, compile_s = compiled_update(cfg, key, g, remat, vremat, chunk, state_fn, ref, batch, attn,
-                                                     unroll)
+                                                     unroll, vunroll)
     state, m, times = time_updates(compiled, state_fn(optimizer), ref, batch, repeats)
     s = min(times)
     p, patches = int(batch.prompts.input_ids.shape[-1]), int(batch.prompts.pixels.shape[-2])
@@ -235,7 +236,7 @@ def bench_update(cfg, params, shape: str, *, ref=None, micro: int = 1, chunk: in
             "peak_gb": round(mem.get("peak_bytes_in_use", 0) / 2**30, 1),
             "sequences_per_s": round(b * g / s, 1),
             "micro": micro, "prompts_per_micro": b // micro, "chunk": chunk, "remat": remat,
-            "vremat": vremat or remat, "attn": attn, "unroll": unroll, "program_gb": program_gb(compiled), "compile_s": round(compile_s, 1),
+            "vremat": vremat or remat, "attn": attn, "unroll": unroll, "vunroll": vunroll, "program_gb": program_gb(compiled), "compile_s": round(compile_s, 1),
             "loss_finite": bool(np.isfinite(float(m["loss"])))}
 
 
@@ -303,15 +304,18 @@ def bench_e2e(cfg, params, shape: str, opts: dict, *, new: int = NEW, side: int 
     encoded = [rollouts.EncodedPrompt(r, im, ex) for r, im, ex in zip(rows, images, examples)]
     buckets = rollouts.Buckets(seq_len=len(rows[0]), row_len=images[0][0].shape[0])
     grpo_cfg = grpo.GRPOConfig(num_generations=g, temperature=1.0)
-    sampler = Sampler(Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), special.eos_ids, special.pad_id,
-                      decode_attention=opts.get("decode", "xla"))
+    # The sampler's vision/prefill attention is the update's, as in train.py.
+    sampler = Sampler(Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=opts["attn"]),
+                      special.eos_ids, special.pad_id, decode_attention=opts.get("decode", "xla"))
     scfg = SamplingConfig(num_samples=g, max_new_tokens=new, temperature=1.0, top_p=0.9, top_k=50, ignore_eos=True)
     ref = jax.tree.map(jnp.copy, params)
     state_fn = lambda opt: init_state(jax.tree.map(jnp.copy, params), opt)  # noqa: E731
     like = jax.tree.map(jnp.asarray, host_rollouts(cfg, b, g, new, opts["micro"], side))  # the batch's shapes
-    key = (b, g, new, side, opts["micro"], opts["chunk"], opts["remat"], opts["vremat"], opts["attn"], opts["unroll"])
+    key = (b, g, new, side, opts["micro"], opts["chunk"], opts["remat"], opts["vremat"], opts["attn"], opts["unroll"],
+           opts["vunroll"])
     optimizer, update, update_compile_s = compiled_update(cfg, key, g, opts["remat"], opts["vremat"], opts["chunk"],
-                                                          state_fn, ref, like, opts["attn"], opts["unroll"])
+                                                          state_fn, ref, like, opts["attn"], opts["unroll"],
+                                                          opts["vunroll"])
     del like
     state = state_fn(optimizer)
 
@@ -397,6 +401,8 @@ def main():
     p.add_argument("--decode_attention", default="xla", choices=("xla", "pallas"),
                    help="rollout decode attention: XLA ops or the fused Pallas kernel")
     p.add_argument("--decode_splits", type=int, default=0, help="pallas: key splits per program (0: auto)")
+    p.add_argument("--top_p", type=float, default=1.0, help="rollout sampling (PR1: 0.9)")
+    p.add_argument("--top_k", type=int, default=0, help="rollout sampling (PR1: 50)")
     p.add_argument("--attention", default="xla", help="rollout vision/prefill attention (xla, cudnn, auto; "
                    "training configs use auto)")
     p.add_argument("--smoke", action="store_true", help="a tiny model, to check the script on a CPU")
@@ -440,7 +446,8 @@ def main():
         for spec in args.rollouts.split(","):
             b, g = parse_shape(spec)
             inputs = prompts(cfg, b, side=side)
-            scfg = SamplingConfig(num_samples=g, max_new_tokens=new, temperature=1.0, ignore_eos=True)
+            scfg = SamplingConfig(num_samples=g, max_new_tokens=new, temperature=1.0, top_p=args.top_p,
+                                  top_k=args.top_k, ignore_eos=True)
             key = jax.random.PRNGKey(0)
             s = timeit(lambda: sampler(params, inputs, key, scfg).tokens, 2)
             out = sampler(params, inputs, key, scfg)
@@ -452,11 +459,11 @@ def main():
                   "tokens_per_s": round(b * g * new / s, 1), "roofline_fraction": round(roofline_s / s, 3),
                   "ms_per_step": round(1e3 * s / new, 3), "unroll": args.unroll, "steps_per_check": args.steps_per_check,
                   "decode_attention": args.decode_attention, "decode_splits": args.decode_splits,
-                  "attention": args.attention, "xla_flags": os.environ.get("XLA_FLAGS", "")})
+                  "attention": args.attention, "top_p": args.top_p, "top_k": args.top_k, "xla_flags": os.environ.get("XLA_FLAGS", "")})
     if "e2e" in args.modes:
         try:
             emit(bench_e2e(cfg, params, args.e2e_shape, parse_options(args.e2e_update, ("micro", "chunk", "remat",
-                                                                                          "vremat", "attn", "unroll",
+                                                                                          "vremat", "attn", "unroll", "vunroll",
                                                                                           "decode")),
                            new=new, side=side, steps=args.e2e_steps, tokenizer_dir=args.tokenizer))
         except Exception as e:  # noqa: BLE001  keep the update sweep

@@ -23,6 +23,7 @@ def base() -> ml_collections.ConfigDict:
     # nothing (least memory); "dots_flash" keeps the matmul and flash-attention outputs.
     c.remat_policy = "full"
     c.scan_unroll = 1  # decoder layers unrolled per scan step (28 = straight-line program; compiles slower)
+    c.vision_scan_unroll = 1  # the same for the vision blocks (32 at the 2B size)
     # The device mesh (pr1_jax/sharding.py): batch split over data × fsdp, weights over fsdp
     # (and tensor); -1 takes the remaining devices. Batch sizes must be multiples of data × fsdp.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

@@ -99,7 +99,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     # ---------------------------------------------------------------- programs (pr1_jax/sharding.py)
     kernels = dict(attention=c.get("attention", "xla"))
     model = pre.model(remat=c.remat, remat_policy=c.get("remat_policy", "full"), scan_unroll=c.get("scan_unroll", 1),
-                      **kernels)
+                      vision_scan_unroll=c.get("vision_scan_unroll", 1), **kernels)
     sampler = sharding.ShardedSampler(pre.model(**kernels), special.eos_ids, special.pad_id, mesh,
                                       decode_attention=c.sampling.get("decode_attention", "xla"))
     grpo_cfg = grpo.GRPOConfig(**c.grpo.to_dict())

@@ -97,7 +97,8 @@ def _analytic(logits, temperature, top_k, top_p):
 
 @pytest.mark.parametrize("temperature,top_k,top_p,block", [
     (1.0, 0, 1.0, 128), (0.7, 0, 1.0, 4), (1.3, 0, 1.0, 6),  # blocked two-stage draws (6: padded vocab)
-    (0.7, 5, 1.0, 128), (1.0, 0, 0.8, 128), (0.9, 8, 0.9, 128)])
+    (0.7, 5, 1.0, 128), (1.0, 0, 0.8, 128), (0.9, 8, 0.9, 128),
+    (0.7, 5, 1.0, 2), (0.9, 8, 0.9, 3)])  # blocked top-k (k < V / block)
 def test_sampling_distribution_chi_square(temperature, top_k, top_p, block):
     logits = np.random.default_rng(0).normal(size=20).astype(np.float32) * 1.5
     n = 40_000
@@ -114,6 +115,18 @@ def test_sampling_distribution_chi_square(temperature, top_k, top_p, block):
     chi2 = scipy.stats.chisquare(counts[support], n * p[support])
     assert chi2.pvalue > 1e-3, chi2
     np.testing.assert_allclose(np.exp(np.asarray(logp_sample)), p[np.asarray(token)], rtol=1e-4)
+
+
+@pytest.mark.parametrize("k,block", [(1, 4), (5, 4), (50, 16), (50, 128), (7, 3), (300, 128)])
+def test_blocked_top_k_equals_lax_top_k(k, block):
+    """Values and indices of lax.top_k exactly, ties (to the lower index) included."""
+    rng = np.random.default_rng(k + block)
+    x = rng.normal(size=(4, 3, 1000)).astype(np.float32) * 2
+    for logits in (x, np.round(x), np.round(x * 4) / 4):  # continuous, then many ties
+        want = jax.lax.top_k(jnp.asarray(logits), k)
+        got = sampler_lib._top_k_blocked(jnp.asarray(logits), k, block)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
 
 
 @pytest.mark.parametrize("block", [128, 4, 7])

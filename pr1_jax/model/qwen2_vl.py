@@ -81,6 +81,7 @@ class Qwen2VL(nn.Module):
     param_dtype: Any = jnp.float32
     remat: bool = False
     scan_unroll: int = 1  # decoder layers unrolled per scan step (the sampler may unroll fully)
+    vision_scan_unroll: int = 1  # vision blocks unrolled per scan step
     remat_policy: str = "full"  # with remat: a key of REMAT_POLICIES (decoder, and vision unless set below)
     vision_remat_policy: str | None = None  # with remat: the vision tower's policy (None: remat_policy)
     # Attention of the full forward (training, scoring, prefill; decoding has its own):
@@ -96,7 +97,7 @@ class Qwen2VL(nn.Module):
         if self.attention not in layers.ATTENTION_IMPLS:
             raise ValueError(f"unknown attention {self.attention!r} (one of {layers.ATTENTION_IMPLS})")
         self.visual = VisionTower(self.cfg.vision, **_remat(self.remat, vision_policy), attention=self.attention,
-                                  name="visual", **kw)
+                                  scan_unroll=self.vision_scan_unroll, name="visual", **kw)
         self.decoder = Decoder(t, **_remat(self.remat, self.remat_policy), scan_unroll=self.scan_unroll,
                                attention=self.attention, name="decoder", **kw)
         if not t.tie_word_embeddings:

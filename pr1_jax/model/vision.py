@@ -160,6 +160,7 @@ class VisionTower(nn.Module):
     remat: bool = False
     remat_policy: Any = None  # jax.checkpoint policy: what remat keeps (None: nothing, recompute all)
     attention: str = "xla"  # layers.ATTENTION_IMPLS
+    scan_unroll: int = 1  # blocks per scan step (depth: straight-line; no per-block copies in/out of the loop)
 
     @nn.compact
     def __call__(self, pixels_rnf: Array, segment_rn: Array, pos_hw_rn2: Array) -> Array:
@@ -179,7 +180,7 @@ class VisionTower(nn.Module):
         if self.remat:
             block = nn.remat(block, prevent_cse=False, policy=self.remat_policy)
         blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, 0), length=cfg.depth,
+                         in_axes=(nn.broadcast, 0), length=cfg.depth, unroll=self.scan_unroll,
                          metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = blocks(cfg, name="blocks", attention=self.attention, **kw)(x, (cos, sin, image_mask_rnn, window_mask_rnn), full_l)
         return PatchMerger(cfg, name="merger", **kw)(x)
