@@ -1,7 +1,8 @@
 """The jitted GRPO (and SFT) update: pure functions of (state, batch) → (state, metrics).
 
 Scoring a group: the image is encoded and the prompt run ONCE per prompt; its K/V are the
-shared prefix that the G completions of the group attend to (`Decoder` prefix mode). This
+shared prefix that the G completions of the group attend to (`Qwen2VL.decode_group`: one
+decoder pass over rows [prompt, G completions], split only for attention). This
 is exactly the full forward of each [prompt, completion] row — the prompt's activations
 are identical across the group and their gradients sum over it — at a fraction of the
 FLOPs: 8 × 318 prompt tokens instead of 64 × 318 at PR1's settings. Log-probs come from
