@@ -11,8 +11,9 @@ One layer definition serves every way the model is run, through the K/V it is gi
     runs once over all of a row's tokens; only attention splits the row (`group_attention`):
     the prompt attends causally to itself, each completion to the prompt's K/V of the same
     layer plus its own tokens. (Two passes — prompt, then completions over its K/V — made
-    XLA concatenate both passes' activations into one matmul per weight: a copy of every
-    [tokens, 8960] MLP activation, ~4% of an update step at the 2B size.)
+    XLA, with the layer scan unrolled, concatenate both passes' activations into one matmul
+    per weight: a copy of every [tokens, 8960] MLP activation, 27–30 ms of a 0.62 s update
+    step at the 2B size.)
     With a cache the prefix is laid out [B, K, P, Dh] (without, [B, P, K, Dh] as returned
     by prefill): the layouts `layers.cached_attention` reads without transposing them.
 Layers are scanned (`nn.scan`, parameters stacked on a leading "layers" axis), which
