@@ -7,7 +7,7 @@ Qwen2-VL (written by transformers with random weights, the real Qwen2 tokenizer)
 red or blue shape in one quadrant of a 112×112 image ("Output the bounding box of the red
 circle in the image."). A short SFT warm-up (160 steps × 8 prompts) teaches the answer
 format and part of the localisation; PR1's GRPO with PR1's rewards (IoU² + format) then
-improves held-out Acc@0.5 (32.8 → 78.1 in the recorded run). Writes to runs/demo:
+improves held-out Acc@0.5 (32.8 → 75.0 in the recorded run). Writes to runs/demo:
 reward.png, eval.png (held-out Acc@0.5 over SFT and GRPO steps), gallery PNGs,
 metrics.jsonl, eval.jsonl, summary.json, checkpoints/.
 `--config=configs/demo.py:short` is the shortened run the tests guard (tests/test_demo.py).
