@@ -103,7 +103,8 @@ def bench_mesh(cfg, spec: str, b_dev: int, g: int, new: int, side: int, micro: i
     del state, params, batch, compiled
     return {"measure": "update_scaling", "mesh": spec, "devices": n, **sizes, "prompts": b, "samples": g,
             "sequences": b * g, "per_device_sequences": b * g / n, "seq": p + new, "micro": micro, "chunk": chunk,
-            "remat": remat, "vremat": vremat or remat, "attn": attn, "unroll": unroll, "vunroll": vunroll, "seconds": round(s, 4), "median_seconds": round(med, 4),
+            "remat": remat, "vremat": vremat or remat, "attn": attn, "unroll": unroll, "vunroll": vunroll,
+            "seconds": round(s, 4), "median_seconds": round(med, 4),
             "sequences_per_s_per_device": round(b * g / s / n, 2),
             "tokens_per_s_per_device": round(b * g * (p + new) / s / n, 1),
             "mfu_per_device": round(flops_dev / s / (PEAK_TFLOPS * 1e12), 4),

@@ -167,7 +167,8 @@ def parse_shape(spec: str) -> tuple[int, int]:
     return b, g
 
 
-def parse_options(spec: str, allowed=("shape", "micro", "chunk", "remat", "vremat", "attn", "unroll", "vunroll", "vunroll")) -> dict:
+def parse_options(spec: str,
+                  allowed=("shape", "micro", "chunk", "remat", "vremat", "attn", "unroll", "vunroll")) -> dict:
     """"remat=dots,chunk=128" → {"remat": "dots", "chunk": 128} (ints where they are ints)."""
     opts = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -190,7 +191,8 @@ def program_gb(compiled) -> float | None:
         return None
 
 
-_COMPILED: dict = {}  # (B, G, Tc, side, micro, chunk, remat, vremat, attn, unroll, vunroll) → (optimizer, compiled, s)
+# (B, G, Tc, side, micro, chunk, remat, vremat, attn, unroll, vunroll) → (optimizer, compiled, compile s)
+_COMPILED: dict = {}
 
 
 def compiled_update(cfg, key: tuple, g: int, remat: str, vremat: str | None, chunk: int, state_fn, ref, batch,
@@ -459,12 +461,12 @@ def main():
                   "tokens_per_s": round(b * g * new / s, 1), "roofline_fraction": round(roofline_s / s, 3),
                   "ms_per_step": round(1e3 * s / new, 3), "unroll": args.unroll, "steps_per_check": args.steps_per_check,
                   "decode_attention": args.decode_attention, "decode_splits": args.decode_splits,
-                  "attention": args.attention, "top_p": args.top_p, "top_k": args.top_k, "xla_flags": os.environ.get("XLA_FLAGS", "")})
+                  "attention": args.attention, "top_p": args.top_p, "top_k": args.top_k,
+                  "xla_flags": os.environ.get("XLA_FLAGS", "")})
     if "e2e" in args.modes:
         try:
-            emit(bench_e2e(cfg, params, args.e2e_shape, parse_options(args.e2e_update, ("micro", "chunk", "remat",
-                                                                                          "vremat", "attn", "unroll", "vunroll",
-                                                                                          "decode")),
+            e2e_keys = ("micro", "chunk", "remat", "vremat", "attn", "unroll", "vunroll", "decode")
+            emit(bench_e2e(cfg, params, args.e2e_shape, parse_options(args.e2e_update, e2e_keys),
                            new=new, side=side, steps=args.e2e_steps, tokenizer_dir=args.tokenizer))
         except Exception as e:  # noqa: BLE001  keep the update sweep
             emit({"measure": "e2e", "error": f"{type(e).__name__}: {str(e)[:600]}"})

@@ -99,7 +99,8 @@ def test_remat_policies_keep_values_and_gradients(setup):
 
     v0, g0 = value_and_grad(Qwen2VL(cfg))
     for kw in (dict(remat_policy="full"), dict(remat_policy="dots", vision_remat_policy="none"),
-               dict(remat_policy="dots_flash", scan_unroll=2, vision_scan_unroll=2, attention="auto")):  # auto: xla on CPU
+               dict(remat_policy="dots_flash", scan_unroll=2, vision_scan_unroll=2,
+                    attention="auto")):  # auto: xla on CPU
         v, g = value_and_grad(Qwen2VL(cfg, remat=True, **kw))
         np.testing.assert_allclose(float(v), float(v0), rtol=1e-5, err_msg=str(kw))
         for path, a in hf_io.flatten(g).items():

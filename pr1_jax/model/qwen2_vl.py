@@ -143,8 +143,9 @@ class Qwen2VL(nn.Module):
         x = jnp.concatenate([x_prompt, x_comp.reshape(b, 1, g * tc, d)], axis=2)
         cos, sin = mrope(jnp.concatenate([pos_prompt, pos_comp.reshape(3, b, 1, g * tc)], axis=-1), self.cfg.text)
         prompt_causal = jnp.tril(jnp.ones((p, p), bool))[None, None] & prompt_mask_bp[:, None, None, :]
-        ctx = DecoderContext(cos=cos, sin=sin, mask=jnp.broadcast_to(jnp.tril(jnp.ones((tc, tc), bool)), (b, g, tc, tc)),
-                             prefix_mask=prompt_mask_bp, prompt_mask=prompt_causal, prompt_len=p, num_samples=g)
+        comp_causal = jnp.broadcast_to(jnp.tril(jnp.ones((tc, tc), bool)), (b, g, tc, tc))
+        ctx = DecoderContext(cos=cos, sin=sin, mask=comp_causal, prefix_mask=prompt_mask_bp, prompt_mask=prompt_causal,
+                             prompt_len=p, num_samples=g)
         hidden, _ = self.decoder(x, ctx)
         return hidden[:, :, :p], hidden[:, :, p:].reshape(b, g, tc, d)
 
