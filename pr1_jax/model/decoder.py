@@ -110,7 +110,7 @@ class DecoderLayer(nn.Module):
     attention: str = "xla"  # attention without a cache: layers.ATTENTION_IMPLS
 
     @nn.compact
-    def __call__(self, x: Array, ctx: DecoderContext, cache: KV | None, prefix: KV | None):
+    def __call__(self, x: Array, ctx: DecoderContext, cache: KV | None = None, prefix: KV | None = None):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # Activations: rows over the batch axes, width whole ("act_embed"; weights' "embed" is FSDP).
         h = nn.with_logical_constraint(layers.RMSNorm(cfg.rms_norm_eps, name="input_norm", **kw)(x), ACT)
@@ -169,11 +169,10 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Scanned decoder layers + final RMSNorm. embeds [B, G, T, D] → hidden [B, G, T, D].
-
-    cache / prefix: per-layer K/V stacked on a leading L axis, or None (layouts: module docstring).
-    Returns (hidden, new_kv): new_kv is the updated cache (when one was given), the
-    chunk's own K/V stacked [L, B, G, T, K, Dh] (when `return_kv`), or None.
+    """Scanned decoder layers + final RMSNorm, without a cache (full forward, prefill, packed
+    group rows; decoding runs the layers one by one: `decode_layer_by_layer`).
+    embeds [B, G, T, D] → (hidden [B, G, T, D], the chunk's own K/V stacked
+    [L, B, G, T, K, Dh] when `return_kv`, else None).
     """
 
     cfg: TextConfig
@@ -185,16 +184,15 @@ class Decoder(nn.Module):
     attention: str = "xla"  # full-forward attention (training, prefill): layers.ATTENTION_IMPLS
 
     @nn.compact
-    def __call__(self, x: Array, ctx: DecoderContext, cache: KV | None = None,
-                 prefix: KV | None = None, return_kv: bool = False) -> tuple[Array, KV | None]:
+    def __call__(self, x: Array, ctx: DecoderContext, return_kv: bool = False) -> tuple[Array, KV | None]:
         layer = DecoderLayer
         if self.remat:
             layer = nn.remat(layer, prevent_cse=False, policy=self.remat_policy)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, 0, 0), length=self.cfg.num_layers, unroll=self.scan_unroll,
+                        in_axes=(nn.broadcast,), length=self.cfg.num_layers, unroll=self.scan_unroll,
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x, new_kv = stack(self.cfg, self.dtype, self.param_dtype, return_kv, attention=self.attention,
-                          name="layers")(x, ctx, cache, prefix)
+                          name="layers")(x, ctx)
         x = layers.RMSNorm(self.cfg.rms_norm_eps, name="norm", dtype=self.dtype,
                            param_dtype=self.param_dtype)(x)
         return x, new_kv

@@ -121,14 +121,10 @@ class Qwen2VL(nn.Module):
         return jnp.where(is_image, jnp.take(vision_md, vision_index, axis=0).astype(x.dtype), x)
 
     def decode(self, x_bgtd: Array, positions_3bgt: Array, mask_bgts: Array, *,
-               cache: KV | None = None, cache_index: Array | None = None,
-               prefix: KV | None = None, prefix_mask_bp: Array | None = None,
                return_kv: bool = False) -> tuple[Array, KV | None]:
-        """Runs the decoder; see `Decoder` for the cache/prefix/return_kv modes."""
+        """Runs the decoder without a cache (`Decoder`); with return_kv also each layer's K/V."""
         cos, sin = mrope(positions_3bgt, self.cfg.text)
-        ctx = DecoderContext(cos=cos, sin=sin, mask=mask_bgts, prefix_mask=prefix_mask_bp,
-                             cache_index=cache_index)
-        return self.decoder(x_bgtd, ctx, cache, prefix, return_kv)
+        return self.decoder(x_bgtd, DecoderContext(cos=cos, sin=sin, mask=mask_bgts), return_kv)
 
     def decode_group(self, x_prompt: Array, x_comp: Array, pos_prompt: Array, pos_comp: Array,
                      prompt_mask_bp: Array) -> tuple[Array, Array]:
