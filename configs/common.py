@@ -20,8 +20,9 @@ def base() -> ml_collections.ConfigDict:
     # "auto" = cudnn on NVIDIA GPUs where the shapes allow, xla elsewhere (CPU, TPU).
     c.attention = "auto"
     # With remat, what each layer keeps (pr1_jax.model.qwen2_vl.REMAT_POLICIES): "full" keeps
-    # nothing (least memory); "dots_flash" keeps the matmul and flash-attention outputs.
-    c.remat_policy = "full"
+    # nothing (least memory); "dots_flash" keeps the matmul and flash-attention outputs;
+    # "auto" takes the fastest whose compiled update fits the device (pr1_jax/programs.py).
+    c.remat_policy = "auto"
     c.scan_unroll = 1  # decoder layers unrolled per scan step (28 = straight-line program; compiles slower)
     c.vision_scan_unroll = 1  # the same for the vision blocks (32 at the 2B size)
     # The device mesh (pr1_jax/sharding.py): batch split over data × fsdp, weights over fsdp
@@ -55,18 +56,24 @@ def base() -> ml_collections.ConfigDict:
     c.sampling.max_new_tokens = 768
     c.sampling.top_p = 0.9
     c.sampling.top_k = 50
-    # Decode-step attention: "xla", or "pallas" (one fused kernel per layer and step; GPU,
-    # single-device meshes only for now: the kernel is not yet wrapped in shard_map).
-    c.sampling.decode_attention = "xla"
+    # Decode-step attention: "xla", "pallas" (one fused kernel per layer and step; GPU,
+    # single-device meshes only for now: the kernel is not yet wrapped in shard_map), or
+    # "auto": pallas on a one-GPU mesh, xla elsewhere.
+    c.sampling.decode_attention = "auto"
+    # Benchmarks on random weights only (they never emit EOS): force EOS at lengths drawn from
+    # this distribution, e.g. "geometric:40" or "task" (pr1_jax/workload.py). "" = off.
+    c.sampling.end_lengths = ""
 
     # PR1: 7 ranks × 1 prompt (8 completions) per micro-step × grad-accum 2 = 14 prompts / step.
     c.batch = ml_collections.ConfigDict()
+    # The update's micro-batches change nothing in PR1's math (a mean of equal micro-batch means),
+    # only memory and speed: 0 = the most prompts per micro-batch whose program fits the device.
     c.batch.prompts_per_step = 14
-    c.batch.prompts_per_micro = 1
-    # Static shape buckets (one compiled program each): prompt tokens, packed patch rows.
+    c.batch.prompts_per_micro = 0
+    # Caps, not shapes: each step's prompts, images and completions are padded to the next rung
+    # of a small ladder (pr1_jax/shapes.py); these bound what one row may hold.
     c.batch.seq_len = 2048
     c.batch.patch_row_len = 4096  # ≥ patches of the largest image (1e6 px → ≤ 5,100 patches: raise for that)
-    c.batch.patch_rows = -1  # -1 = prompts in the batch
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-6
@@ -83,7 +90,6 @@ def base() -> ml_collections.ConfigDict:
     c.sft.prompts_per_step = 16
     c.sft.eval_every = 50  # held-out evaluation every N SFT steps (the policy after SFT: at GRPO step 0)
 
-    c.log_every = 1
     c.eval_every = 50
     c.checkpoint_every = 100  # PR1 saves every 100 steps
     c.keep_checkpoints = 3  # newest N (step 0, the policy after SFT, is always kept)

@@ -1,12 +1,15 @@
-"""Ahead-of-time check: compile the rollout and update programs for a TPU slice that is not
-here, and print each program's memory per device — an OOM shows up before the slice is rented.
+"""Ahead-of-time check: compile the rollout (prefill, decode) and update programs for a TPU
+slice that is not here, and print each program's memory per device — an OOM shows up before
+the slice is rented. The programs are those `train.py` builds from the same config
+(`pr1_jax.programs.Programs`), at the largest shapes the config allows (its caps).
 
     python -m pr1_jax.aot --topology=v5e-8 --config=configs/grounding.py --model=qwen2_vl_2b \
         --mesh=data=1,fsdp=-1,tensor=1 --config.batch.prompts_per_micro=8
     python -m pr1_jax.aot --topology=cpu-8 --config=configs/demo.py   # the fake 8-CPU mesh
 
-Shapes come from the training config (prompts per step and micro-batch, G, prompt and patch
-buckets, new tokens, dtype, remat, LM-head chunk); the model from `--model` (a preset) or
+Shapes come from the training config (prompts per step and micro-batch — with 0, all of
+them, the first candidate training tries — G, prompt and patch caps, new tokens, dtype,
+remat, LM-head chunk); the model from `--model` (a preset) or
 `--model_dir` (only its config.json is read). Nothing is allocated: parameters, optimizer
 state and batches are `jax.ShapeDtypeStruct`s carrying their shardings.
 
@@ -26,9 +29,10 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from pr1_jax import grpo, sharding, train_step
+from pr1_jax import sharding, train_step
 from pr1_jax.model.config import PRESETS, ModelConfig
-from pr1_jax.model.qwen2_vl import ModelInputs, Qwen2VL
+from pr1_jax.model.qwen2_vl import ModelInputs
+from pr1_jax.programs import Programs
 from pr1_jax.sampler import SamplingConfig
 
 # name → (get_topology_desc name, its options, HBM GiB per JAX device). v4/v5p: one device
@@ -71,7 +75,9 @@ def program_shapes(cfg, mesh, *, prompts_per_step: int, prompts_per_micro: int, 
                    seq_len: int, patch_row_len: int, max_new_tokens: int, dtype: Any = jnp.bfloat16,
                    optimizer=None):
     """ShapeDtypeStructs (with shardings) of params, train state, one step's Rollouts and the
-    rollout prompts."""
+    rollout prompts, at the caps: the largest programs a run with these settings compiles
+    (a step's shapes are rungs at most these: `pr1_jax.shapes`; T = max_new_tokens loss
+    positions, C = G · max_new_tokens packed completion tokens)."""
     optimizer = optimizer or train_step.make_optimizer(train_step.OptimConfig())
     state = sharding.abstract_train_state(cfg, optimizer, mesh, dtype=dtype)
     params = state.params
@@ -90,7 +96,9 @@ def program_shapes(cfg, mesh, *, prompts_per_step: int, prompts_per_micro: int, 
                          f"prompts_per_micro={prompts_per_micro}")
     m, b, g, tc = prompts_per_step // prompts_per_micro, prompts_per_micro, num_generations, max_new_tokens
     sds = lambda shape, dt: jax.ShapeDtypeStruct((m, b) + shape, dt)  # noqa: E731
-    batch = train_step.Rollouts(prompts=inputs(b, (m,)), completions=sds((g, tc), jnp.int32),
+    packed = train_step.Completions(tokens=sds((g * tc,), jnp.int32), sample=sds((g * tc,), jnp.int32),
+                                    offset=sds((g * tc,), jnp.int32), unpack=sds((g, tc), jnp.int32))
+    batch = train_step.Rollouts(prompts=inputs(b, (m,)), completions=packed,
                                 mask=sds((g, tc), bool), advantages=sds((g,), jnp.float32),
                                 old_logp=sds((g, tc), jnp.float32), group_weight=sds((g,), jnp.float32))
     prompts = inputs(prompts_per_step)
@@ -100,24 +108,27 @@ def program_shapes(cfg, mesh, *, prompts_per_step: int, prompts_per_micro: int, 
     return params, state, with_sh(batch), with_sh(prompts), optimizer
 
 
-def compile_programs(model: Qwen2VL, mesh, *, sampling: SamplingConfig, prompts_per_step: int,
-                     prompts_per_micro: int, seq_len: int, patch_row_len: int, chunk_size: int = 128,
-                     optimizer=None, grpo_cfg=None, eos_ids: tuple[int, ...] | None = None, pad_id: int = 0,
+def lower_programs(programs: Programs, *, sampling: SamplingConfig, prompts_per_step: int, prompts_per_micro: int,
+                   seq_len: int, patch_row_len: int) -> dict[str, Any]:
+    """{"update", "prefill", "decode"} lowered for abstract arguments at the caps, built by the
+    program builder `train.py` uses (`pr1_jax.programs.Programs`)."""
+    params, state, batch, prompts, _ = program_shapes(
+        programs.cfg, programs.mesh, prompts_per_step=prompts_per_step, prompts_per_micro=prompts_per_micro,
+        num_generations=sampling.num_samples, seq_len=seq_len, patch_row_len=patch_row_len,
+        max_new_tokens=sampling.max_new_tokens, dtype=programs.dtype, optimizer=programs.optimizer)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(programs.mesh))
+    return {"update": programs.lower_update(state, params, batch), **programs.sampler.lower(params, prompts, rng,
+                                                                                           sampling)}
+
+
+def compile_programs(programs: Programs, *, sampling: SamplingConfig, prompts_per_step: int, prompts_per_micro: int,
+                     seq_len: int, patch_row_len: int,
                      compiler_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Lowers and compiles {"update", "rollout"} for `mesh` (the programs `train.py` runs,
-    built by `pr1_jax.sharding`); returns the compiled executables, callable on real data."""
-    cfg, g = model.cfg, sampling.num_samples
-    grpo_cfg = grpo_cfg or grpo.GRPOConfig(num_generations=g)
-    params, state, batch, prompts, optimizer = program_shapes(
-        cfg, mesh, prompts_per_step=prompts_per_step, prompts_per_micro=prompts_per_micro, num_generations=g,
-        seq_len=seq_len, patch_row_len=patch_row_len, max_new_tokens=sampling.max_new_tokens,
-        dtype=model.param_dtype, optimizer=optimizer)
-    update = sharding.shard_update_fn(model, optimizer, grpo_cfg, mesh, chunk_size=chunk_size)
-    sampler = sharding.ShardedSampler(model.clone(remat=False), eos_ids or (cfg.vision_end_token_id,), pad_id, mesh)
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
+    """`lower_programs`, compiled: the executables, callable on real data of those shapes."""
+    lowered = lower_programs(programs, sampling=sampling, prompts_per_step=prompts_per_step,
+                             prompts_per_micro=prompts_per_micro, seq_len=seq_len, patch_row_len=patch_row_len)
     opts = dict(compiler_options or {})
-    return {"update": update.lower(state, params, batch).compile(opts),
-            "rollout": sampler.lower(params, prompts, rng, sampling).compile(opts)}
+    return {name: low.compile(opts) for name, low in lowered.items()}
 
 
 def memory_report(compiled: Mapping[str, Any], hbm_bytes: float | None = None) -> dict[str, dict[str, float]]:
@@ -163,21 +174,22 @@ def main(argv) -> None:
     mesh_cfg = parse_mesh(f.mesh) if f.mesh else dict(c.get("mesh", {}) or {})
     mesh = sharding.mesh_from_config(mesh_cfg, devices)
     batch_ways = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
-    if c.batch.prompts_per_micro % batch_ways:
-        print(f"note: prompts_per_micro={c.batch.prompts_per_micro} does not split over data×fsdp={batch_ways}: "
+    micro = c.batch.prompts_per_micro or c.batch.prompts_per_step  # auto: the first candidate train.py tries
+    if micro % batch_ways:
+        print(f"note: prompts_per_micro={micro} does not split over data×fsdp={batch_ways}: "
               "the update batch is replicated (set --config.batch.prompts_per_micro to a multiple)")
-    grpo_cfg = grpo.GRPOConfig(**c.grpo.to_dict())
-    dtype = jnp.dtype(c.dtype)
-    sampling = SamplingConfig(num_samples=grpo_cfg.num_generations, max_new_tokens=c.sampling.max_new_tokens,
+    programs = Programs.from_config(c, cfg, mesh, eos_ids=(151645, 151643), pad_id=151643, budget=None)
+    g = programs.grpo_cfg.num_generations
+    sampling = SamplingConfig(num_samples=g, max_new_tokens=c.sampling.max_new_tokens,
                               top_p=c.sampling.top_p, top_k=c.sampling.top_k)
-    compiled = compile_programs(
-        Qwen2VL(cfg, dtype=dtype, param_dtype=dtype, remat=c.remat), mesh, sampling=sampling,
-        prompts_per_step=c.batch.prompts_per_step, prompts_per_micro=c.batch.prompts_per_micro,
-        seq_len=c.batch.seq_len, patch_row_len=c.batch.patch_row_len, chunk_size=c.chunk_size, grpo_cfg=grpo_cfg)
+    compiled = compile_programs(programs, sampling=sampling, prompts_per_step=c.batch.prompts_per_step,
+                                prompts_per_micro=micro, seq_len=c.batch.seq_len,
+                                patch_row_len=c.batch.patch_row_len)
     title = (f"{f.topology} ({len(devices)} × {devices[0].device_kind}), mesh {dict(mesh.shape)}, "
-             f"model {f.model_dir or f.model}, {c.batch.prompts_per_step} prompts × G={grpo_cfg.num_generations}, "
-             f"micro {c.batch.prompts_per_micro}, seq {c.batch.seq_len}, patches {c.batch.patch_row_len}, "
-             f"new {c.sampling.max_new_tokens}, {c.dtype}, remat={c.remat}")
+             f"model {f.model_dir or f.model}, {c.batch.prompts_per_step} prompts × G={g}, "
+             f"micro {micro}, seq {c.batch.seq_len}, patches {c.batch.patch_row_len}, "
+             f"new {c.sampling.max_new_tokens}, {c.dtype}, remat={c.remat} ({programs.remat_policies[0]}), "
+             f"decode {programs.kernels.decode_attention}")
     print(format_report(memory_report(compiled, hbm), title))
 
 

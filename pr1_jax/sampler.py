@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Sequence
 
 import flax.struct
@@ -70,6 +71,7 @@ class SampleOutput:
     logp: Array  # [B, G, Tc] float32 log π(token) at temperature 1, full vocabulary; 0 on padding
     logp_sample: Array  # [B, G, Tc] float32 log-prob under the sampling distribution; 0 greedy/padding
     lengths: Array  # [B, G] int32 generated tokens, EOS included
+    decode_steps: Array | None = None  # [] int32: tokens decoded per row (the loop's steps, chunks whole)
     logits: Array | None = None  # [B, G, Tc, V] float32, only with return_logits (tests)
 
     @property
@@ -193,41 +195,76 @@ def _choose(logits: Array, rng: Array, temperature: Array, top_p: Array, *, top_
     return token, logp_of(token), _pick(jax.nn.log_softmax(scaled, axis=-1), choice)
 
 
-def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperature: Array, top_p: Array, *,
-             num_samples: int, max_new_tokens: int, top_k: int, use_top_p: bool, greedy: bool,
-             eos_ids: tuple[int, ...],
-             pad_id: int, ignore_eos: bool, return_logits: bool, steps_per_check: int = 16,
-             decode_attention: str = "xla", decode_splits: int = 0) -> SampleOutput:
-    """The whole rollout as one traced program (wrapped by `Sampler` in `jax.jit`).
+@flax.struct.dataclass
+class Prefix:
+    """What the prefill hands the decode loop: the group's shared prompt cache and first logits."""
 
-    steps_per_check: decode steps per chunk between "all rows done?" checks (module docstring).
-    decode_attention: "xla" or "pallas" (one fused kernel per layer, `model.decode_attention`);
-    decode_splits: with "pallas", key splits per program (0: automatic).
-    """
-    apply = functools.partial(model.apply, {"params": params})
-    b, p = prompts.input_ids.shape
-    g, tc = num_samples, max_new_tokens
-    # Token 0 comes from the prefill, tokens 1..Tc-1 from decode steps run in whole chunks.
-    chunk = max(1, min(steps_per_check, tc - 1))
-    tp = 1 + -(-(tc - 1) // chunk) * chunk  # padded buffer length
+    logits: Array  # [B, V] float32: the next-token logits after each prompt
+    k: Array  # [L, B, 1, P, K, Dh] the prompt's keys, every layer
+    v: Array  # [L, B, 1, P, K, Dh]
+    mask: Array  # [B, P] bool: valid prompt keys (left padding)
+    next_pos: Array  # [B] int32: M-RoPE position of the first new token (max position + 1)
 
-    # 1. Vision once per prompt, prompt prefill once per prompt → the group's shared prefix.
-    def prefill(m: Qwen2VL):
+
+def prefill(model: Qwen2VL, params, prompts: ModelInputs) -> Prefix:
+    """Vision once per prompt, the prompt prefilled once per prompt → the group's shared prefix."""
+    p = prompts.input_ids.shape[1]
+
+    def run(m: Qwen2VL):
         vision = m.encode_images(prompts.pixels, prompts.segment_ids, prompts.pos_hw)
         x = m.embed(prompts.input_ids, vision, prompts.vision_index)[:, None]
         causal = jnp.tril(jnp.ones((p, p), bool))[None, None] & prompts.attention_mask[:, None, None, :]
         hidden, kv = m.decode(x, prompts.positions[:, :, None], causal, return_kv=True)
         return m.logits(hidden[:, 0, -1]).astype(jnp.float32), kv  # left padding: last column is real
 
-    first_logits, (k_pre, v_pre) = apply(method=prefill)
+    logits, (k, v) = model.apply({"params": params}, method=run)
+    # Text after the prompt continues at max position + 1 on all three M-RoPE axes.
+    next_pos = jnp.max(jnp.where(prompts.attention_mask[None], prompts.positions, 0), axis=(0, 2)) + 1
+    return Prefix(logits=logits, k=k, v=v, mask=prompts.attention_mask, next_pos=next_pos)
+
+
+def decode_windows(max_new_tokens: int, chunk: int, decode_attention: str, first: int = 64) -> tuple[int, ...]:
+    """Static own-cache lengths the decode loop runs in: `first`, doubling, each a multiple of
+    `chunk`, the last = max_new_tokens. The XLA decode attention reads every slot it is
+    given, so a step reads the smallest window that holds the tokens so far (≤ 2× their
+    number), not all Tc slots. The Pallas step visits only written blocks already: one
+    window. first=0: one window (the whole cache at every step)."""
+    if decode_attention == "pallas" or first <= 0:
+        return (max_new_tokens,)
+    w, out = -(-first // chunk) * chunk, []
+    while w < max_new_tokens:
+        out.append(w)
+        w *= 2
+    return tuple(out) + (max_new_tokens,)
+
+
+def decode(model: Qwen2VL, params, prefix: Prefix, rng: Array, temperature: Array, top_p: Array,
+           end_at: Array | None = None, *, num_samples: int, max_new_tokens: int, top_k: int, use_top_p: bool,
+           greedy: bool, eos_ids: tuple[int, ...], pad_id: int, ignore_eos: bool, return_logits: bool,
+           steps_per_check: int = 16, decode_attention: str = "xla", decode_splits: int = 0,
+           first_window: int = 64) -> SampleOutput:
+    """G samples per prompt from its prefix, in a loop with a KV cache (wrapped in `jax.jit`).
+
+    steps_per_check: decode steps per chunk between "all rows done?" checks (module docstring).
+    first_window: the XLA attention's first cache window (`decode_windows`; 0: none).
+    decode_attention: "xla" or "pallas" (one fused kernel per layer, `model.decode_attention`);
+    decode_splits: with "pallas", key splits per program (0: automatic).
+    end_at [B, G] int32 (benchmarks only, `Sampler.__call__`): completion lengths at which
+    EOS is forced.
+    """
+    apply = functools.partial(model.apply, {"params": params})
+    b, p = prefix.mask.shape
+    g, tc = num_samples, max_new_tokens
+    # Token 0 comes from the prefill, tokens 1..Tc-1 from decode steps run in whole chunks.
+    chunk = max(1, min(steps_per_check, tc - 1))
+    tp = 1 + -(-(tc - 1) // chunk) * chunk  # padded buffer length
     num_layers = model.cfg.text.num_layers
     # Per-layer views in the decode layout, made once here rather than at every step (see
     # decode_layer_by_layer and layers.cached_attention).
-    prefixes = unstack_layers((jnp.swapaxes(k_pre[:, :, 0], 2, 3), jnp.swapaxes(v_pre[:, :, 0], 2, 3)),
+    prefixes = unstack_layers((jnp.swapaxes(prefix.k[:, :, 0], 2, 3), jnp.swapaxes(prefix.v[:, :, 0], 2, 3)),
                               num_layers)  # each [B, K, P, Dh]
-    layer_params = [fuse_layer_params(p) for p in unstack_layers(params["decoder"]["layers"], num_layers)]
-    # Text after the prompt continues at max position + 1 on all three M-RoPE axes.
-    next_pos = jnp.max(jnp.where(prompts.attention_mask[None], prompts.positions, 0), axis=(0, 2)) + 1  # [B]
+    layer_params = [fuse_layer_params(lp) for lp in unstack_layers(params["decoder"]["layers"], num_layers)]
+    next_pos = prefix.next_pos
 
     eos = jnp.asarray(eos_ids, jnp.int32)
     stop = (lambda tok: jnp.zeros(tok.shape, bool)) if ignore_eos else (lambda tok: jnp.isin(tok, eos))
@@ -235,6 +272,10 @@ def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperatu
     def record(state: _LoopState, logits_bgv: Array, key: Array) -> _LoopState:
         token, lp, lps = _choose(logits_bgv, key, temperature, top_p, top_k=top_k, use_top_p=use_top_p,
                                  greedy=greedy)
+        if end_at is not None:  # the benchmark hook: EOS at the drawn length
+            forced = state.step == end_at - 1
+            eos_lp = _pick(logits_bgv, jnp.full(token.shape, eos_ids[0])) - jax.nn.logsumexp(logits_bgv, -1)
+            token, lp = jnp.where(forced, eos_ids[0], token), jnp.where(forced, eos_lp, lp)
         live = ~state.done & (state.step < tc)  # padding steps past Tc record nothing
         token = jnp.where(live, token, pad_id)
         at = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val[..., None], state.step, axis=2)  # noqa: E731
@@ -249,26 +290,26 @@ def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperatu
 
     # Step t writes slot t-1 < Tc-1; padding steps (t ≥ Tc) write slot min(t-1, Tc-1) (clamped),
     # which no real step reads, so the cache keeps Tc slots whatever the chunk.
-    cache_shape = (b, g, k_pre.shape[-2], tc, k_pre.shape[-1])  # [B, G, K, Tc, Dh]
+    cache_shape = (b, g, prefix.k.shape[-2], tc, prefix.k.shape[-1])  # [B, G, K, Tc, Dh]
+    vocab = prefix.logits.shape[-1]
     state = _LoopState(
         step=jnp.zeros((), jnp.int32), last=jnp.zeros((b, g), jnp.int32), done=jnp.zeros((b, g), bool),
         lengths=jnp.zeros((b, g), jnp.int32), tokens=jnp.full((b, g, tp), pad_id, jnp.int32),
         logp=jnp.zeros((b, g, tp), jnp.float32), logp_sample=jnp.zeros((b, g, tp), jnp.float32),
-        cache=[(jnp.zeros(cache_shape, k_pre.dtype), jnp.zeros(cache_shape, v_pre.dtype))
+        cache=[(jnp.zeros(cache_shape, prefix.k.dtype), jnp.zeros(cache_shape, prefix.v.dtype))
                for _ in range(num_layers)],
-        logits=jnp.zeros((b, g, tp, first_logits.shape[-1]), jnp.float32) if return_logits else None)
-    # 2. The G first tokens are G draws from the prompt's next-token distribution.
-    state = record(state, jnp.broadcast_to(first_logits[:, None], (b, g, first_logits.shape[-1])),
-                   jax.random.fold_in(rng, 0))
+        logits=jnp.zeros((b, g, tp, vocab), jnp.float32) if return_logits else None)
+    # The G first tokens are G draws from the prompt's next-token distribution.
+    state = record(state, jnp.broadcast_to(prefix.logits[:, None], (b, g, vocab)), jax.random.fold_in(rng, 0))
 
-    # 3. Decode: feed token t-1 (position next_pos + t-1), write its K/V at slot t-1.
-    def body(state: _LoopState) -> _LoopState:
+    # Feed token t-1 (position next_pos + t-1), write its K/V at slot t-1, attend over the
+    # window's first `window` slots (all written slots: t-1 < window).
+    def body(state: _LoopState, window: int) -> _LoopState:
         t = state.step
         pos = jnp.broadcast_to((next_pos + t - 1)[None, :, None, None], (3, b, g, 1))
-        mask = jnp.broadcast_to(jnp.arange(tc) <= t - 1, (b, g, 1, tc))
-
+        mask = jnp.broadcast_to(jnp.arange(window) <= t - 1, (b, g, 1, window))
         cos, sin = mrope(pos, model.cfg.text)
-        ctx = DecoderContext(cos=cos, sin=sin, mask=mask, prefix_mask=prompts.attention_mask, cache_index=t - 1)
+        ctx = DecoderContext(cos=cos, sin=sin, mask=mask, prefix_mask=prefix.mask, cache_index=t - 1)
         x = apply(state.last, method=Qwen2VL.embed)[:, :, None]
         hidden, cache = decode_layer_by_layer(model.cfg.text, layer_params, params["decoder"]["norm"], x, ctx,
                                               state.cache, prefixes, model.dtype, decode_attention,
@@ -276,20 +317,32 @@ def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperatu
         logits = apply(hidden[:, :, 0], method=Qwen2VL.logits).astype(jnp.float32)
         return record(state.replace(cache=cache), logits, jax.random.fold_in(rng, t))
 
-    def cond(state: _LoopState) -> Array:
-        return (state.step < tc) & ~jnp.all(state.done)
+    # One while loop per window; a chunk runs only if all its steps fit the window (the last
+    # window is the whole cache). A loop whose rows are all done exits at once.
+    windows = decode_windows(tc, chunk, decode_attention, first_window)
+    for window in windows:
+        fits = (lambda s: True) if window == tc else (lambda s, w=window: s.step + chunk - 1 <= w)
 
-    def run_chunk(state: _LoopState) -> _LoopState:  # static trip count: no per-step predicate
-        return jax.lax.fori_loop(0, chunk, lambda _, s: body(s), state)
+        def cond(s: _LoopState, fits=fits) -> Array:
+            return (s.step < tc) & ~jnp.all(s.done) & fits(s)
 
-    state = jax.lax.while_loop(cond, run_chunk, state)
+        def run_chunk(s: _LoopState, window=window) -> _LoopState:  # static trip count: no per-step predicate
+            return jax.lax.fori_loop(0, chunk, lambda _, x: body(x, window), s)
+
+        state = jax.lax.while_loop(cond, run_chunk, state)
     cut = lambda a: None if a is None else a[:, :, :tc]  # noqa: E731
     return SampleOutput(tokens=cut(state.tokens), logp=cut(state.logp), logp_sample=cut(state.logp_sample),
-                        lengths=state.lengths, logits=cut(state.logits))
+                        lengths=state.lengths, decode_steps=state.step, logits=cut(state.logits))
+
+
+def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperature: Array, top_p: Array,
+             end_at: Array | None = None, **static) -> SampleOutput:
+    """`prefill` then `decode` in one traced function (the two programs `Sampler` runs)."""
+    return decode(model, params, prefill(model, params, prompts), rng, temperature, top_p, end_at, **static)
 
 
 class Sampler:
-    """Compiles `generate` once per (shape bucket, static sampling options).
+    """Compiles `prefill` and `decode` once per (shape bucket, static sampling options).
 
     steps_per_check: decode steps between checks whether every row is done (module docstring):
     larger saves host syncs, at the cost of up to steps_per_check − 1 wasted steps at the end.
@@ -298,8 +351,11 @@ class Sampler:
     `decode_splits` programs per (row, sample, kv head) (0: enough programs to fill the GPU).
     """
 
+    STATIC = ("num_samples", "max_new_tokens", "top_k", "use_top_p", "greedy", "eos_ids", "pad_id", "ignore_eos",
+              "return_logits", "steps_per_check", "decode_attention", "decode_splits", "first_window")
+
     def __init__(self, model: Qwen2VL, eos_ids: Sequence[int], pad_id: int, steps_per_check: int = 16,
-                 decode_attention: str = "xla", decode_splits: int = 0):
+                 decode_attention: str = "xla", decode_splits: int = 0, first_window: int = 64):
         if steps_per_check <= 0:
             raise ValueError(f"steps_per_check must be positive, got {steps_per_check}")
         if decode_attention not in ("xla", "pallas"):
@@ -311,22 +367,40 @@ class Sampler:
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
         self.steps_per_check = int(steps_per_check)
-        self._generate = jax.jit(
-            functools.partial(generate, model),
-            static_argnames=("num_samples", "max_new_tokens", "top_k", "use_top_p", "greedy", "eos_ids", "pad_id",
-                             "ignore_eos", "return_logits", "steps_per_check", "decode_attention",
-                             "decode_splits"))
+        self.first_window = int(first_window)
+        self._prefill = jax.jit(functools.partial(prefill, model))
+        self._decode = jax.jit(functools.partial(decode, model), static_argnames=self.STATIC)
+
+    def static_args(self, cfg: SamplingConfig, return_logits: bool = False) -> dict:
+        return dict(num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k,
+                    use_top_p=cfg.top_p < 1.0, greedy=cfg.temperature == 0, eos_ids=self.eos_ids,
+                    pad_id=self.pad_id, ignore_eos=cfg.ignore_eos, return_logits=return_logits,
+                    steps_per_check=self.steps_per_check, decode_attention=self.decode_attention,
+                    decode_splits=self.decode_splits, first_window=self.first_window)
 
     def __call__(self, params, prompts: ModelInputs, rng: Array, cfg: SamplingConfig,
-                 return_logits: bool = False) -> SampleOutput:
-        greedy = cfg.temperature == 0
-        return self._generate(
-            params, prompts, rng, jnp.float32(max(cfg.temperature, 1e-6)), jnp.float32(cfg.top_p),
-            num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k,
-            use_top_p=cfg.top_p < 1.0, greedy=greedy, eos_ids=self.eos_ids, pad_id=self.pad_id, ignore_eos=cfg.ignore_eos,
-            return_logits=return_logits, steps_per_check=self.steps_per_check,
-            decode_attention=self.decode_attention, decode_splits=self.decode_splits)
+                 return_logits: bool = False, end_at: Array | None = None,
+                 timings: dict | None = None) -> SampleOutput:
+        """Samples `cfg.num_samples` completions per prompt: [B, G, Tc] tokens and log-probs.
+
+        end_at [B, G] int32 (benchmarks): forces EOS as token end_at − 1 of each completion, so
+        that random weights, which never end an answer, give a task's answer lengths
+        (`pr1_jax.workload`). timings: when a dict, the prefill and decode are each waited
+        for and timed into it ("prefill_s", "decode_s"): two host syncs per rollout.
+        """
+        t0 = time.perf_counter()
+        pre = self._prefill(params, prompts)
+        if timings is not None:
+            jax.block_until_ready(pre)
+            timings["prefill_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        out = self._decode(params, pre, rng, jnp.float32(max(cfg.temperature, 1e-6)), jnp.float32(cfg.top_p),
+                           end_at, **self.static_args(cfg, return_logits))
+        if timings is not None:
+            jax.block_until_ready(out)
+            timings["decode_s"] = time.perf_counter() - t1
+        return out
 
     def num_compiled(self) -> int:
         """How many programs have been compiled so far (tests: no recompiles per batch)."""
-        return self._generate._cache_size()
+        return self._prefill._cache_size() + self._decode._cache_size()

@@ -350,8 +350,9 @@ def shard_apply(fn: Callable, mesh: Mesh, rules: Rules = TRAIN_RULES, **jit_kwar
 # ------------------------------------------------------------------ the rollout program
 class ShardedSampler(sampler_lib.Sampler):
     """`Sampler` on the mesh: prompts and outputs split along the batch (data × fsdp); the
-    params, passed in any layout (the training one), are re-laid out ONCE at the start of the
-    program into the sampling layout (`SAMPLE_RULES`), then read in place at every token."""
+    params, passed in any layout (the training one), are re-laid out at the start of each of
+    the two programs (prefill, decode) into the sampling layout (`SAMPLE_RULES`), then read
+    in place at every token. (With FSDP that is two weight all-gathers per rollout.)"""
 
     def __init__(self, model: Qwen2VL, eos_ids: Sequence[int], pad_id: int, mesh: Mesh,
                  rules: Rules = SAMPLE_RULES, steps_per_check: int = 16, decode_attention: str = "xla"):
@@ -362,24 +363,46 @@ class ShardedSampler(sampler_lib.Sampler):
         self.mesh, self.rules = mesh, rules
         sample_sh = param_shardings(model.cfg, mesh, rules)
 
-        def generate(params, prompts, rng, temperature, top_p, **static):
+        def prefill(params, prompts):
             params = jax.lax.with_sharding_constraint(params, sample_sh)
-            prompts = constrain_batch(prompts, mesh, rules)
-            out = sampler_lib.generate(model, params, prompts, rng, temperature, top_p, **static)
+            out = sampler_lib.prefill(model, params, constrain_batch(prompts, mesh, rules))
+            return constrain_prefix(out, mesh, rules)
+
+        def decode(params, prefix, rng, temperature, top_p, end_at, **static):
+            params = jax.lax.with_sharding_constraint(params, sample_sh)
+            prefix = constrain_prefix(prefix, mesh, rules)
+            if end_at is not None:
+                end_at = constrain_batch(end_at, mesh, rules)
+            out = sampler_lib.decode(model, params, prefix, rng, temperature, top_p, end_at, **static)
             return constrain_batch(out, mesh, rules)
 
-        static = [n for n, p in inspect.signature(sampler_lib.generate).parameters.items()
-                  if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        self._generate = jax.jit(with_rules(generate, mesh, rules), static_argnames=static)
+        self._prefill = jax.jit(with_rules(prefill, mesh, rules))
+        self._decode = jax.jit(with_rules(decode, mesh, rules), static_argnames=self.STATIC)
 
-    def lower(self, params, prompts, rng, cfg: sampler_lib.SamplingConfig):
-        """The rollout program lowered for (abstract) arguments: `.compile()` it ahead of time."""
+    def lower(self, params, prompts, rng, cfg: sampler_lib.SamplingConfig) -> dict[str, Any]:
+        """The two rollout programs lowered for (abstract) arguments: {"prefill", "decode"},
+        each to `.compile()` ahead of time."""
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated(self.mesh))
-        return self._generate.lower(
-            params, prompts, rng, scalar, scalar, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
-            top_k=cfg.top_k, use_top_p=cfg.top_p < 1.0, greedy=cfg.temperature == 0, eos_ids=self.eos_ids,
-            pad_id=self.pad_id, ignore_eos=cfg.ignore_eos, return_logits=False, steps_per_check=self.steps_per_check,
-            decode_attention=self.decode_attention, decode_splits=self.decode_splits)
+        prefix = jax.eval_shape(self._prefill, params, prompts)
+        prefix = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), prefix,
+                              prefix_shardings(prefix, self.mesh, self.rules))
+        return {"prefill": self._prefill.lower(params, prompts),
+                "decode": self._decode.lower(params, prefix, rng, scalar, scalar, None, **self.static_args(cfg))}
+
+
+def prefix_shardings(prefix: sampler_lib.Prefix, mesh: Mesh, rules: Rules = SAMPLE_RULES) -> sampler_lib.Prefix:
+    """Shardings of a `Prefix`: rows over the batch axes (K/V carry the layers first)."""
+    names = lambda x, at: tuple("batch" if i == at else None for i in range(np.ndim(x)))  # noqa: E731
+    return sampler_lib.Prefix(
+        logits=logical_sharding(names(prefix.logits, 0), np.shape(prefix.logits), mesh, rules),
+        k=logical_sharding(names(prefix.k, 1), np.shape(prefix.k), mesh, rules),
+        v=logical_sharding(names(prefix.v, 1), np.shape(prefix.v), mesh, rules),
+        mask=logical_sharding(names(prefix.mask, 0), np.shape(prefix.mask), mesh, rules),
+        next_pos=logical_sharding(names(prefix.next_pos, 0), np.shape(prefix.next_pos), mesh, rules))
+
+
+def constrain_prefix(prefix: sampler_lib.Prefix, mesh: Mesh, rules: Rules = SAMPLE_RULES) -> sampler_lib.Prefix:
+    return jax.lax.with_sharding_constraint(prefix, prefix_shardings(prefix, mesh, rules))
 
 
 # ------------------------------------------------------------------ batches

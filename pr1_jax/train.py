@@ -39,12 +39,15 @@ from absl import app
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from pr1_jax import checkpoint, grpo, multihost, rollouts, sharding, tiny, viz
+from pr1_jax import checkpoint, grpo, multihost, rollouts, sharding, tiny, viz, workload
+from pr1_jax.accounting import StepAccount
 from pr1_jax.data import pipeline, readers, synthetic
 from pr1_jax.evaluation import grounding as grounding_eval
 from pr1_jax.pretrained import Pretrained
 from pr1_jax.processing import chat
+from pr1_jax.programs import Programs
 from pr1_jax.sampler import SamplingConfig
+from pr1_jax.shapes import StepShapes
 from pr1_jax.train_step import OptimConfig, make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
@@ -94,22 +97,15 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     p_step = c.batch.prompts_per_step
     total_steps = c.total_steps if c.total_steps > 0 else max(1, c.num_epochs * len(train_examples) // p_step)
     data = pipeline.make_iterator(train_examples, prepare=prepare, seed=c.seed, num_epochs=None)  # this process's shard
-    buckets = rollouts.Buckets(seq_len=c.batch.seq_len, row_len=c.batch.patch_row_len)
 
-    # ---------------------------------------------------------------- programs (pr1_jax/sharding.py)
-    kernels = dict(attention=c.get("attention", "xla"))
-    model = pre.model(remat=c.remat, remat_policy=c.get("remat_policy", "full"), scan_unroll=c.get("scan_unroll", 1),
-                      vision_scan_unroll=c.get("vision_scan_unroll", 1), **kernels)
-    sampler = sharding.ShardedSampler(pre.model(**kernels), special.eos_ids, special.pad_id, mesh,
-                                      decode_attention=c.sampling.get("decode_attention", "xla"))
-    grpo_cfg = grpo.GRPOConfig(**c.grpo.to_dict())
-    optimizer = make_optimizer(OptimConfig(learning_rate=c.optim.learning_rate, total_steps=total_steps,
-                                           schedule=c.optim.schedule, max_grad_norm=c.optim.max_grad_norm,
-                                           weight_decay=c.optim.weight_decay, eps=c.optim.eps))
-    update = sharding.shard_update_fn(model, optimizer, grpo_cfg, mesh, chunk_size=c.chunk_size)
+    # ---------------------------------------------------------------- programs (pr1_jax/programs.py)
+    programs = Programs.from_config(c, pre.config, mesh, special.eos_ids, special.pad_id, total_steps=total_steps)
+    grpo_cfg = programs.grpo_cfg
+    shapes = StepShapes.from_config(c)  # per-step shapes on a ladder, the config's sizes as caps
+    end_lengths = workload.EndLengths.parse(c.sampling.end_lengths, c.task)  # benchmarks only
     params = pre.params
-    evaluator = functools.partial(evaluate, c=c, pre=pre, sampler=sampler, mesh=mesh, examples=eval_examples,
-                                  prepare=prepare, buckets=buckets, system_prompt=system_prompt)
+    evaluator = functools.partial(evaluate, c=c, pre=pre, programs=programs, mesh=mesh, examples=eval_examples,
+                                  prepare=prepare, shapes=shapes, system_prompt=system_prompt)
     history: dict[str, list] = {"step": [], "reward": [], "eval_step": [], "eval_score": []}
 
     # ---------------------------------------------------------------- resume (pr1_jax/checkpoint.py)
@@ -118,7 +114,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     run_meta = {"reference": "step_0" if c.sft.steps > 0 else "base_model",
                 "model_dir": str(Path(model_dir).absolute()), "model_config": pre.config.to_hf_dict(),
                 "config": json.loads(c.to_json_best_effort())}
-    resumed = ckpt.restore_latest(sharding.abstract_train_state(pre.config, optimizer, mesh, dtype=dtype), rng)
+    resumed = ckpt.restore_latest(sharding.abstract_train_state(pre.config, programs.optimizer, mesh, dtype=dtype), rng)
     start = resumed.step if resumed is not None else 0
     # The logs keep the steps done so far (a killed run may have logged past its last checkpoint).
     kept = lambda row: resumed is not None and (row.get("phase") == "sft" or row["step"] <= start)  # noqa: E731
@@ -134,9 +130,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         # ------------------------------------------------------------ SFT warm-up (optional)
         if c.sft.steps > 0:
             with preempt.exit_at_once():  # not checkpointed: SIGTERM exits now, a restart redoes it
-                params = sft_warmup(c, pre, model, params, mesh, data, buckets, system_prompt, evaluator, history)
+                params = sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, evaluator, history)
         ref_params = params  # frozen initial policy, never synced (PR1)
-        state = sharding.init_train_state(params, optimizer, mesh, cfg=pre.config)  # a copy: donated step by step
+        state = sharding.init_train_state(params, programs.optimizer, mesh, cfg=pre.config)  # a copy: donated step by step
         score0 = evaluator(state.params, step=0, tag="grpo")
         history["eval_step"].append(0)
         history["eval_score"].append(score0)
@@ -145,49 +141,89 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
 
     # ---------------------------------------------------------------- GRPO
     metrics_file = open(workdir / "metrics.jsonl" if main else os.devnull, "a")
-    p_local, micro_local = multihost.local_batch_size(p_step), multihost.local_batch_size(c.batch.prompts_per_micro)
+    p_local = multihost.local_batch_size(p_step)
+    shards = sharding.batch_shards(mesh)
+
+    def next_prompts():
+        examples = [next(data) for _ in range(p_local)]
+        return examples, rollouts.encode_examples(examples, c.task, special, pre.tokenizer, pre.image_config,
+                                                  system_prompt)
+
+    upcoming = None
     stop = False
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="GRPO", dynamic_ncols=True,
                disable=not main)
     for step in bar:
-        t0 = time.perf_counter()
-        examples = [next(data) for _ in range(p_local)]  # this process's prompts of the step
-        prompts = rollouts.encode_examples(examples, c.task, special, pre.tokenizer, pre.image_config, system_prompt)
+        acct, compiled_before, events_before = StepAccount(), programs.num_compiled(), len(programs.compile_events)
+        with acct.phase("data"):  # this process's prompts of the step (read during the last update)
+            examples, prompts = upcoming or next_prompts()
+            upcoming = None
+            pshape = global_prompt_size(prompts).padded(shapes)  # the same shapes on every process
+            inputs = sharding.shard_batch(rollouts.prompt_inputs(prompts, special, pshape), mesh, process_local=True)
         temperature = grpo.temperature_at(step, grpo_cfg, total_steps)
         rng, key = jax.random.split(rng)
-        inputs = sharding.shard_batch(rollouts.prompt_inputs(prompts, special, buckets), mesh, process_local=True)
-        out = sampler(state.params, inputs, key,
-                      SamplingConfig(num_samples=grpo_cfg.num_generations, max_new_tokens=c.sampling.max_new_tokens,
-                                     temperature=temperature, top_p=c.sampling.top_p, top_k=c.sampling.top_k))
-        tokens, lengths, logp = multihost.host_local((out.tokens, out.lengths, out.logp))  # [p_local, G, ...]
-        texts = rollouts.decode_completions(pre.tokenizer, tokens, c.skip_special_tokens)
-        total, per_fn = rollouts.score(texts, examples, c.rewards, grpo_cfg.num_generations, c.reward_kwargs.to_dict())
-        advantages, adv_stats = grpo.group_advantages(jnp.asarray(total), grpo_cfg)  # a group lives on one process
-        mask = np.asarray(grpo.completion_mask(
-            jnp.asarray(tokens.reshape(-1, tokens.shape[-1])), special.im_end, special.pad_id,
-            lengths_b=jnp.asarray(lengths.reshape(-1)), pr1_mask_quirk=grpo_cfg.pr1_mask_quirk)).reshape(tokens.shape)
-        batch = rollouts.assemble(prompts, special, buckets, tokens, mask, np.asarray(advantages), logp,
-                                  np.asarray(adv_stats["loss_weight"]), micro_local)
-        batch = sharding.shard_batch(batch, mesh, process_local=True)
-        for _ in range(grpo_cfg.num_iterations):  # μ = 1 in PR1: one update per rollout batch
-            state, m = update(state, ref_params, batch)
-        m = {k: float(v) for k, v in jax.device_get(m).items()}  # replicated: the same on every process
+        end_at = None if end_lengths is None else sharding.shard_batch(
+            end_lengths.draw((p_local, grpo_cfg.num_generations), c.sampling.max_new_tokens,
+                             seed=c.seed * 100_003 + step * 7919 + jax.process_index()), mesh, process_local=True)
+        times: dict[str, float] = {}
+        sampling = SamplingConfig(num_samples=grpo_cfg.num_generations, max_new_tokens=c.sampling.max_new_tokens,
+                                  temperature=temperature, top_p=c.sampling.top_p, top_k=c.sampling.top_k)
+        out = programs.rollout(state.params, inputs, key, sampling, end_at=end_at, timings=times)
+        acct.add_time("prefill", times["prefill_s"])
+        acct.add_time("decode", times["decode_s"])
+        with acct.phase("rewards"):
+            tokens, lengths, logp = multihost.host_local((out.tokens, out.lengths, out.logp))  # [p_local, G, ...]
+            texts = rollouts.decode_completions(pre.tokenizer, tokens, c.skip_special_tokens)
+            total, per_fn = rollouts.score(texts, examples, c.rewards, grpo_cfg.num_generations,
+                                           c.reward_kwargs.to_dict())
+            advantages, adv_stats = grpo.group_advantages(jnp.asarray(total), grpo_cfg)  # a group lives on one process
+            mask = np.asarray(grpo.completion_mask(
+                jnp.asarray(tokens.reshape(-1, tokens.shape[-1])), special.im_end, special.pad_id,
+                lengths_b=jnp.asarray(lengths.reshape(-1)),
+                pr1_mask_quirk=grpo_cfg.pr1_mask_quirk)).reshape(tokens.shape)
+        with acct.phase("update"):
+            cshape = global_completion_shape(mask, shapes)
+            make_batch = lambda micro: sharding.shard_batch(  # noqa: E731
+                rollouts.assemble(prompts, special, pshape, cshape, tokens, mask, np.asarray(advantages), logp,
+                                  np.asarray(adv_stats["loss_weight"]), multihost.local_batch_size(micro)),
+                mesh, process_local=True)
+            batch = programs.update_batch(state, ref_params, make_batch, p_step, shards)
+            for _ in range(grpo_cfg.num_iterations):  # μ = 1 in PR1: one update per rollout batch
+                state, m = programs.update(state, ref_params, batch)
+            # While the device updates: the next step's prompts (images read, resized, tokenized).
+            # A checkpoint stores the iterator as it was before them, so a restart reads them again.
+            data_state = data.get_state()
+            if step + 1 < total_steps:
+                upcoming = next_prompts()
+            m = {k: float(v) for k, v in jax.device_get(m).items()}  # replicated: the same on every process
+        m["update/prompts_per_micro"], m["update/remat"] = programs.update_choice(batch)
         total, per_fn, std_g, lengths = multihost.gather((total, per_fn, np.asarray(adv_stats["std_g"]), lengths))
+        acct.completions(lengths, lengths >= c.sampling.max_new_tokens, int(out.decode_steps))
+        acct.count(prompt_real=sum(len(p.ids) for p in prompts), prompt_padded=pshape.seq_len * len(prompts),
+                   patches_real=sum(p.image[0].shape[0] for p in prompts), patches_padded=pshape.row_len * len(prompts),
+                   completion_real=int(mask.sum()), completion_padded=cshape.packed_len * len(prompts))
         m.update(reward=float(total.mean()), reward_std=float(std_g.mean()),
                  completion_length=float(lengths.mean()), temperature=float(temperature),
-                 step_time=time.perf_counter() - t0, **{f"reward/{k}": float(v.mean()) for k, v in per_fn.items()})
-        m["tokens_per_s"] = float(lengths.sum()) / m["step_time"]
-        metrics_file.write(json.dumps({"step": step + 1, **m}) + "\n")
-        metrics_file.flush()
+                 **{f"reward/{k}": float(v.mean()) for k, v in per_fn.items()})
         history["step"].append(step + 1)
         history["reward"].append(m["reward"])
         bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m.get('kl', 0):.4f}", len=f"{m['completion_length']:.0f}")
         if (step + 1) % c.eval_every == 0 or step + 1 == total_steps:
-            history["eval_step"].append(step + 1)
-            history["eval_score"].append(evaluator(state.params, step=step + 1, tag="grpo"))
+            with acct.phase("eval"):
+                history["eval_step"].append(step + 1)
+                history["eval_score"].append(evaluator(state.params, step=step + 1, tag="grpo"))
         stop = preempt.stop_requested()
         if stop or (step + 1) % c.checkpoint_every == 0 or step + 1 == total_steps:
-            ckpt.save(step + 1, state, rng=rng, data_state=data.get_state(), meta=dict(run_meta, history=history))
+            with acct.phase("checkpoint"):
+                ckpt.save(step + 1, state, rng=rng, data_state=data_state, meta=dict(run_meta, history=history))
+        events = programs.compile_events[events_before:]
+        m.update(acct.as_metrics(), compiled=programs.num_compiled() - compiled_before,
+                 compiled_rollout=sum(e["count"] for e in events if e["program"] == "rollout"))
+        m["time/update_compile_s"] = round(sum(e["seconds"] for e in events if e["program"] == "update"), 3)
+        m["step_time"] = m["time/step_s"]
+        m["tokens_per_s"] = float(lengths.sum()) / m["step_time"]
+        metrics_file.write(json.dumps({"step": step + 1, **m}) + "\n")
+        metrics_file.flush()
         if stop:
             break
     metrics_file.close()
@@ -212,11 +248,24 @@ def _score_at(history: dict, step: int) -> float | None:
     return scores[-1] if scores else None
 
 
-def sft_warmup(c, pre, model, params, mesh, data, buckets, system_prompt, evaluator, history):
+def global_prompt_size(prompts) -> rollouts.PromptSize:
+    """The largest prompt and image of the step over every process (all must pick one shape)."""
+    size = rollouts.PromptSize.of(prompts)
+    tokens, patches = multihost.gather((np.array([size.tokens]), np.array([size.patches])))
+    return rollouts.PromptSize(int(tokens.max()), int(patches.max()))
+
+
+def global_completion_shape(mask_ngt: np.ndarray, shapes: StepShapes) -> rollouts.CompletionShape:
+    """The update's completion shapes (loss positions, packed tokens) over every process."""
+    ext = rollouts.completion_extents(mask_ngt)
+    longest, group = multihost.gather((np.array([ext.max(initial=1)]), np.array([ext.sum(-1).max(initial=1)])))
+    return rollouts.CompletionShape.from_sizes(int(longest.max()), int(group.max()), shapes)
+
+
+def sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, evaluator, history):
     """Supervised warm-up on the task's ground-truth answers (same scoring path as GRPO)."""
     opt = make_optimizer(OptimConfig(learning_rate=c.sft.learning_rate, total_steps=c.sft.steps,
                                      schedule="constant", max_grad_norm=c.optim.max_grad_norm, eps=c.optim.eps))
-    sft = sharding.shard_sft_fn(model, opt, mesh, chunk_size=c.chunk_size)
     state = sharding.init_train_state(params, opt, mesh, cfg=pre.config)
     n = multihost.local_batch_size(c.sft.prompts_per_step)  # this process's prompts of a step
     bar = tqdm(range(c.sft.steps), desc="SFT", dynamic_ncols=True, disable=not multihost.is_main_process())
@@ -227,9 +276,10 @@ def sft_warmup(c, pre, model, params, mesh, data, buckets, system_prompt, evalua
         targets = [rollouts.sft_target(ex, c.task, pre.special) for ex in examples]
         ids, mask = rollouts.encode_targets(pre.tokenizer, targets, c.sampling.max_new_tokens, pre.special.pad_id)
         zeros = np.zeros(ids.shape, np.float32)
-        batch = rollouts.assemble(prompts, pre.special, buckets, ids, mask, zeros[..., 0], zeros,
+        batch = rollouts.assemble(prompts, pre.special, global_prompt_size(prompts).padded(shapes),
+                                  global_completion_shape(mask, shapes), ids, mask, zeros[..., 0], zeros,
                                   np.ones(zeros.shape[:2], np.float32), n)
-        state, m = sft(state, sharding.shard_batch(batch, mesh, process_local=True))
+        state, m = programs.sft(state, sharding.shard_batch(batch, mesh, process_local=True), opt)
         bar.set_postfix(loss=f"{float(m['loss']):.3f}")
         if (step + 1) % c.sft.eval_every == 0 and step + 1 < c.sft.steps:  # the GRPO start evaluates the last
             history["eval_step"].append(-(c.sft.steps - step - 1))
@@ -237,7 +287,7 @@ def sft_warmup(c, pre, model, params, mesh, data, buckets, system_prompt, evalua
     return state.params
 
 
-def evaluate(params, *, c, pre, sampler, mesh, examples, prepare, buckets, system_prompt, step: int,
+def evaluate(params, *, c, pre, programs, mesh, examples, prepare, shapes, system_prompt, step: int,
              tag: str) -> float:
     """Greedy decoding of the held-out examples; grounding Acc@0.5 (else mean reward). Logs eval.jsonl.
 
@@ -255,8 +305,10 @@ def evaluate(params, *, c, pre, sampler, mesh, examples, prepare, buckets, syste
         chunk = chunk + [chunk[-1]] * (bs - n_real)  # pad the last batch: one compiled shape
         prompts = rollouts.encode_examples(chunk[multihost.local_slice(bs)], c.task, pre.special, pre.tokenizer,
                                            pre.image_config, system_prompt)
-        inputs = sharding.shard_batch(rollouts.prompt_inputs(prompts, pre.special, buckets), mesh, process_local=True)
-        out = sampler(params, inputs, key, SamplingConfig(max_new_tokens=c.sampling.max_new_tokens, temperature=0))
+        shape = global_prompt_size(prompts).padded(shapes)
+        inputs = sharding.shard_batch(rollouts.prompt_inputs(prompts, pre.special, shape), mesh, process_local=True)
+        out = programs.rollout(params, inputs, key, SamplingConfig(max_new_tokens=c.sampling.max_new_tokens,
+                                                                   temperature=0))
         tokens = multihost.gather(multihost.host_local(out.tokens))  # every process's block, in order
         texts += rollouts.decode_completions(pre.tokenizer, tokens, c.skip_special_tokens)[:n_real]
         prepared += chunk[:n_real]

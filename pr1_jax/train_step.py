@@ -2,15 +2,21 @@
 
 Scoring a group: the image is encoded and the prompt run ONCE per prompt; its K/V are the
 shared prefix that the G completions of the group attend to (`Qwen2VL.decode_group`: one
-decoder pass over rows [prompt, G completions], split only for attention). This
-is exactly the full forward of each [prompt, completion] row — the prompt's activations
-are identical across the group and their gradients sum over it — at a fraction of the
-FLOPs: 8 × 318 prompt tokens instead of 64 × 318 at PR1's settings. Log-probs come from
-the LM head in chunks of tokens (`grpo.chunked_token_log_probs`), so float32 logits
-[B·G, Tc, V] are never materialised.
+decoder pass over rows [prompt, the G completions back to back], split only for
+attention). The completions are packed back to back by their real length (`Completions`),
+so the update's cost follows the tokens the policy wrote, not `max_new_tokens`: a grounding
+step of 14 prompts × 8 answers of ≈ 40 tokens scores 14 × 512–640 completion positions,
+not 14 × 8 × 768. (Rows of the longest completion's length, several completions per row,
+measured slower on the H200: 1.04–1.10 s against 0.95–1.06 s for a grounding update; the
+masked attention over a whole group costs ≈ 4·C·width per token, a few % at these C.)
+This is exactly the full forward of each [prompt, completion] row — a token sees the
+prompt and its own completion's earlier tokens, nothing else — and the loss reads each
+completion's log-probs back as [B, G, T] (`Completions.unpack`), so `grpo.per_token_loss`
+is unchanged. Log-probs come from the LM head in chunks of tokens
+(`grpo.chunked_token_log_probs`), so float32 logits [tokens, V] are never materialised.
 
 Shape letters: M micro-batches, B prompts per micro-batch, G samples, P prompt tokens,
-Tc completion tokens, D width.
+C packed completion tokens per prompt, T completion positions of the loss, D width.
 """
 
 from __future__ import annotations
@@ -39,14 +45,24 @@ class TrainState:
 
 
 @flax.struct.dataclass
+class Completions:
+    """A prompt's G completions packed back to back by length (`rollouts.pack_completions`)."""
+
+    tokens: Array  # [..., B, C] int32: completion 0's tokens, then completion 1's, ...; pad after
+    sample: Array  # [..., B, C] int32: which of the G completions a token belongs to; -1 = padding
+    offset: Array  # [..., B, C] int32: the token's index inside its completion
+    unpack: Array  # [..., B, G, T] int32: where token t of completion g sits in the C axis (0 off the mask)
+
+
+@flax.struct.dataclass
 class Rollouts:
     """One optimizer step's data, split into M micro-batches of B prompts × G completions."""
 
     prompts: ModelInputs  # every field with a leading [M] axis
-    completions: Array  # [M, B, G, Tc] int32
-    mask: Array  # [M, B, G, Tc] bool: tokens that count in the loss
+    completions: Completions  # [M, B, C] packed, unpack [M, B, G, T]
+    mask: Array  # [M, B, G, T] bool: tokens that count in the loss
     advantages: Array  # [M, B, G] float32
-    old_logp: Array  # [M, B, G, Tc] float32 (sampler's log-probs; used when μ > 1)
+    old_logp: Array  # [M, B, G, T] float32 (sampler's log-probs; used when μ > 1)
     group_weight: Array  # [M, B, G] float32 (0 drops a group: skip_zero_std_groups)
 
 
@@ -83,38 +99,41 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
-def group_hidden(model: Qwen2VL, params, prompts: ModelInputs, completions: Array) -> Array:
-    """Hidden states that predict each completion token: [B, G, Tc, D].
+def packed_hidden(model: Qwen2VL, params, prompts: ModelInputs, comp: Completions) -> Array:
+    """Hidden states that predict each packed completion token: [B, C, D].
 
-    Position t of the result is the state after [prompt, completion[:t]]: the prompt's last
-    state for t = 0 (shared by the group), the completion's state t−1 after that.
+    The state before a completion's token 0 is the prompt's last state (shared by the group);
+    before token j > 0, the state after its token j − 1, the previous packed position.
     """
-    b, g, tc = completions.shape
 
     def forward(m: Qwen2VL):
         vision = m.encode_images(prompts.pixels, prompts.segment_ids, prompts.pos_hw)
         x = m.embed(prompts.input_ids, vision, prompts.vision_index)[:, None]
         next_pos = jnp.max(jnp.where(prompts.attention_mask[None], prompts.positions, 0), axis=(0, 2)) + 1
-        pos = jnp.broadcast_to((next_pos[:, None, None] + jnp.arange(tc))[None], (3, b, g, tc))
-        hidden_p, hidden_c = m.decode_group(x, m.embed(completions), prompts.positions[:, :, None], pos,
-                                            prompts.attention_mask)
-        first = jnp.broadcast_to(hidden_p[:, :, -1:], (b, g, 1, hidden_p.shape[-1]))
-        return jnp.concatenate([first, hidden_c[:, :, :-1]], axis=2)
+        pos = jnp.broadcast_to((next_pos[:, None] + comp.offset)[None], (3,) + comp.offset.shape)
+        idx = jnp.arange(comp.tokens.shape[-1])
+        # own earlier tokens of the same completion; a padding token sees itself (no empty row)
+        mask = ((comp.sample[:, :, None] == comp.sample[:, None, :]) & (idx[:, None] >= idx[None, :])
+                & (comp.sample[:, :, None] >= 0)) | (idx[:, None] == idx[None, :])
+        hidden_p, hidden_c = m.decode_group(x, m.embed(comp.tokens), prompts.positions[:, :, None], pos,
+                                            prompts.attention_mask, mask)
+        last = hidden_p[:, 0, -1:]  # [B, 1, D]
+        before = jnp.concatenate([last, hidden_c[:, :-1]], axis=1)
+        return jnp.where((comp.offset == 0)[..., None], last, before)
 
     return model.apply({"params": params}, method=forward)
 
 
-def completion_log_probs(model: Qwen2VL, params, prompts: ModelInputs, completions: Array,
+def completion_log_probs(model: Qwen2VL, params, prompts: ModelInputs, comp: Completions,
                          chunk_size: int = 128) -> tuple[Array, Array]:
-    """log π(token) at temperature 1 over the full vocabulary, and entropy: [B, G, Tc] each."""
-    b, g, tc = completions.shape
-    hidden = group_hidden(model, params, prompts, completions)
+    """log π(token) at temperature 1 over the full vocabulary, and entropy: [B, G, T] each."""
+    hidden = packed_hidden(model, params, prompts, comp)
     logits_fn = lambda h: model.apply({"params": params}, h, method=Qwen2VL.logits)  # noqa: E731
     # rows over the batch axes, width whole: the LM head gathers its (FSDP) weight per chunk
-    hidden = nn.with_logical_constraint(hidden.reshape(b * g, tc, -1), ("batch", "length", "act_embed"))
-    logp, entropy = grpo.chunked_token_log_probs(hidden, completions.reshape(b * g, tc),
-                                                 logits_fn, chunk_size)
-    return logp.reshape(b, g, tc), entropy.reshape(b, g, tc)
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "act_embed"))
+    logp, entropy = grpo.chunked_token_log_probs(hidden, comp.tokens, logits_fn, chunk_size)  # [B, C]
+    unpack = lambda a: jnp.take_along_axis(a[:, None], comp.unpack, axis=-1)  # noqa: E731  [B, G, T]
+    return unpack(logp), unpack(entropy)
 
 
 def grpo_update(model: Qwen2VL, optimizer: optax.GradientTransformation, cfg: grpo.GRPOConfig,
@@ -148,7 +167,7 @@ def grpo_update(model: Qwen2VL, optimizer: optax.GradientTransformation, cfg: gr
 
 def _accumulate_and_apply(optimizer, state: TrainState, batch: Rollouts, micro_grads):
     """Sums gradients and metrics over the M micro-batches (lax.scan), averages, applies AdamW."""
-    m = batch.completions.shape[0]
+    m = batch.advantages.shape[0]
     shapes = jax.eval_shape(micro_grads, jax.tree.map(lambda a: a[0], batch))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 

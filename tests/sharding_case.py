@@ -88,7 +88,7 @@ def rollouts(micro):
     """A GRPO step's Rollouts over micro-batches of global prompt indices (NumPy)."""
     import jax
 
-    from pr1_jax.train_step import Rollouts
+    from pr1_jax.rollouts import rollouts_from_padded
 
     def row(i):
         rng = np.random.default_rng(200 + i)
@@ -99,10 +99,10 @@ def rollouts(micro):
     per = [[row(i) for i in mb] for mb in micro]
     stack = lambda k, dt: np.asarray([[r[k] for r in mb] for mb in per], dt)  # noqa: E731
     prompts = [model_inputs(mb) for mb in micro]
-    return Rollouts(prompts=jax.tree.map(lambda *xs: np.stack(xs), *prompts), completions=stack(0, np.int32),
-                    mask=stack(1, bool), advantages=stack(2, np.float32),
-                    old_logp=np.zeros((len(micro), len(micro[0]), G, TC), np.float32),
-                    group_weight=np.ones((len(micro), len(micro[0]), G), np.float32))
+    return rollouts_from_padded(jax.tree.map(lambda *xs: np.stack(xs), *prompts), stack(0, np.int32),
+                                stack(1, bool), stack(2, np.float32),
+                                np.zeros((len(micro), len(micro[0]), G, TC), np.float32),
+                                np.ones((len(micro), len(micro[0]), G), np.float32), pad_id=0, trim=False)
 
 
 def optimizer():

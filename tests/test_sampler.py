@@ -189,6 +189,34 @@ def test_chunked_loop_equals_step_by_step(setup):
                 np.testing.assert_array_equal(np.asarray(getattr(out, name)), np.asarray(getattr(ref, name)), name)
 
 
+def test_windowed_decode_equals_full_cache(setup):
+    """The XLA decode attention over growing cache windows (16, 32, then all 40 slots) gives the
+    same tokens as attending over the whole cache at every step, and the same log-probs."""
+    s = setup
+    cfg = sampler_lib.SamplingConfig(num_samples=2, max_new_tokens=40, temperature=1.0, top_k=20)
+    run = lambda first: sampler_lib.Sampler(s["model"], (), PAD, steps_per_check=8, first_window=first)(  # noqa: E731
+        s["params"], s["inputs"], jax.random.PRNGKey(5), cfg)
+    assert sampler_lib.decode_windows(40, 8, "xla", 16) == (16, 32, 40)
+    full, windowed = run(0), run(16)
+    assert int(windowed.decode_steps) == int(full.decode_steps) == 41  # 1 + 5 chunks of 8 (the last runs past 40)
+    np.testing.assert_array_equal(np.asarray(windowed.tokens), np.asarray(full.tokens))
+    np.testing.assert_allclose(np.asarray(windowed.logp), np.asarray(full.logp), atol=1e-5)
+
+
+def test_end_at_hook_ends_completions(setup):
+    """The benchmark hook: EOS forced as token end_at − 1; the loop stops once all are done."""
+    s = setup
+    b = s["inputs"].input_ids.shape[0]
+    end_at = np.tile(np.array([[3, 7]], np.int32), (b, 1))
+    out = sampler_lib.Sampler(s["model"], EOS, PAD)(s["params"], s["inputs"], jax.random.PRNGKey(3),
+                                                    sampler_lib.SamplingConfig(num_samples=2, max_new_tokens=30,
+                                                                               temperature=1.0),
+                                                    end_at=jnp.asarray(end_at))
+    np.testing.assert_array_equal(np.asarray(out.lengths), end_at)
+    assert (np.asarray(out.tokens)[:, 0, 2] == EOS[0]).all() and (np.asarray(out.tokens)[:, 1, 6] == EOS[0]).all()
+    assert int(out.decode_steps) < 30  # stopped at a chunk boundary after the longest
+
+
 def test_one_compile_per_bucket(setup):
     s = setup
     sam = sampler_lib.Sampler(s["model"], EOS, PAD)
@@ -201,7 +229,7 @@ def test_one_compile_per_bucket(setup):
                             row_len=s["np_inputs"].pixels.shape[1], num_rows=s["np_inputs"].pixels.shape[0])
     sam(s["params"], jax.tree.map(jnp.asarray, other), jax.random.PRNGKey(1),
         sampler_lib.SamplingConfig(num_samples=2, max_new_tokens=4, temperature=0.5))
-    assert sam.num_compiled() == 1
+    assert sam.num_compiled() == 2  # one prefill, one decode program
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_new_tokens=0), dict(max_new_tokens=-3), dict(num_samples=0),

@@ -14,6 +14,7 @@ from flax.core import meta
 from jax.sharding import PartitionSpec as P
 
 from pr1_jax import aot, sharding
+from pr1_jax.programs import Programs, resolve_kernels
 from pr1_jax.model import hf_io
 from pr1_jax.model.config import ModelConfig
 from pr1_jax.model.qwen2_vl import Qwen2VL, init_params
@@ -58,7 +59,8 @@ def test_rule_tables_give_the_expected_layouts():
     assert spec(sample, "embed_tokens/embedding") == P("tensor", None)
     # The batch: rows over data × fsdp, micro-batch axis and M-RoPE's 3 axes left alone.
     batch = sharding.batch_shardings(case.rollouts(case.MICRO), sharding.make_mesh(data=2, fsdp=2, tensor=2))
-    assert batch.completions.spec == P(None, ("data", "fsdp"), None, None)
+    assert batch.completions.tokens.spec == P(None, ("data", "fsdp"), None)
+    assert batch.completions.unpack.spec == P(None, ("data", "fsdp"), None, None)
     assert batch.prompts.positions.spec == P(None, None, ("data", "fsdp"), None)
     assert batch.prompts.pixels.spec == P(None, ("data", "fsdp"), None, None)
 
@@ -126,15 +128,16 @@ def test_aot_programs_on_fake_mesh_equal_unsharded(ckpt):
     compiled GRPO update and greedy rollout run on real data equal the one-device programs."""
     cfg, opt = case.model_config(), case.optimizer()
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    model = Qwen2VL(cfg)
     greedy = case.greedy()
+    programs = Programs(cfg, mesh, dtype=jnp.float32, optimizer=opt, grpo_cfg=case.grpo_config(),
+                        eos_ids=(case.VEND,), pad_id=case.PAD, kernels=resolve_kernels("xla", "xla", mesh),
+                        remat=False, chunk_size=case.CHUNK, budget=None)
     compiled = aot.compile_programs(
-        model, mesh, optimizer=opt, grpo_cfg=case.grpo_config(), sampling=greedy, eos_ids=(case.VEND,),
-        pad_id=case.PAD, prompts_per_step=8, prompts_per_micro=4, seq_len=case.SEQ_LEN,
-        patch_row_len=case.ROW_LEN, chunk_size=case.CHUNK, compiler_options=case.FAST)
+        programs, sampling=greedy, prompts_per_step=8, prompts_per_micro=4, seq_len=case.SEQ_LEN,
+        patch_row_len=case.ROW_LEN, compiler_options=case.FAST)
     report = aot.memory_report(compiled)
     print(aot.format_report(report, "cpu-8, tiny case"))
-    assert set(report) == {"update", "rollout"}
+    assert set(report) == {"update", "prefill", "decode"}
     assert all(r["argument"] > 0 and r["peak"] >= r["argument"] for r in report.values())
 
     # The update: params after the step and every metric.
@@ -158,8 +161,9 @@ def test_aot_programs_on_fake_mesh_equal_unsharded(ckpt):
     replicated = sharding.replicated(mesh)
     put = lambda x: jax.device_put(x, replicated)  # noqa: E731
     prompts = sharding.shard_batch(case.model_inputs(range(case.FWD_PROMPTS)), mesh)
-    out = compiled["rollout"](params, prompts, put(jax.random.PRNGKey(0)),
-                              put(jnp.float32(1e-6)), put(jnp.float32(1.0)))
+    prefix = compiled["prefill"](params, prompts)
+    out = compiled["decode"](params, prefix, put(jax.random.PRNGKey(0)), put(jnp.float32(1e-6)),
+                             put(jnp.float32(1.0)), None)
     want_tokens, want_logp = case.reference_rollout(ckpt)
     np.testing.assert_array_equal(np.asarray(out.tokens), want_tokens)
     np.testing.assert_allclose(np.asarray(out.logp), want_logp, **TOL)
@@ -172,9 +176,11 @@ def test_aot_compiles_for_a_v5e_8_without_the_hardware():
     devices, hbm = aot.topology_devices("v5e-8")
     assert len(devices) == 8 and devices[0].platform == "tpu" and hbm == 16 * 2**30
     mesh = sharding.make_mesh(fsdp=4, tensor=2, devices=devices)
+    programs = Programs(case.model_config(), mesh, dtype=jnp.bfloat16, optimizer=case.optimizer(),
+                        grpo_cfg=case.grpo_config(), eos_ids=(case.VEND,), pad_id=case.PAD,
+                        kernels=resolve_kernels("auto", "auto", mesh), budget=None)
     compiled = aot.compile_programs(
-        Qwen2VL(case.model_config(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), mesh,
-        sampling=SamplingConfig(num_samples=2, max_new_tokens=8, top_p=0.9, top_k=20),
+        programs, sampling=SamplingConfig(num_samples=2, max_new_tokens=8, top_p=0.9, top_k=20),
         prompts_per_step=8, prompts_per_micro=4, seq_len=case.SEQ_LEN, patch_row_len=case.ROW_LEN)
     report = aot.memory_report(compiled, hbm)
     print(aot.format_report(report, "v5e-8, tiny case"))

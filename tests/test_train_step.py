@@ -1,5 +1,6 @@
-"""The update step: group-shared scoring equals the full forward of every [prompt, completion]
-row (values and gradients); one GRPO step and one SFT step run and change the parameters."""
+"""The update step: group-shared scoring of completions packed by length equals the full
+forward of every [prompt, completion] row (values and gradients); the packed update equals
+the padded one; one GRPO step and one SFT step run and change the parameters."""
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,8 @@ from pr1_jax.model import hf_io
 from pr1_jax.model.config import ModelConfig
 from pr1_jax.model.qwen2_vl import Qwen2VL
 from pr1_jax.processing import batch as pb
-from pr1_jax.train_step import (OptimConfig, Rollouts, completion_log_probs, init_state, make_optimizer,
-                                make_sft_fn, make_update_fn)
+from pr1_jax.rollouts import completion_extents, pack_completions, rollouts_from_padded
+from pr1_jax.train_step import OptimConfig, completion_log_probs, init_state, make_optimizer, make_sft_fn, make_update_fn
 from tests.helpers import mixed_batch
 
 PAD = 151643
@@ -44,14 +45,29 @@ def _full_forward_logp(cfg, params, rows, images, comp):
     return logp_fn
 
 
-def test_group_scoring_equals_full_forward(setup):
+LENGTHS = np.array([[7, 2, 5], [1, 7, 4]])  # [B, G]: each completion's real length (≤ Tc = 7)
+
+
+def _packed(comp, lengths=LENGTHS):
+    mask = np.arange(comp.shape[-1]) < lengths[..., None]
+    ext = completion_extents(mask)
+    packed = pack_completions(comp, ext, int(ext.max()) + 1, int(ext.sum(-1).max()) + 3, PAD)  # + padding
+    return jax.tree.map(jnp.asarray, packed), mask
+
+
+def test_packed_scoring_equals_full_forward(setup):
+    """Completions packed back to back by length: every real token's log-prob and its gradient
+    equal the full forward of its own [prompt, completion] row."""
     cfg, params, rows, images, prompts, comp = setup
     model = Qwen2VL(cfg)
-    ours_fn = lambda p: completion_log_probs(model, p, jax.tree.map(jnp.asarray, prompts), jnp.asarray(comp),  # noqa: E731
-                                             chunk_size=3)[0]
+    packed, mask = _packed(comp)
+    assert packed.tokens.shape == (2, 17) and packed.unpack.shape == (2, 3, 8)
+    assert (np.asarray(packed.sample)[1, 12:] == -1).all()  # prompt 1's 1 + 7 + 4 tokens, then padding
+    ours_fn = lambda p: completion_log_probs(model, p, jax.tree.map(jnp.asarray, prompts), packed,  # noqa: E731
+                                             chunk_size=3)[0][..., :7]
     full_fn = _full_forward_logp(cfg, params, rows, images, comp)
-    np.testing.assert_allclose(np.asarray(ours_fn(params)), np.asarray(full_fn(params)), atol=1e-4)
-    w = jnp.asarray(np.random.default_rng(1).standard_normal(comp.shape), jnp.float32)
+    np.testing.assert_allclose(np.asarray(ours_fn(params))[mask], np.asarray(full_fn(params))[mask], atol=1e-4)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(comp.shape) * mask, jnp.float32)
     g_ours = jax.grad(lambda p: (ours_fn(p) * w).sum())(params)
     g_full = jax.grad(lambda p: (full_fn(p) * w).sum())(params)
     for path, a in hf_io.flatten(g_ours).items():
@@ -59,12 +75,40 @@ def test_group_scoring_equals_full_forward(setup):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-3, err_msg=path)
 
 
+def test_packed_update_equals_padded(setup):
+    """The GRPO step on completions packed by length and cut to the longest equals the step on
+    every completion padded to Tc: loss, metrics and gradients (float32, ≤ 1e-6)."""
+    cfg, params, _, _, prompts, comp = setup
+    model = Qwen2VL(cfg)
+    mask = (np.arange(comp.shape[-1]) < LENGTHS[..., None])[None]
+    adv = np.asarray([[[1.0, -0.5, 0.2], [0.3, -1.0, 0.7]]], np.float32)
+    args = (jax.tree.map(lambda a: a[None], prompts), comp[None], mask, adv,
+            np.random.default_rng(3).standard_normal(mask.shape).astype(np.float32), np.ones((1, 2, 3), np.float32))
+    packed = rollouts_from_padded(*args, pad_id=PAD)
+    padded = rollouts_from_padded(*args, pad_id=PAD, trim=False)
+    assert packed.completions.tokens.shape[-1] == LENGTHS.sum(-1).max() < padded.completions.tokens.shape[-1]
+    grpo_cfg = grpo.GRPOConfig(num_generations=3)
+    from pr1_jax.train_step import grpo_update
+
+    # lr 1, eps 1: Adam's first step is g/(|g| + 1) ≈ the gradient itself (not its sign), so the
+    # parameter change compares the gradients
+    opt = make_optimizer(OptimConfig(learning_rate=1.0, eps=1.0, total_steps=10, schedule="constant"))
+    ref = jax.tree.map(lambda a: a * 1.01, params)  # a reference unequal to the policy: the KL term counts
+    run = lambda b: jax.jit(lambda s, r, x: grpo_update(model, opt, grpo_cfg, s, r, x, chunk_size=4))(  # noqa: E731
+        init_state(params, opt), ref, jax.tree.map(jnp.asarray, b))
+    (s1, m1), (s2, m2) = run(packed), run(padded)
+    assert m1.keys() == m2.keys()
+    for k in m1:
+        np.testing.assert_allclose(float(m1[k]), float(m2[k]), rtol=1e-6, atol=1e-6, err_msg=k)
+    for path, a in hf_io.flatten(s1.params).items():
+        np.testing.assert_allclose(np.asarray(a), np.asarray(hf_io.flatten(s2.params)[path]), atol=1e-6, err_msg=path)
+
+
 def _rollouts(prompts, comp, adv):
     b, g, tc = comp.shape
-    return jax.tree.map(jnp.asarray, Rollouts(
-        prompts=jax.tree.map(lambda a: a[None], prompts), completions=comp[None], mask=np.ones((1, b, g, tc), bool),
-        advantages=adv.reshape(1, b, g), old_logp=np.zeros((1, b, g, tc), np.float32),
-        group_weight=np.ones((1, b, g), np.float32)))
+    return jax.tree.map(jnp.asarray, rollouts_from_padded(
+        jax.tree.map(lambda a: a[None], prompts), comp[None], np.ones((1, b, g, tc), bool), adv.reshape(1, b, g),
+        np.zeros((1, b, g, tc), np.float32), np.ones((1, b, g), np.float32), pad_id=PAD))
 
 
 def test_one_grpo_and_one_sft_step(setup):
@@ -90,8 +134,9 @@ def test_remat_policies_keep_values_and_gradients(setup):
     """Every remat policy (opt-in; the default recomputes whole layers) changes only what the
     backward pass stores, never the log-probs or their gradients."""
     cfg, params, _, _, prompts, comp = setup
-    x, c = jax.tree.map(jnp.asarray, prompts), jnp.asarray(comp)
-    w = jnp.asarray(np.random.default_rng(2).standard_normal(comp.shape), jnp.float32)
+    x, (c, mask) = jax.tree.map(jnp.asarray, prompts), _packed(comp)
+    w = jnp.asarray(np.pad(np.random.default_rng(2).standard_normal(mask.shape) * mask, [(0, 0), (0, 0), (0, 1)]),
+                    jnp.float32)
 
     def value_and_grad(model):
         return jax.jit(jax.value_and_grad(lambda p: (completion_log_probs(model, p, x, c, chunk_size=4)[0] * w).sum()))(

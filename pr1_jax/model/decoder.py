@@ -68,6 +68,8 @@ class DecoderContext:
     mask: Array  # [B, G, T, S] bool: the self keys (own chunk or own cache) each query sees
     prefix_mask: Array | None = None  # [B, P] bool: valid keys of the shared prefix
     cache_index: Array | None = None  # [] int32: offset of this chunk in the self cache
+    # (decoding with the XLA attention: `mask` may cover only the cache's first S slots, the
+    # window that holds every written key; the attention then reads only those)
     # A packed group (module docstring): mask is then the completions' own [B, G, Tc, Tc],
     # prefix_mask the prompt's valid keys, prompt_mask the prompt's causal [B, 1, P, P].
     prompt_mask: Array | None = None
@@ -142,8 +144,9 @@ class DecoderLayer(nn.Module):
                 k, v = put(cache[0], k), put(cache[1], v)
                 if self.decode_attention == "pallas" and q.shape[2] == 1:
                     out = fused_cached_attention(q, k, v, ctx.mask, pre, **pallas)
-                else:
-                    out = layers.cached_attention(q, k, v, ctx.mask, pre)
+                else:  # a mask shorter than the cache: attend over its window of the first slots only
+                    window = ctx.mask.shape[-1]
+                    out = layers.cached_attention(q, k[:, :, :, :window], v[:, :, :, :window], ctx.mask, pre)
             elif ctx.prompt_len:
                 out = group_attention(q, k, v, ctx, self.attention)
             else:

@@ -127,23 +127,24 @@ class Qwen2VL(nn.Module):
         return self.decoder(x_bgtd, DecoderContext(cos=cos, sin=sin, mask=mask_bgts), return_kv)
 
     def decode_group(self, x_prompt: Array, x_comp: Array, pos_prompt: Array, pos_comp: Array,
-                     prompt_mask_bp: Array) -> tuple[Array, Array]:
-        """Prompts and their G completions in one decoder pass over packed rows (`Decoder`).
+                     prompt_mask_bp: Array, comp_mask_bcc: Array) -> tuple[Array, Array]:
+        """Prompts and their completions in one decoder pass over packed rows (`Decoder`).
 
-        x_prompt [B, 1, P, D], x_comp [B, G, Tc, D]; pos_prompt [3, B, 1, P], pos_comp
-        [3, B, G, Tc]; prompt_mask_bp [B, P] bool (left padding). Completions are causal
-        over themselves and see the prompt's valid tokens. → hidden [B, 1, P, D], [B, G, Tc, D].
+        x_prompt [B, 1, P, D]; x_comp [B, C, D]: each prompt's G completions back to back
+        (`train_step.Completions`); pos_prompt [3, B, 1, P], pos_comp [3, B, C];
+        prompt_mask_bp [B, P] bool (left padding); comp_mask_bcc [B, C, C] bool: which
+        completion tokens each completion token sees (its own earlier ones). Every completion
+        token also sees the prompt's valid tokens. → hidden [B, 1, P, D], [B, C, D].
         """
-        b, g, tc, d = x_comp.shape
+        b, c, d = x_comp.shape
         p = x_prompt.shape[2]
-        x = jnp.concatenate([x_prompt, x_comp.reshape(b, 1, g * tc, d)], axis=2)
-        cos, sin = mrope(jnp.concatenate([pos_prompt, pos_comp.reshape(3, b, 1, g * tc)], axis=-1), self.cfg.text)
+        x = jnp.concatenate([x_prompt, x_comp[:, None]], axis=2)
+        cos, sin = mrope(jnp.concatenate([pos_prompt, pos_comp[:, :, None]], axis=-1), self.cfg.text)
         prompt_causal = jnp.tril(jnp.ones((p, p), bool))[None, None] & prompt_mask_bp[:, None, None, :]
-        comp_causal = jnp.broadcast_to(jnp.tril(jnp.ones((tc, tc), bool)), (b, g, tc, tc))
-        ctx = DecoderContext(cos=cos, sin=sin, mask=comp_causal, prefix_mask=prompt_mask_bp, prompt_mask=prompt_causal,
-                             prompt_len=p, num_samples=g)
+        ctx = DecoderContext(cos=cos, sin=sin, mask=comp_mask_bcc[:, None], prefix_mask=prompt_mask_bp,
+                             prompt_mask=prompt_causal, prompt_len=p, num_samples=1)
         hidden, _ = self.decoder(x, ctx)
-        return hidden[:, :, :p], hidden[:, :, p:].reshape(b, g, tc, d)
+        return hidden[:, :, :p], hidden[:, 0, p:]
 
     def logits(self, hidden: Array) -> Array:
         """hidden [..., D] → logits [..., V] in the compute dtype."""

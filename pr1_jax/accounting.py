@@ -1,0 +1,57 @@
+"""Where a step's time and tokens go: per-phase wall time, real and padded token counts.
+
+Every GRPO step's row of `metrics.jsonl` carries (`StepAccount.as_metrics`):
+  time/{data,prefill,decode,rewards,update,eval,checkpoint,step}_s   wall seconds (the device
+      work of a phase is waited for at its end; prefill = vision tower + prompt prefill);
+  tokens/{prompt,patches,completion}_{real,padded}   what the programs computed on vs. what
+      was real: prompt tokens (prefill and update), image patches (vision, rollout and update
+      each), completion positions of the update (packed rows);
+  decode_steps, completion_length_{min,mean,max}, truncated_fraction (hit max_new_tokens
+  without EOS), compiled (programs compiled during the step; their time is in the phase).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+import numpy as np
+
+
+class StepAccount:
+    """Phase timer and counters of one step."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add_time(name, time.perf_counter() - t)
+
+    def add_time(self, name: str, seconds: float) -> None:
+        self.times[name] = self.times.get(name, 0.0) + seconds
+
+    def count(self, **values: float) -> None:
+        for k, v in values.items():
+            self.counts[k] = self.counts.get(k, 0.0) + float(v)
+
+    def completions(self, lengths_ng: np.ndarray, truncated_ng: np.ndarray, decode_steps: int) -> None:
+        """Lengths [N, G] of every completion of the step (all processes)."""
+        self.counts.update(decode_steps=float(decode_steps), completion_length_min=float(lengths_ng.min()),
+                           completion_length_mean=float(lengths_ng.mean()),
+                           completion_length_max=float(lengths_ng.max()),
+                           truncated_fraction=float(np.mean(truncated_ng)))
+
+    def as_metrics(self) -> dict[str, float]:
+        out = {f"time/{k}_s": round(v, 4) for k, v in self.times.items()}
+        out["time/step_s"] = round(time.perf_counter() - self._t0, 4)
+        for k, v in self.counts.items():
+            out[k if not k.endswith(("_real", "_padded")) else f"tokens/{k}"] = v
+        return out
