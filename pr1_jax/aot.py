@@ -77,7 +77,7 @@ def program_shapes(cfg, mesh, *, prompts_per_step: int, prompts_per_micro: int, 
     """ShapeDtypeStructs (with shardings) of params, train state, one step's Rollouts and the
     rollout prompts, at the caps: the largest programs a run with these settings compiles
     (a step's shapes are rungs at most these: `pr1_jax.shapes`; T = max_new_tokens loss
-    positions, C = G · max_new_tokens packed completion tokens)."""
+    positions; every completion max_new_tokens long, one row each — the costliest packing)."""
     optimizer = optimizer or train_step.make_optimizer(train_step.OptimConfig())
     state = sharding.abstract_train_state(cfg, optimizer, mesh, dtype=dtype)
     params = state.params
@@ -96,8 +96,8 @@ def program_shapes(cfg, mesh, *, prompts_per_step: int, prompts_per_micro: int, 
                          f"prompts_per_micro={prompts_per_micro}")
     m, b, g, tc = prompts_per_step // prompts_per_micro, prompts_per_micro, num_generations, max_new_tokens
     sds = lambda shape, dt: jax.ShapeDtypeStruct((m, b) + shape, dt)  # noqa: E731
-    packed = train_step.Completions(tokens=sds((g * tc,), jnp.int32), sample=sds((g * tc,), jnp.int32),
-                                    offset=sds((g * tc,), jnp.int32), unpack=sds((g, tc), jnp.int32))
+    packed = train_step.Completions(tokens=sds((g, tc), jnp.int32), sample=sds((g, tc), jnp.int32),
+                                    offset=sds((g, tc), jnp.int32), unpack=sds((g, tc), jnp.int32))
     batch = train_step.Rollouts(prompts=inputs(b, (m,)), completions=packed,
                                 mask=sds((g, tc), bool), advantages=sds((g,), jnp.float32),
                                 old_logp=sds((g, tc), jnp.float32), group_weight=sds((g,), jnp.float32))

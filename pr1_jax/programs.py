@@ -239,7 +239,6 @@ class Programs:
 
 
 def _shape_key(batch: train_step.Rollouts) -> tuple[int, ...]:
-    """(M, B, prompt tokens, patches per row, loss positions T, packed completion tokens C)."""
-    m, b, _, t = batch.mask.shape
-    return (m, b, batch.prompts.input_ids.shape[-1], batch.prompts.pixels.shape[-2], t,
-            batch.completions.tokens.shape[-1])
+    """(M, B, prompt tokens, patches per row, loss positions L, completion rows R, row length T)."""
+    m, b, r, t = batch.completions.tokens.shape
+    return (m, b, batch.prompts.input_ids.shape[-1], batch.prompts.pixels.shape[-2], batch.mask.shape[-1], r, t)

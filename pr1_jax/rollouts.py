@@ -25,7 +25,7 @@ from pr1_jax.model.qwen2_vl import ModelInputs
 from pr1_jax.processing import batch as batch_lib
 from pr1_jax.processing import chat
 from pr1_jax.processing import image as image_lib
-from pr1_jax.shapes import StepShapes
+from pr1_jax.shapes import StepShapes, packing_cost
 from pr1_jax.train_step import Completions, Rollouts
 
 # What the prompt's {question} is filled with, per task (PR1_REFERENCE §4.1).
@@ -123,54 +123,83 @@ def completion_extents(mask_ngt: np.ndarray) -> np.ndarray:
     return np.where(mask_ngt.any(-1), last, 0).astype(np.int32)
 
 
-def pack_completions(tokens_ngt: np.ndarray, extents_ng: np.ndarray, length: int, packed_len: int,
+def pack_rows(extents_g: np.ndarray, row_len: int) -> list[list[int]]:
+    """First-fit decreasing: which completions share each row of `row_len` tokens (each whole)."""
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for g in sorted(range(len(extents_g)), key=lambda i: -int(extents_g[i])):
+        n = int(extents_g[g])
+        r = next((i for i, used in enumerate(fill) if used + n <= row_len), None)
+        if r is None:
+            rows.append([])
+            fill.append(0)
+            r = len(rows) - 1
+        rows[r].append(g)
+        fill[r] += n
+    return rows
+
+
+def pack_completions(tokens_ngt: np.ndarray, extents_ng: np.ndarray, length: int, rows: int, row_len: int,
                      pad_id: int) -> Completions:
-    """Each prompt's G completions back to back by extent: tokens/sample/offset [N, C],
-    unpack [N, G, T] (T = `length`, C = `packed_len`)."""
+    """Each prompt's G completions packed whole, back to back, into `rows` rows of `row_len`
+    tokens (`pack_rows`): tokens/sample/offset [N, R, T]; unpack [N, G, L] (L = `length`
+    loss positions) into the flattened R·T."""
     n, g, _ = tokens_ngt.shape
-    if extents_ng.max(initial=0) > length or extents_ng.sum(-1).max(initial=0) > packed_len:
-        raise ValueError(f"completions of {extents_ng.max()} / {extents_ng.sum(-1).max()} tokens do not fit "
-                         f"T={length} / C={packed_len}")
-    t_idx = np.arange(length)
-    valid = t_idx < extents_ng[..., None]  # [N, G, T]
-    start = np.cumsum(extents_ng, axis=-1) - extents_ng  # [N, G]
-    dest = start[..., None] + t_idx  # [N, G, T]
-    rows = np.broadcast_to(np.arange(n)[:, None, None], valid.shape)
-    tokens = np.full((n, packed_len), pad_id, np.int32)
-    sample = np.full((n, packed_len), -1, np.int32)
-    offset = np.zeros((n, packed_len), np.int32)
-    src = tokens_ngt[..., :length]
-    if src.shape[-1] < length:  # a rung past the sampled length: those positions are never valid
-        src = np.pad(src, [(0, 0), (0, 0), (0, length - src.shape[-1])], constant_values=pad_id)
-    tokens[rows[valid], dest[valid]] = src[valid]
-    sample[rows[valid], dest[valid]] = np.broadcast_to(np.arange(g)[None, :, None], valid.shape)[valid]
-    offset[rows[valid], dest[valid]] = np.broadcast_to(t_idx, valid.shape)[valid]
-    unpack = np.where(valid, dest, 0).astype(np.int32)
+    if extents_ng.max(initial=0) > min(length, row_len):
+        raise ValueError(f"a completion of {extents_ng.max()} tokens does not fit L={length} / T={row_len}")
+    tokens = np.full((n, rows, row_len), pad_id, np.int32)
+    sample = np.full((n, rows, row_len), -1, np.int32)
+    offset = np.zeros((n, rows, row_len), np.int32)
+    unpack = np.zeros((n, g, length), np.int32)
+    for i in range(n):
+        placement = pack_rows(extents_ng[i], row_len)
+        if len(placement) > rows:
+            raise ValueError(f"prompt {i}'s completions (extents {extents_ng[i].tolist()}) need {len(placement)} "
+                             f"rows of {row_len}, more than {rows}")
+        for r, members in enumerate(placement):
+            at = 0
+            for j in members:
+                e = int(extents_ng[i, j])
+                tokens[i, r, at:at + e] = tokens_ngt[i, j, :e]
+                sample[i, r, at:at + e] = j
+                offset[i, r, at:at + e] = np.arange(e)
+                unpack[i, j, :e] = r * row_len + at + np.arange(e)
+                at += e
     return Completions(tokens=tokens, sample=sample, offset=offset, unpack=unpack)
 
 
 @dataclasses.dataclass(frozen=True)
 class CompletionShape:
-    """Static completion shapes of an update program: loss positions T, packed tokens C."""
+    """Static completion shapes of an update program: L loss positions, R rows of T tokens."""
 
     length: int
-    packed_len: int
+    rows: int
+    row_len: int
 
     @classmethod
-    def from_sizes(cls, longest: int, group: int, shapes: StepShapes) -> "CompletionShape":
-        """Rungs for the longest completion extent and the largest group total of extents."""
-        return cls(length=shapes.completion(max(1, longest)), packed_len=shapes.packed(max(1, group)))
-
-    @classmethod
-    def of(cls, extents_ng: np.ndarray, shapes: StepShapes) -> "CompletionShape":
-        return cls.from_sizes(int(extents_ng.max(initial=1)), int(extents_ng.sum(-1).max(initial=1)), shapes)
+    def choose(cls, extents_ng: np.ndarray, shapes: StepShapes, prompt_len: int, weight: float) -> "CompletionShape":
+        """The cheapest packing (`shapes.packing_cost`) over the row-length rungs from the longest
+        completion to the largest group total; `extents_ng` are the whole step's."""
+        longest = max(1, int(extents_ng.max(initial=1)))
+        group = max(1, int(extents_ng.sum(-1).max(initial=1)))
+        best = None
+        t = shapes.row(longest)
+        while True:
+            r = shapes.rows(max(len(pack_rows(e, t)) for e in extents_ng))
+            cost = packing_cost(r, t, prompt_len, weight)
+            if best is None or cost < best[0]:
+                best = (cost, r, t)
+            if t >= group or t >= shapes.row.cap:
+                break
+            t = shapes.row(t + 1)
+        return cls(length=shapes.completion(longest), rows=best[1], row_len=best[2])
 
 
 def assemble(prompts: Sequence[EncodedPrompt], special: chat.SpecialTokens, prompt_shape: PromptShape,
              completion_shape: CompletionShape, completions: np.ndarray, mask: np.ndarray, advantages: np.ndarray,
              old_logp: np.ndarray, group_weight: np.ndarray, prompts_per_micro: int) -> Rollouts:
     """Splits a step's P prompts × G completions into M = P / prompts_per_micro micro-batches,
-    the completions packed by length (`pack_completions`) and the loss tensors cut to T."""
+    the completions packed into rows (`pack_completions`) and the loss tensors cut to L."""
     p = len(prompts)
     if p % prompts_per_micro:
         raise ValueError(f"{p} prompts per step is not a multiple of prompts_per_micro={prompts_per_micro}")
@@ -179,7 +208,8 @@ def assemble(prompts: Sequence[EncodedPrompt], special: chat.SpecialTokens, prom
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *micro)
     g, t = completions.shape[1], completion_shape.length
     mask = mask[..., :t]
-    packed = pack_completions(completions, completion_extents(mask), t, completion_shape.packed_len, special.pad_id)
+    packed = pack_completions(completions, completion_extents(mask), t, completion_shape.rows,
+                              completion_shape.row_len, special.pad_id)
     split = lambda a: a.reshape(m, b, *a.shape[1:])  # noqa: E731
     return Rollouts(prompts=stacked, completions=jax.tree.map(split, packed), mask=split(mask),
                     advantages=advantages.reshape(m, b, g).astype(np.float32),
@@ -189,17 +219,22 @@ def assemble(prompts: Sequence[EncodedPrompt], special: chat.SpecialTokens, prom
 def rollouts_from_padded(prompts: ModelInputs, completions: np.ndarray, mask: np.ndarray, advantages: np.ndarray,
                          old_logp: np.ndarray, group_weight: np.ndarray, pad_id: int, *, trim: bool = True) -> Rollouts:
     """`Rollouts` from padded [M, B, G, Tc] arrays (tests, benchmarks). trim=True packs each
-    completion by its mask's extent (T, C exact, no ladder); trim=False keeps all Tc positions
-    of every completion (C = G·Tc): the padded computation, for equality tests."""
+    prompt's completions by their mask's extent into one row (T = the largest group total,
+    L = the longest; no ladder); trim=False gives every completion a row of all Tc positions
+    (R = G): the padded computation."""
     m, b, g, tc = completions.shape
     flat = lambda a: np.asarray(a).reshape(m * b, *np.shape(a)[2:])  # noqa: E731
     ext = completion_extents(flat(mask)) if trim else np.full((m * b, g), tc, np.int32)
-    t, c = (max(1, int(ext.max())), max(1, int(ext.sum(-1).max()))) if trim else (tc, g * tc)
-    packed = pack_completions(flat(completions), ext, t, c, pad_id)
+    if trim:
+        length, rows, row_len = max(1, int(ext.max())), 1, max(1, int(ext.sum(-1).max()))
+    else:
+        length, rows, row_len = tc, g, tc
+    packed = pack_completions(flat(completions), ext, length, rows, row_len, pad_id)
     split = lambda a: a.reshape(m, b, *a.shape[1:])  # noqa: E731
-    return Rollouts(prompts=prompts, completions=jax.tree.map(split, packed), mask=np.asarray(mask)[..., :t],
-                    advantages=np.asarray(advantages, np.float32), old_logp=np.asarray(old_logp, np.float32)[..., :t],
-                    group_weight=np.asarray(group_weight, np.float32))
+    return Rollouts(prompts=prompts, completions=jax.tree.map(split, packed), mask=np.asarray(mask)[..., :length],
+                    advantages=np.asarray(advantages, np.float32),
+                    old_logp=np.asarray(old_logp, np.float32)[..., :length], group_weight=np.asarray(group_weight,
+                                                                                                  np.float32))
 
 
 # ------------------------------------------------------------------ SFT targets

@@ -10,17 +10,19 @@ The ladder sits between: a size n is padded up to the next rung of
 
 so padding wastes at most 25% (under 15% on average), and a run sees a handful of rungs
 per dimension (COCO's 640-px photos all land on 1–2 patch rungs). A prompt's completions
-are packed back to back (`rollouts.pack_completions`): C tokens, the largest group's total.
-The loss positions T of the `[B, G, T]` log-prob tensors cost almost nothing, so their
-ladder is plain powers of two (fewer programs).
+are packed whole into R rows of T tokens (`rollouts.pack_completions`); (R, T) is the
+cheapest by `packing_cost`: one long row for short answers (grounding: 14 × 1 × 576), one
+row per answer when they are all long (every completion 256: 8 × 256, attention never
+spans two answers). The loss positions L of the `[B, G, L]` log-prob tensors cost almost
+nothing, so their ladder is plain powers of two (fewer programs).
 The caps (`batch.seq_len`, `batch.patch_row_len`, `sampling.max_new_tokens`) stay the
 limits of what a row may hold; they are no longer the shapes.
 
     shapes = StepShapes.from_config(c)                  # the ladders of a run
     p = shapes.prompt(max_prompt_tokens)                 # prompt tokens of the step
     n = shapes.patches(max_image_patches)                # patches per packed image row
-    t = shapes.completion(longest_completion)            # loss positions of the update
-    c = shapes.packed(largest_group_total)               # a prompt's G completions back to back
+    l = shapes.completion(longest_completion)            # loss positions of the update
+    r, t = shapes.rows(...), shapes.row(...)             # completion rows: rollouts.CompletionShape.choose
 """
 
 from __future__ import annotations
@@ -82,17 +84,34 @@ class StepShapes:
 
     prompt: Ladder  # prompt tokens (left-padded)
     patches: Ladder  # patches per packed image row (one image per row; multiples of merge² = 4)
-    completion: Ladder  # T: loss positions [B, G, T] (the longest completion; tensors this small cost ~nothing)
-    packed: Ladder  # C: a prompt's G completions back to back (the update's decoder rows)
+    completion: Ladder  # L: loss positions [B, G, L] (the longest completion; tensors this small cost ~nothing)
+    row: Ladder  # T: length of the rows a prompt's completions are packed into (up to all G in one)
+    rows: Ladder  # R ≤ G: rows per prompt
 
     @classmethod
     def from_caps(cls, *, seq_len: int, patch_row_len: int, max_new_tokens: int, num_samples: int) -> "StepShapes":
         return cls(prompt=Ladder(seq_len, quantum=16, minimum=64),
                    patches=Ladder(patch_row_len, quantum=64, minimum=64),
                    completion=Ladder(max_new_tokens, quantum=16, minimum=16, steps=(1.0,)),
-                   packed=Ladder(max_new_tokens * num_samples, quantum=64, minimum=64))
+                   row=Ladder(max_new_tokens * num_samples, quantum=16, minimum=16),
+                   rows=Ladder(num_samples, quantum=1, minimum=1, steps=(1.0, 1.5)))
 
     @classmethod
     def from_config(cls, c) -> "StepShapes":
         return cls.from_caps(seq_len=c.batch.seq_len, patch_row_len=c.batch.patch_row_len,
                              max_new_tokens=c.sampling.max_new_tokens, num_samples=c.grpo.num_generations)
+
+
+def attention_weight(cfg) -> float:
+    """Attention FLOPs per key over the weight-matmul FLOPs per token, for one decoder layer of
+    `cfg` (a TextConfig): 4·H·Dh against 2·(params of a layer). 6.5e-5 at the 2B size, so a
+    token attending to 1,000 keys costs 6.5% more than its matmuls."""
+    d, h, k, dh, f = cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    per_layer = d * (h + 2 * k) * dh + h * dh * d + 3 * d * f
+    return 4 * h * dh / (2 * per_layer)
+
+
+def packing_cost(rows: int, row_len: int, prompt_len: int, weight: float) -> float:
+    """Relative update cost of a prompt's completions in `rows` rows of `row_len`: every token's
+    matmuls, plus attention over the prompt and the whole row (masks do not skip work)."""
+    return rows * row_len * (1.0 + weight * (prompt_len + row_len))

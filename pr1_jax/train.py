@@ -47,7 +47,7 @@ from pr1_jax.pretrained import Pretrained
 from pr1_jax.processing import chat
 from pr1_jax.programs import Programs
 from pr1_jax.sampler import SamplingConfig
-from pr1_jax.shapes import StepShapes
+from pr1_jax.shapes import StepShapes, attention_weight
 from pr1_jax.train_step import OptimConfig, make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
@@ -102,6 +102,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     programs = Programs.from_config(c, pre.config, mesh, special.eos_ids, special.pad_id, total_steps=total_steps)
     grpo_cfg = programs.grpo_cfg
     shapes = StepShapes.from_config(c)  # per-step shapes on a ladder, the config's sizes as caps
+    attn_weight = attention_weight(pre.config.text)  # how completions are packed (shapes.packing_cost)
     end_lengths = workload.EndLengths.parse(c.sampling.end_lengths, c.task)  # benchmarks only
     params = pre.params
     evaluator = functools.partial(evaluate, c=c, pre=pre, programs=programs, mesh=mesh, examples=eval_examples,
@@ -182,7 +183,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
                 lengths_b=jnp.asarray(lengths.reshape(-1)),
                 pr1_mask_quirk=grpo_cfg.pr1_mask_quirk)).reshape(tokens.shape)
         with acct.phase("update"):
-            cshape = global_completion_shape(mask, shapes)
+            cshape = global_completion_shape(mask, shapes, pshape.seq_len, attn_weight)
             make_batch = lambda micro: sharding.shard_batch(  # noqa: E731
                 rollouts.assemble(prompts, special, pshape, cshape, tokens, mask, np.asarray(advantages), logp,
                                   np.asarray(adv_stats["loss_weight"]), multihost.local_batch_size(micro)),
@@ -201,7 +202,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         acct.completions(lengths, lengths >= c.sampling.max_new_tokens, int(out.decode_steps))
         acct.count(prompt_real=sum(len(p.ids) for p in prompts), prompt_padded=pshape.seq_len * len(prompts),
                    patches_real=sum(p.image[0].shape[0] for p in prompts), patches_padded=pshape.row_len * len(prompts),
-                   completion_real=int(mask.sum()), completion_padded=cshape.packed_len * len(prompts))
+                   completion_real=int(mask.sum()), completion_padded=cshape.rows * cshape.row_len * len(prompts))
         m.update(reward=float(total.mean()), reward_std=float(std_g.mean()),
                  completion_length=float(lengths.mean()), temperature=float(temperature),
                  **{f"reward/{k}": float(v.mean()) for k, v in per_fn.items()})
@@ -255,11 +256,11 @@ def global_prompt_size(prompts) -> rollouts.PromptSize:
     return rollouts.PromptSize(int(tokens.max()), int(patches.max()))
 
 
-def global_completion_shape(mask_ngt: np.ndarray, shapes: StepShapes) -> rollouts.CompletionShape:
-    """The update's completion shapes (loss positions, packed tokens) over every process."""
-    ext = rollouts.completion_extents(mask_ngt)
-    longest, group = multihost.gather((np.array([ext.max(initial=1)]), np.array([ext.sum(-1).max(initial=1)])))
-    return rollouts.CompletionShape.from_sizes(int(longest.max()), int(group.max()), shapes)
+def global_completion_shape(mask_ngt: np.ndarray, shapes: StepShapes, prompt_len: int,
+                            weight: float) -> rollouts.CompletionShape:
+    """The update's completion shapes, chosen from every process's extents (all pick the same)."""
+    return rollouts.CompletionShape.choose(multihost.gather(rollouts.completion_extents(mask_ngt)), shapes,
+                                           prompt_len, weight)
 
 
 def sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, evaluator, history):
@@ -277,7 +278,8 @@ def sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, eval
         ids, mask = rollouts.encode_targets(pre.tokenizer, targets, c.sampling.max_new_tokens, pre.special.pad_id)
         zeros = np.zeros(ids.shape, np.float32)
         batch = rollouts.assemble(prompts, pre.special, global_prompt_size(prompts).padded(shapes),
-                                  global_completion_shape(mask, shapes), ids, mask, zeros[..., 0], zeros,
+                                  global_completion_shape(mask, shapes, 0, attention_weight(pre.config.text)), ids,
+                                  mask, zeros[..., 0], zeros,
                                   np.ones(zeros.shape[:2], np.float32), n)
         state, m = programs.sft(state, sharding.shard_batch(batch, mesh, process_local=True), opt)
         bar.set_postfix(loss=f"{float(m['loss']):.3f}")

@@ -3,12 +3,13 @@
 Scoring a group: the image is encoded and the prompt run ONCE per prompt; its K/V are the
 shared prefix that the G completions of the group attend to (`Qwen2VL.decode_group`: one
 decoder pass over rows [prompt, the G completions back to back], split only for
-attention). The completions are packed back to back by their real length (`Completions`),
-so the update's cost follows the tokens the policy wrote, not `max_new_tokens`: a grounding
-step of 14 prompts × 8 answers of ≈ 40 tokens scores 14 × 512–640 completion positions,
-not 14 × 8 × 768. (Rows of the longest completion's length, several completions per row,
-measured slower on the H200: 1.04–1.10 s against 0.95–1.06 s for a grounding update; the
-masked attention over a whole group costs ≈ 4·C·width per token, a few % at these C.)
+attention). The completions are packed whole, by their real length, into R ≤ G rows of T
+tokens (`Completions`; R and T chosen per step by `shapes.packing_cost`), so the update's
+cost follows the tokens the policy wrote, not `max_new_tokens`: a grounding step of 14
+prompts × 8 answers of ≈ 40 tokens scores 14 × 1 × 512–640 positions, not 14 × 8 × 768.
+A row's attention is masked to each completion's own tokens but computed over the whole
+row, so long answers get a row each (every answer 256 tokens: 8 rows of 256, not one of
+2,048 — that cost 0.709 s against 0.61 s for the 64 × 574 update on the H200).
 This is exactly the full forward of each [prompt, completion] row — a token sees the
 prompt and its own completion's earlier tokens, nothing else — and the loss reads each
 completion's log-probs back as [B, G, T] (`Completions.unpack`), so `grpo.per_token_loss`
@@ -16,7 +17,7 @@ is unchanged. Log-probs come from the LM head in chunks of tokens
 (`grpo.chunked_token_log_probs`), so float32 logits [tokens, V] are never materialised.
 
 Shape letters: M micro-batches, B prompts per micro-batch, G samples, P prompt tokens,
-C packed completion tokens per prompt, T completion positions of the loss, D width.
+R rows of T packed completion tokens per prompt, L completion positions of the loss, D width.
 """
 
 from __future__ import annotations
@@ -46,12 +47,12 @@ class TrainState:
 
 @flax.struct.dataclass
 class Completions:
-    """A prompt's G completions packed back to back by length (`rollouts.pack_completions`)."""
+    """A prompt's G completions packed whole into R ≤ G rows of T tokens (`rollouts.pack_completions`)."""
 
-    tokens: Array  # [..., B, C] int32: completion 0's tokens, then completion 1's, ...; pad after
-    sample: Array  # [..., B, C] int32: which of the G completions a token belongs to; -1 = padding
-    offset: Array  # [..., B, C] int32: the token's index inside its completion
-    unpack: Array  # [..., B, G, T] int32: where token t of completion g sits in the C axis (0 off the mask)
+    tokens: Array  # [..., B, R, T] int32: completions back to back in each row; pad after
+    sample: Array  # [..., B, R, T] int32: which of the G completions a token belongs to; -1 = padding
+    offset: Array  # [..., B, R, T] int32: the token's index inside its completion
+    unpack: Array  # [..., B, G, L] int32: where token t of completion g sits in the flat R·T (0 off the mask)
 
 
 @flax.struct.dataclass
@@ -59,10 +60,10 @@ class Rollouts:
     """One optimizer step's data, split into M micro-batches of B prompts × G completions."""
 
     prompts: ModelInputs  # every field with a leading [M] axis
-    completions: Completions  # [M, B, C] packed, unpack [M, B, G, T]
-    mask: Array  # [M, B, G, T] bool: tokens that count in the loss
+    completions: Completions  # [M, B, R, T] packed, unpack [M, B, G, L]
+    mask: Array  # [M, B, G, L] bool: tokens that count in the loss
     advantages: Array  # [M, B, G] float32
-    old_logp: Array  # [M, B, G, T] float32 (sampler's log-probs; used when μ > 1)
+    old_logp: Array  # [M, B, G, L] float32 (sampler's log-probs; used when μ > 1)
     group_weight: Array  # [M, B, G] float32 (0 drops a group: skip_zero_std_groups)
 
 
@@ -100,25 +101,26 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
 
 
 def packed_hidden(model: Qwen2VL, params, prompts: ModelInputs, comp: Completions) -> Array:
-    """Hidden states that predict each packed completion token: [B, C, D].
+    """Hidden states that predict each packed completion token: [B, R, T, D].
 
     The state before a completion's token 0 is the prompt's last state (shared by the group);
-    before token j > 0, the state after its token j − 1, the previous packed position.
+    before token j > 0, the state after its token j − 1: the previous position of its row.
     """
+    b, r, t = comp.tokens.shape
 
     def forward(m: Qwen2VL):
         vision = m.encode_images(prompts.pixels, prompts.segment_ids, prompts.pos_hw)
         x = m.embed(prompts.input_ids, vision, prompts.vision_index)[:, None]
         next_pos = jnp.max(jnp.where(prompts.attention_mask[None], prompts.positions, 0), axis=(0, 2)) + 1
-        pos = jnp.broadcast_to((next_pos[:, None] + comp.offset)[None], (3,) + comp.offset.shape)
-        idx = jnp.arange(comp.tokens.shape[-1])
+        pos = jnp.broadcast_to((next_pos[:, None, None] + comp.offset)[None], (3, b, r, t))
+        idx = jnp.arange(t)
         # own earlier tokens of the same completion; a padding token sees itself (no empty row)
-        mask = ((comp.sample[:, :, None] == comp.sample[:, None, :]) & (idx[:, None] >= idx[None, :])
-                & (comp.sample[:, :, None] >= 0)) | (idx[:, None] == idx[None, :])
+        same = comp.sample[..., :, None] == comp.sample[..., None, :]
+        mask = (same & (idx[:, None] >= idx[None, :]) & (comp.sample[..., :, None] >= 0)) | (idx[:, None] == idx)
         hidden_p, hidden_c = m.decode_group(x, m.embed(comp.tokens), prompts.positions[:, :, None], pos,
                                             prompts.attention_mask, mask)
-        last = hidden_p[:, 0, -1:]  # [B, 1, D]
-        before = jnp.concatenate([last, hidden_c[:, :-1]], axis=1)
+        last = hidden_p[:, :, -1:]  # [B, 1, 1, D]
+        before = jnp.concatenate([jnp.broadcast_to(last, (b, r, 1, last.shape[-1])), hidden_c[:, :, :-1]], axis=2)
         return jnp.where((comp.offset == 0)[..., None], last, before)
 
     return model.apply({"params": params}, method=forward)
@@ -126,13 +128,14 @@ def packed_hidden(model: Qwen2VL, params, prompts: ModelInputs, comp: Completion
 
 def completion_log_probs(model: Qwen2VL, params, prompts: ModelInputs, comp: Completions,
                          chunk_size: int = 128) -> tuple[Array, Array]:
-    """log π(token) at temperature 1 over the full vocabulary, and entropy: [B, G, T] each."""
-    hidden = packed_hidden(model, params, prompts, comp)
+    """log π(token) at temperature 1 over the full vocabulary, and entropy: [B, G, L] each."""
+    b, r, t = comp.tokens.shape
+    hidden = packed_hidden(model, params, prompts, comp).reshape(b, r * t, -1)
     logits_fn = lambda h: model.apply({"params": params}, h, method=Qwen2VL.logits)  # noqa: E731
     # rows over the batch axes, width whole: the LM head gathers its (FSDP) weight per chunk
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "act_embed"))
-    logp, entropy = grpo.chunked_token_log_probs(hidden, comp.tokens, logits_fn, chunk_size)  # [B, C]
-    unpack = lambda a: jnp.take_along_axis(a[:, None], comp.unpack, axis=-1)  # noqa: E731  [B, G, T]
+    logp, entropy = grpo.chunked_token_log_probs(hidden, comp.tokens.reshape(b, r * t), logits_fn, chunk_size)
+    unpack = lambda a: jnp.take_along_axis(a[:, None], comp.unpack, axis=-1)  # noqa: E731  [B, G, L]
     return unpack(logp), unpack(entropy)
 
 

@@ -48,7 +48,7 @@ def _make_batch(step, mesh):
     cfg, params, prompts, comp, mask, adv, special = step
     shapes = StepShapes.from_caps(seq_len=512, patch_row_len=512, max_new_tokens=TC, num_samples=G)
     pshape = rollouts.PromptSize.of(prompts).padded(shapes)
-    cshape = rollouts.CompletionShape.of(rollouts.completion_extents(mask), shapes)
+    cshape = rollouts.CompletionShape.choose(rollouts.completion_extents(mask), shapes, pshape.seq_len, 6.5e-5)
     return lambda micro: sharding.shard_batch(rollouts.assemble(
         prompts, special, pshape, cshape, comp, mask, adv, np.zeros(mask.shape, np.float32),
         np.ones(adv.shape, np.float32), micro), mesh)

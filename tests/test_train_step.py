@@ -51,7 +51,8 @@ LENGTHS = np.array([[7, 2, 5], [1, 7, 4]])  # [B, G]: each completion's real len
 def _packed(comp, lengths=LENGTHS):
     mask = np.arange(comp.shape[-1]) < lengths[..., None]
     ext = completion_extents(mask)
-    packed = pack_completions(comp, ext, int(ext.max()) + 1, int(ext.sum(-1).max()) + 3, PAD)  # + padding
+    # rows of 8 tokens, and a third row left empty
+    packed = pack_completions(comp, ext, int(ext.max()) + 1, 3, 8, PAD)
     return jax.tree.map(jnp.asarray, packed), mask
 
 
@@ -61,8 +62,8 @@ def test_packed_scoring_equals_full_forward(setup):
     cfg, params, rows, images, prompts, comp = setup
     model = Qwen2VL(cfg)
     packed, mask = _packed(comp)
-    assert packed.tokens.shape == (2, 17) and packed.unpack.shape == (2, 3, 8)
-    assert (np.asarray(packed.sample)[1, 12:] == -1).all()  # prompt 1's 1 + 7 + 4 tokens, then padding
+    assert packed.tokens.shape == (2, 3, 8) and packed.unpack.shape == (2, 3, 8)
+    assert (np.asarray(packed.sample)[:, 2] == -1).all()  # first-fit decreasing: 7 + 1 | 4 and 7 | 5 + 2
     ours_fn = lambda p: completion_log_probs(model, p, jax.tree.map(jnp.asarray, prompts), packed,  # noqa: E731
                                              chunk_size=3)[0][..., :7]
     full_fn = _full_forward_logp(cfg, params, rows, images, comp)
@@ -86,7 +87,8 @@ def test_packed_update_equals_padded(setup):
             np.random.default_rng(3).standard_normal(mask.shape).astype(np.float32), np.ones((1, 2, 3), np.float32))
     packed = rollouts_from_padded(*args, pad_id=PAD)
     padded = rollouts_from_padded(*args, pad_id=PAD, trim=False)
-    assert packed.completions.tokens.shape[-1] == LENGTHS.sum(-1).max() < padded.completions.tokens.shape[-1]
+    assert packed.completions.tokens.shape[-2:] == (1, LENGTHS.sum(-1).max())  # one row: all of a group
+    assert padded.completions.tokens.shape[-2:] == (3, 7)  # a row per completion
     grpo_cfg = grpo.GRPOConfig(num_generations=3)
     from pr1_jax.train_step import grpo_update
 

@@ -127,24 +127,25 @@ class Qwen2VL(nn.Module):
         return self.decoder(x_bgtd, DecoderContext(cos=cos, sin=sin, mask=mask_bgts), return_kv)
 
     def decode_group(self, x_prompt: Array, x_comp: Array, pos_prompt: Array, pos_comp: Array,
-                     prompt_mask_bp: Array, comp_mask_bcc: Array) -> tuple[Array, Array]:
+                     prompt_mask_bp: Array, comp_mask_brtt: Array) -> tuple[Array, Array]:
         """Prompts and their completions in one decoder pass over packed rows (`Decoder`).
 
-        x_prompt [B, 1, P, D]; x_comp [B, C, D]: each prompt's G completions back to back
-        (`train_step.Completions`); pos_prompt [3, B, 1, P], pos_comp [3, B, C];
-        prompt_mask_bp [B, P] bool (left padding); comp_mask_bcc [B, C, C] bool: which
-        completion tokens each completion token sees (its own earlier ones). Every completion
-        token also sees the prompt's valid tokens. → hidden [B, 1, P, D], [B, C, D].
+        x_prompt [B, 1, P, D]; x_comp [B, R, T, D]: each prompt's completions in R rows
+        (`train_step.Completions`); pos_prompt [3, B, 1, P], pos_comp [3, B, R, T];
+        prompt_mask_bp [B, P] bool (left padding); comp_mask_brtt [B, R, T, T] bool: which
+        tokens of its row each completion token sees (its own completion's earlier ones).
+        Every completion token also sees the prompt's valid tokens.
+        → hidden [B, 1, P, D], [B, R, T, D].
         """
-        b, c, d = x_comp.shape
+        b, r, t, d = x_comp.shape
         p = x_prompt.shape[2]
-        x = jnp.concatenate([x_prompt, x_comp[:, None]], axis=2)
-        cos, sin = mrope(jnp.concatenate([pos_prompt, pos_comp[:, :, None]], axis=-1), self.cfg.text)
+        x = jnp.concatenate([x_prompt, x_comp.reshape(b, 1, r * t, d)], axis=2)
+        cos, sin = mrope(jnp.concatenate([pos_prompt, pos_comp.reshape(3, b, 1, r * t)], axis=-1), self.cfg.text)
         prompt_causal = jnp.tril(jnp.ones((p, p), bool))[None, None] & prompt_mask_bp[:, None, None, :]
-        ctx = DecoderContext(cos=cos, sin=sin, mask=comp_mask_bcc[:, None], prefix_mask=prompt_mask_bp,
-                             prompt_mask=prompt_causal, prompt_len=p, num_samples=1)
+        ctx = DecoderContext(cos=cos, sin=sin, mask=comp_mask_brtt, prefix_mask=prompt_mask_bp,
+                             prompt_mask=prompt_causal, prompt_len=p, num_samples=r)
         hidden, _ = self.decoder(x, ctx)
-        return hidden[:, :, :p], hidden[:, 0, p:]
+        return hidden[:, :, :p], hidden[:, :, p:].reshape(b, r, t, d)
 
     def logits(self, hidden: Array) -> Array:
         """hidden [..., D] → logits [..., V] in the compute dtype."""
