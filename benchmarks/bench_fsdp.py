@@ -43,7 +43,7 @@ from benchmarks.bench_model import (NEW, SIDE, SMOKE_NEW, SMOKE_SIDE, host_rollo
                                     program_gb, smoke_config, time_updates, update_flops)
 from pr1_jax import grpo, sharding  # noqa: E402
 from pr1_jax.model.config import PRESETS  # noqa: E402
-from pr1_jax.model.qwen2_vl import Qwen2VL  # noqa: E402
+from pr1_jax.programs import Kernels, Programs  # noqa: E402
 from pr1_jax.train_step import OptimConfig, make_optimizer  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100 SXM / H200 dense bf16
@@ -70,16 +70,17 @@ def bench_mesh(cfg, spec: str, b_dev: int, g: int, new: int, side: int, micro: i
     mesh = sharding.make_mesh(**sizes, devices=jax.devices()[:n])
     batch_shards = sizes["data"] * sizes["fsdp"]  # the batch is split over data × fsdp
     b = b_dev * batch_shards
-    model = Qwen2VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat=True, remat_policy=remat,
-                    vision_remat_policy=vremat, attention=attn, scan_unroll=unroll,
-                    vision_scan_unroll=vunroll)
-    optimizer = make_optimizer(OptimConfig())
+    # The update as training builds it (pr1_jax.programs), with these options.
+    programs = Programs(cfg, mesh, dtype=jnp.bfloat16, optimizer=make_optimizer(OptimConfig()),
+                        grpo_cfg=grpo.GRPOConfig(num_generations=g), eos_ids=(151645, 151643), pad_id=151643,
+                        kernels=Kernels(attention=attn, decode_attention="xla"), remat=True, remat_policy=remat,
+                        vision_remat_policy=vremat, scan_unroll=unroll, vision_scan_unroll=vunroll,
+                        chunk_size=chunk, budget=None)
     params = sharding.init_params(cfg, mesh, dtype=jnp.bfloat16)  # also the frozen reference
-    state = sharding.init_train_state(params, optimizer, mesh, cfg=cfg)  # a copy: donated step by step
+    state = sharding.init_train_state(params, programs.optimizer, mesh, cfg=cfg)  # a copy: donated step by step
     batch = sharding.shard_batch(host_rollouts(cfg, b, g, new, micro, side), mesh)
-    update = sharding.shard_update_fn(model, optimizer, grpo.GRPOConfig(num_generations=g), mesh, chunk_size=chunk)
     t0 = time.perf_counter()
-    compiled = update.lower(state, params, batch).compile()
+    compiled = programs.lower_update(state, params, batch).compile()
     compile_s = time.perf_counter() - t0
     if hlo_out:  # the optimized program, gzipped: kernel names of --profile_top are its fusion names
         import gzip

@@ -3,7 +3,7 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
         .venv/bin/python benchmarks/count_collectives.py --mesh=fsdp=4 [--top=12] [--dtype=bf16]
 
-Lowers and compiles (never runs) `sharding.shard_update_fn` for the `bench_fsdp.py --smoke`
+Lowers and compiles (never runs) the update `pr1_jax.programs` builds for the `bench_fsdp.py --smoke`
 model on the given mesh, then counts all-reduce / all-gather / reduce-scatter / all-to-all /
 collective-permute in the optimized HLO and lists each kind's result shapes, largest
 first. FSDP should show all-gathers of weights and reduce-scatters of gradients; an
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.bench_fsdp import parse_mesh  # noqa: E402
 from benchmarks.bench_model import SMOKE_NEW, SMOKE_SIDE, host_rollouts, parse_shape, smoke_config  # noqa: E402
 from pr1_jax import grpo, sharding  # noqa: E402
-from pr1_jax.model.qwen2_vl import Qwen2VL  # noqa: E402
+from pr1_jax.programs import Kernels, Programs  # noqa: E402
 from pr1_jax.train_step import OptimConfig, make_optimizer  # noqa: E402
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -61,15 +61,15 @@ def compile_update(mesh_spec: str, per_device: str = "2x2", new: int = SMOKE_NEW
     mesh = sharding.make_mesh(**sizes, devices=jax.devices()[:n])
     b_dev, g = parse_shape(per_device)
     b = b_dev * sizes["data"] * sizes["fsdp"]
-    model = Qwen2VL(cfg, dtype=dtype, param_dtype=dtype, remat=True)
-    optimizer = make_optimizer(OptimConfig())
-    state = sharding.abstract_train_state(cfg, optimizer, mesh, dtype=dtype)
+    programs = Programs(cfg, mesh, dtype=dtype, optimizer=make_optimizer(OptimConfig()),
+                        grpo_cfg=grpo.GRPOConfig(num_generations=g), eos_ids=(151645, 151643), pad_id=151643,
+                        kernels=Kernels(attention="xla", decode_attention="xla"), chunk_size=chunk, budget=None)
+    state = sharding.abstract_train_state(cfg, programs.optimizer, mesh, dtype=dtype)
     params = state.params
     host = host_rollouts(cfg, b, g, new, micro, side)
     bsh = sharding.batch_shardings(host, mesh)
     batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), host, bsh)
-    update = sharding.shard_update_fn(model, optimizer, grpo.GRPOConfig(num_generations=g), mesh, chunk_size=chunk)
-    return update.lower(state, params, batch).compile(), mesh
+    return programs.lower_update(state, params, batch).compile(), mesh
 
 
 def main():

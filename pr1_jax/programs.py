@@ -37,6 +37,7 @@ from pr1_jax.model import layers
 from pr1_jax.model.config import ModelConfig
 from pr1_jax.model.qwen2_vl import Qwen2VL
 from pr1_jax.sampler import SampleOutput, SamplingConfig
+from pr1_jax.sharded_sampler import ShardedSampler
 
 log = logging.getLogger("pr1_jax.programs")
 
@@ -107,7 +108,7 @@ class Programs:
                               attention=kernels.attention)
         cudnn = kernels.attention == "cudnn" or (kernels.attention == "auto" and _nvidia_gpu(mesh))
         self.remat_policies = _AUTO_REMAT["cudnn" if cudnn else "xla"] if remat_policy == "auto" else (remat_policy,)
-        self.sampler = sharding.ShardedSampler(Qwen2VL(model_cfg, dtype=dtype, param_dtype=dtype,
+        self.sampler = ShardedSampler(Qwen2VL(model_cfg, dtype=dtype, param_dtype=dtype,
                                                        attention=kernels.attention),
                                                eos_ids, pad_id, mesh, steps_per_check=steps_per_check,
                                                decode_attention=kernels.decode_attention)

@@ -1,12 +1,12 @@
 """Sharding over a device mesh: the mesh, the logical-axis rules, sharded params, batches and
-programs (process-level helpers: `pr1_jax/multihost.py`).
+programs (process-level helpers: `pr1_jax/multihost.py`; the rollout on the mesh:
+`pr1_jax/sharded_sampler.py`).
 
     mesh = make_mesh(data=1, fsdp=-1, tensor=1)              # -1 takes the remaining devices
     params = load_params(model_dir, mesh)                     # each host reads only its slices
     update = shard_update_fn(model, optimizer, grpo_cfg, mesh)
     state = init_train_state(params, optimizer, mesh)
     state, metrics = update(state, ref_params, shard_batch(batch, mesh))
-    sampler = ShardedSampler(model, eos_ids, pad_id, mesh)    # rollouts in the sampling layout
 
 The training loop (`pr1_jax/train.py`) adds: `Pretrained.load(dir, mesh=mesh)`,
 `check_batch_sizes`, `replicate` (PRNG keys), `shard_batch(..., process_local=True)` (each
@@ -29,7 +29,6 @@ split). The batch is split over data × fsdp.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -43,7 +42,6 @@ from flax.core import meta
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pr1_jax import sampler as sampler_lib
 from pr1_jax import train_step
 from pr1_jax.model import hf_io
 from pr1_jax.model.config import ModelConfig
@@ -345,64 +343,6 @@ def shard_apply(fn: Callable, mesh: Mesh, rules: Rules = TRAIN_RULES, **jit_kwar
     """Any function of (params, batch, ...) jitted on the mesh with the rules in context
     (evaluation forward passes, parity tests). Shardings come from the arguments."""
     return jax.jit(with_rules(fn, mesh, rules), **jit_kwargs)
-
-
-# ------------------------------------------------------------------ the rollout program
-class ShardedSampler(sampler_lib.Sampler):
-    """`Sampler` on the mesh: prompts and outputs split along the batch (data × fsdp); the
-    params, passed in any layout (the training one), are re-laid out at the start of each of
-    the two programs (prefill, decode) into the sampling layout (`SAMPLE_RULES`), then read
-    in place at every token. (With FSDP that is two weight all-gathers per rollout.)"""
-
-    def __init__(self, model: Qwen2VL, eos_ids: Sequence[int], pad_id: int, mesh: Mesh,
-                 rules: Rules = SAMPLE_RULES, steps_per_check: int = 16, decode_attention: str = "xla"):
-        if decode_attention == "pallas" and mesh.size > 1:  # GSPMD cannot split a Pallas kernel
-            raise ValueError(f"decode_attention='pallas' runs on one device for now (the kernel is not "
-                             f"wrapped in shard_map); this mesh has {mesh.size}: use 'xla'")
-        super().__init__(model, eos_ids, pad_id, steps_per_check, decode_attention=decode_attention)
-        self.mesh, self.rules = mesh, rules
-        sample_sh = param_shardings(model.cfg, mesh, rules)
-
-        def prefill(params, prompts):
-            params = jax.lax.with_sharding_constraint(params, sample_sh)
-            out = sampler_lib.prefill(model, params, constrain_batch(prompts, mesh, rules))
-            return constrain_prefix(out, mesh, rules)
-
-        def decode(params, prefix, rng, temperature, top_p, end_at, **static):
-            params = jax.lax.with_sharding_constraint(params, sample_sh)
-            prefix = constrain_prefix(prefix, mesh, rules)
-            if end_at is not None:
-                end_at = constrain_batch(end_at, mesh, rules)
-            out = sampler_lib.decode(model, params, prefix, rng, temperature, top_p, end_at, **static)
-            return constrain_batch(out, mesh, rules)
-
-        self._prefill = jax.jit(with_rules(prefill, mesh, rules))
-        self._decode = jax.jit(with_rules(decode, mesh, rules), static_argnames=self.STATIC)
-
-    def lower(self, params, prompts, rng, cfg: sampler_lib.SamplingConfig) -> dict[str, Any]:
-        """The two rollout programs lowered for (abstract) arguments: {"prefill", "decode"},
-        each to `.compile()` ahead of time."""
-        scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated(self.mesh))
-        prefix = jax.eval_shape(self._prefill, params, prompts)
-        prefix = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), prefix,
-                              prefix_shardings(prefix, self.mesh, self.rules))
-        return {"prefill": self._prefill.lower(params, prompts),
-                "decode": self._decode.lower(params, prefix, rng, scalar, scalar, None, **self.static_args(cfg))}
-
-
-def prefix_shardings(prefix: sampler_lib.Prefix, mesh: Mesh, rules: Rules = SAMPLE_RULES) -> sampler_lib.Prefix:
-    """Shardings of a `Prefix`: rows over the batch axes (K/V carry the layers first)."""
-    names = lambda x, at: tuple("batch" if i == at else None for i in range(np.ndim(x)))  # noqa: E731
-    return sampler_lib.Prefix(
-        logits=logical_sharding(names(prefix.logits, 0), np.shape(prefix.logits), mesh, rules),
-        k=logical_sharding(names(prefix.k, 1), np.shape(prefix.k), mesh, rules),
-        v=logical_sharding(names(prefix.v, 1), np.shape(prefix.v), mesh, rules),
-        mask=logical_sharding(names(prefix.mask, 0), np.shape(prefix.mask), mesh, rules),
-        next_pos=logical_sharding(names(prefix.next_pos, 0), np.shape(prefix.next_pos), mesh, rules))
-
-
-def constrain_prefix(prefix: sampler_lib.Prefix, mesh: Mesh, rules: Rules = SAMPLE_RULES) -> sampler_lib.Prefix:
-    return jax.lax.with_sharding_constraint(prefix, prefix_shardings(prefix, mesh, rules))
 
 
 # ------------------------------------------------------------------ batches

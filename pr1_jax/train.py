@@ -27,7 +27,6 @@ import functools
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Sequence
 

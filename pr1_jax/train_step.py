@@ -130,12 +130,14 @@ def completion_log_probs(model: Qwen2VL, params, prompts: ModelInputs, comp: Com
                          chunk_size: int = 128) -> tuple[Array, Array]:
     """log π(token) at temperature 1 over the full vocabulary, and entropy: [B, G, L] each."""
     b, r, t = comp.tokens.shape
-    hidden = packed_hidden(model, params, prompts, comp).reshape(b, r * t, -1)
+    # The LM head runs over [B·R, T] (rows as batch): chunks of `chunk_size` positions of every
+    # row at once, as many chunks as a row has — not R times more chunks of B rows each.
+    hidden = packed_hidden(model, params, prompts, comp).reshape(b * r, t, -1)
     logits_fn = lambda h: model.apply({"params": params}, h, method=Qwen2VL.logits)  # noqa: E731
     # rows over the batch axes, width whole: the LM head gathers its (FSDP) weight per chunk
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "act_embed"))
-    logp, entropy = grpo.chunked_token_log_probs(hidden, comp.tokens.reshape(b, r * t), logits_fn, chunk_size)
-    unpack = lambda a: jnp.take_along_axis(a[:, None], comp.unpack, axis=-1)  # noqa: E731  [B, G, L]
+    logp, entropy = grpo.chunked_token_log_probs(hidden, comp.tokens.reshape(b * r, t), logits_fn, chunk_size)
+    unpack = lambda a: jnp.take_along_axis(a.reshape(b, 1, r * t), comp.unpack, axis=-1)  # noqa: E731  [B, G, L]
     return unpack(logp), unpack(entropy)
 
 

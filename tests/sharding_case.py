@@ -226,7 +226,9 @@ def worker(process: int, port: int, ckpt: str, out: str) -> None:
     results["logits"] = multihost.fetch(logits)
     results["local_logits"] = multihost_utils.process_allgather(multihost.host_local(logits))
     # Greedy rollouts of the same prompts: sampled on the mesh, read back per process.
-    sampler = sharding.ShardedSampler(model, (VEND,), PAD, mesh)
+    from pr1_jax.sharded_sampler import ShardedSampler
+
+    sampler = ShardedSampler(model, (VEND,), PAD, mesh)
     sampled = sampler(params, sharding.shard_batch(local, mesh, process_local=True), jax.random.PRNGKey(0), greedy())
     results["rollout_tokens"] = multihost.fetch(sampled.tokens)
     results["rollout_logp"] = multihost.fetch(sampled.logp)

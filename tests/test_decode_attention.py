@@ -132,10 +132,11 @@ def test_sampler_pallas_equals_xla(sampler_dir):
 def test_sharded_sampler_pallas_needs_one_device(sampler_dir):
     """GSPMD cannot split the Pallas kernel: a multi-device mesh is refused up front."""
     from pr1_jax import sharding
+    from pr1_jax.sharded_sampler import ShardedSampler
     model = Qwen2VL(ModelConfig.from_pretrained(sampler_dir))
     with pytest.raises(ValueError, match="one device"):
-        sharding.ShardedSampler(model, EOS, PAD, sharding.make_mesh(fsdp=2, devices=jax.devices()[:2]),
+        ShardedSampler(model, EOS, PAD, sharding.make_mesh(fsdp=2, devices=jax.devices()[:2]),
                                 decode_attention="pallas")
-    sampler = sharding.ShardedSampler(model, EOS, PAD, sharding.make_mesh(fsdp=1, devices=jax.devices()[:1]),
+    sampler = ShardedSampler(model, EOS, PAD, sharding.make_mesh(fsdp=1, devices=jax.devices()[:1]),
                                       decode_attention="pallas")
     assert sampler.decode_attention == "pallas"

@@ -66,7 +66,7 @@ def test_end_to_end(task, datasets, tiny_dir, tmp_path):
     assert report["metrics"]["n"] == counts["evaluated"] == len(report["predictions"])
     assert sorted(s["index"] for s in report["skipped"]) == {
         "grounding": [2, 4], "counting": [2, 3], "detection": [2], "ocr": [2]}[task]
-    assert report["num_compiled"] == 1  # fixed shapes: one program for every batch, the padded last one too
+    assert report["num_compiled"] == 2  # fixed shapes: one prefill and one decode program for every batch
     assert all(p["num_tokens"] == 4 or p["stopped"] for p in report["predictions"])
 
     saved = json.loads((tmp_path / f"{task}.json").read_text())

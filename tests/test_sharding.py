@@ -59,7 +59,7 @@ def test_rule_tables_give_the_expected_layouts():
     assert spec(sample, "embed_tokens/embedding") == P("tensor", None)
     # The batch: rows over data × fsdp, micro-batch axis and M-RoPE's 3 axes left alone.
     batch = sharding.batch_shardings(case.rollouts(case.MICRO), sharding.make_mesh(data=2, fsdp=2, tensor=2))
-    assert batch.completions.tokens.spec == P(None, ("data", "fsdp"), None)
+    assert batch.completions.tokens.spec == P(None, ("data", "fsdp"), None, None)
     assert batch.completions.unpack.spec == P(None, ("data", "fsdp"), None, None)
     assert batch.prompts.positions.spec == P(None, None, ("data", "fsdp"), None)
     assert batch.prompts.pixels.spec == P(None, ("data", "fsdp"), None, None)
@@ -210,3 +210,19 @@ def test_fsdp_update_has_no_activation_all_reduces():
     extra = activation_all_reduces(compiled.as_text(), cfg)
     # only the merged visual tokens' gradient: 4 prompts × one 56-px image (4×4 patches → 4 tokens)
     assert [s for _, s in extra] == [(16, cfg.text.width)], extra
+
+
+def test_aot_lowers_the_update_train_builds(ckpt):
+    """`aot.lower_programs` (abstract arguments at the config's caps) and the program builder
+    given a real step's arrays of those shapes (what `train.py` does) lower the same program."""
+    cfg, opt = case.model_config(), case.optimizer()
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    programs = Programs(cfg, mesh, dtype=jnp.float32, optimizer=opt, grpo_cfg=case.grpo_config(),
+                        eos_ids=(case.VEND,), pad_id=case.PAD, kernels=resolve_kernels("auto", "auto", mesh),
+                        chunk_size=case.CHUNK, budget=None)
+    aot_text = aot.lower_programs(programs, sampling=case.greedy(), prompts_per_step=8, prompts_per_micro=4,
+                                  seq_len=case.SEQ_LEN, patch_row_len=case.ROW_LEN)["update"].as_text()
+    params = sharding.load_params(ckpt, mesh)
+    state = sharding.init_train_state(params, opt, mesh, cfg=cfg)
+    batch = sharding.shard_batch(case.rollouts(case.MICRO), mesh)
+    assert programs.lower_update(state, params, batch).as_text() == aot_text

@@ -1,0 +1,92 @@
+"""Per-step shapes: the ladder's rungs, the packing choice, and no new program for a step
+whose sizes change within their rungs (image sizes, answer lengths)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr1_jax import rollouts, sharding
+from pr1_jax.model import hf_io
+from pr1_jax.model.config import PRESETS, ModelConfig
+from pr1_jax.processing import chat, image
+from pr1_jax.programs import Programs, resolve_kernels
+from pr1_jax.sampler import SamplingConfig
+from pr1_jax.shapes import Ladder, StepShapes, attention_weight
+
+G = 2
+
+
+def test_ladder_rungs():
+    lad = Ladder(2048, quantum=16, minimum=64)
+    rungs = lad.rungs()
+    assert rungs[:6] == [64, 80, 96, 112, 128, 160] and rungs[-1] == 2048
+    assert all(a < b for a, b in zip(rungs, rungs[1:]))
+    for n in range(1, 2049):
+        r = lad(n)
+        assert r >= n and r in rungs and (n <= 64 or r <= 1.25 * n + 16), n  # ≤ 25% waste (+ rounding)
+    with pytest.raises(ValueError, match="over the cap"):
+        lad(2049)
+    assert Ladder(8, quantum=1, minimum=1, steps=(1.0, 1.5)).rungs() == [1, 2, 3, 4, 6, 8]
+
+
+def test_packing_choice_follows_the_cost():
+    """Short answers share rows (no position wasted); answers all of one long length get a row each."""
+    shapes = StepShapes.from_caps(seq_len=2048, patch_row_len=4096, max_new_tokens=256, num_samples=8)
+    w = attention_weight(PRESETS["qwen2_vl_2b"]().text)
+    short = rollouts.CompletionShape.choose(np.full((4, 8), 20), shapes, 448, w)
+    assert short.rows * short.row_len == 8 * 20 and short.rows < 8 and short.length == 32
+    long = rollouts.CompletionShape.choose(np.full((4, 8), 256), shapes, 320, w)
+    assert (long.rows, long.row_len, long.length) == (8, 256, 256)
+
+
+@pytest.fixture(scope="module")
+def tiny(sampler_dir):
+    cfg = ModelConfig.from_pretrained(sampler_dir)
+    params = jax.tree.map(jnp.asarray, hf_io.load_params(sampler_dir, cfg))
+    special = chat.SpecialTokens.from_pretrained(sampler_dir)
+    tok = chat.load_tokenizer(sampler_dir)
+    img_cfg = image.ImageProcessorConfig.from_pretrained(sampler_dir)
+    return cfg, params, special, tok, img_cfg
+
+
+def _prompts(tiny, sides, seed=0):
+    cfg, _, special, tok, img_cfg = tiny
+    rng = np.random.default_rng(seed)
+    examples = [{"image_hwc": rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "problem": "the red circle"}
+                for h, w in sides]
+    return rollouts.encode_examples(examples, "grounding", special, tok, img_cfg, None)
+
+
+def test_sizes_within_a_rung_compile_nothing_new(tiny):
+    """Two steps with other image sizes and other answer lengths, all within the same rungs:
+    the rollout and the update programs are compiled once, for the first step."""
+    cfg, params, special, _, _ = tiny
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    shapes = StepShapes.from_caps(seq_len=512, patch_row_len=512, max_new_tokens=8, num_samples=G)
+    from pr1_jax import grpo
+    from pr1_jax.train_step import OptimConfig, make_optimizer
+
+    programs = Programs(cfg, mesh, dtype=jnp.float32, optimizer=make_optimizer(OptimConfig()),
+                        grpo_cfg=grpo.GRPOConfig(num_generations=G), eos_ids=special.eos_ids, pad_id=special.pad_id,
+                        kernels=resolve_kernels("auto", "auto", mesh), chunk_size=4, prompts_per_micro=2, budget=None)
+    state = sharding.init_train_state(params, programs.optimizer, mesh, cfg=cfg)
+    counts, keys = [], []
+    for step, (sides, lengths) in enumerate([(((56, 84), (84, 56)), [[3, 5], [2, 4]]),
+                                             (((56, 56), (84, 84)), [[5, 1], [4, 4]])]):
+        prompts = _prompts(tiny, sides, seed=step)
+        pshape = rollouts.PromptSize.of(prompts).padded(shapes)
+        inputs = sharding.shard_batch(rollouts.prompt_inputs(prompts, special, pshape), mesh)
+        out = programs.rollout(params, inputs, jax.random.PRNGKey(step),
+                               SamplingConfig(num_samples=G, max_new_tokens=8, temperature=1.0))
+        tokens = np.asarray(out.tokens)
+        mask = np.arange(8) < np.asarray(lengths)[..., None]
+        cshape = rollouts.CompletionShape.choose(rollouts.completion_extents(mask), shapes, pshape.seq_len, 6.5e-5)
+        batch = sharding.shard_batch(rollouts.assemble(
+            prompts, special, pshape, cshape, tokens, mask, np.zeros((2, G), np.float32),
+            np.zeros(mask.shape, np.float32), np.ones((2, G), np.float32), 2), mesh)
+        state, _ = programs.update(state, params, batch)
+        counts.append(programs.num_compiled())
+        keys.append((pshape, cshape))
+    assert keys[0] == keys[1]  # other sizes, the same rungs
+    assert counts == [3, 3], counts  # prefill, decode, update: compiled for the first step only
