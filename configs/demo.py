@@ -2,12 +2,12 @@
 
     python -m pr1_jax.train --config=configs/demo.py
 
-No network; 5 min 49 s on a quiet 2-core CPU (measured 2026-11-21, README). A tiny
+No network; 5 min 46 s on a quiet 2-core CPU, install included (measured 2026-12-01, README). A tiny
 Qwen2-VL (written by transformers with random weights, the real Qwen2 tokenizer) sees one
 red or blue shape in one quadrant of a 112×112 image ("Output the bounding box of the red
 circle in the image."). A short SFT warm-up (160 steps × 8 prompts) teaches the answer
 format and part of the localisation; PR1's GRPO with PR1's rewards (IoU² + format) then
-improves held-out Acc@0.5 (32.8 → 75.0 in the recorded run). Writes to runs/demo:
+improves held-out Acc@0.5 (32.8 → 70.3 in the recorded run). Writes to runs/demo:
 reward.png, eval.png (held-out Acc@0.5 over SFT and GRPO steps), gallery PNGs,
 metrics.jsonl, eval.jsonl, summary.json, checkpoints/.
 `--config=configs/demo.py:short` is the shortened run the tests guard (tests/test_demo.py).
