@@ -20,12 +20,16 @@ import numpy as np
 
 
 class StepAccount:
-    """Phase timer and counters of one step."""
+    """Phase timer and counters of one step; with `programs` (a `pr1_jax.programs.Programs`)
+    also what the step compiled."""
 
-    def __init__(self):
+    def __init__(self, programs=None):
         self.times: dict[str, float] = {}
         self.counts: dict[str, float] = {}
         self._t0 = time.perf_counter()
+        self._programs = programs
+        self._compiled0 = programs.num_compiled() if programs else 0
+        self._events0 = len(programs.compile_events) if programs else 0
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -52,6 +56,11 @@ class StepAccount:
     def as_metrics(self) -> dict[str, float]:
         out = {f"time/{k}_s": round(v, 4) for k, v in self.times.items()}
         out["time/step_s"] = round(time.perf_counter() - self._t0, 4)
+        if self._programs is not None:
+            events = self._programs.compile_events[self._events0:]
+            out["compiled"] = self._programs.num_compiled() - self._compiled0
+            out["compiled_rollout"] = sum(e["count"] for e in events if e["program"] == "rollout")
+            out["time/update_compile_s"] = round(sum(e["seconds"] for e in events if e["program"] == "update"), 3)
         for k, v in self.counts.items():
             out[k if not k.endswith(("_real", "_padded")) else f"tokens/{k}"] = v
         return out

@@ -154,7 +154,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="GRPO", dynamic_ncols=True,
                disable=not main)
     for step in bar:
-        acct, compiled_before, events_before = StepAccount(), programs.num_compiled(), len(programs.compile_events)
+        acct = StepAccount(programs)
         with acct.phase("data"):  # this process's prompts of the step (read during the last update)
             examples, prompts = upcoming or next_prompts()
             upcoming = None
@@ -216,10 +216,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         if stop or (step + 1) % c.checkpoint_every == 0 or step + 1 == total_steps:
             with acct.phase("checkpoint"):
                 ckpt.save(step + 1, state, rng=rng, data_state=data_state, meta=dict(run_meta, history=history))
-        events = programs.compile_events[events_before:]
-        m.update(acct.as_metrics(), compiled=programs.num_compiled() - compiled_before,
-                 compiled_rollout=sum(e["count"] for e in events if e["program"] == "rollout"))
-        m["time/update_compile_s"] = round(sum(e["seconds"] for e in events if e["program"] == "update"), 3)
+        m.update(acct.as_metrics())
         m["step_time"] = m["time/step_s"]
         m["tokens_per_s"] = float(lengths.sum()) / m["step_time"]
         metrics_file.write(json.dumps({"step": step + 1, **m}) + "\n")
@@ -276,9 +273,9 @@ def sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, eval
         targets = [rollouts.sft_target(ex, c.task, pre.special) for ex in examples]
         ids, mask = rollouts.encode_targets(pre.tokenizer, targets, c.sampling.max_new_tokens, pre.special.pad_id)
         zeros = np.zeros(ids.shape, np.float32)
-        batch = rollouts.assemble(prompts, pre.special, global_prompt_size(prompts).padded(shapes),
-                                  global_completion_shape(mask, shapes, 0, attention_weight(pre.config.text)), ids,
-                                  mask, zeros[..., 0], zeros,
+        pshape = global_prompt_size(prompts).padded(shapes)
+        cshape = global_completion_shape(mask, shapes, pshape.seq_len, attention_weight(pre.config.text))
+        batch = rollouts.assemble(prompts, pre.special, pshape, cshape, ids, mask, zeros[..., 0], zeros,
                                   np.ones(zeros.shape[:2], np.float32), n)
         state, m = programs.sft(state, sharding.shard_batch(batch, mesh, process_local=True), opt)
         bar.set_postfix(loss=f"{float(m['loss']):.3f}")
