@@ -96,8 +96,7 @@ class Programs:
     def __init__(self, model_cfg: ModelConfig, mesh, *, dtype: Any, optimizer: optax.GradientTransformation,
                  grpo_cfg: grpo.GRPOConfig, eos_ids: Sequence[int], pad_id: int, kernels: Kernels,
                  remat: bool = True, remat_policy: str = "full", vision_remat_policy: str | None = None,
-                 scan_unroll: int = 1,
-                 vision_scan_unroll: int = 1, chunk_size: int = 128, prompts_per_micro: int = 0,
+                 scan_unroll: int = 1, vision_scan_unroll: int = 1, chunk_size: int = 128, prompts_per_micro: int = 0,
                  steps_per_check: int = 16, budget: float | None | str = "device"):
         self.cfg, self.mesh, self.dtype = model_cfg, mesh, dtype
         self.optimizer, self.grpo_cfg, self.kernels = optimizer, grpo_cfg, kernels
@@ -108,10 +107,9 @@ class Programs:
                               attention=kernels.attention)
         cudnn = kernels.attention == "cudnn" or (kernels.attention == "auto" and _nvidia_gpu(mesh))
         self.remat_policies = _AUTO_REMAT["cudnn" if cudnn else "xla"] if remat_policy == "auto" else (remat_policy,)
-        self.sampler = ShardedSampler(Qwen2VL(model_cfg, dtype=dtype, param_dtype=dtype,
-                                                       attention=kernels.attention),
-                                               eos_ids, pad_id, mesh, steps_per_check=steps_per_check,
-                                               decode_attention=kernels.decode_attention)
+        self.sampler = ShardedSampler(Qwen2VL(model_cfg, dtype=dtype, param_dtype=dtype, attention=kernels.attention),
+                                      eos_ids, pad_id, mesh, steps_per_check=steps_per_check,
+                                      decode_attention=kernels.decode_attention)
         self._update_fns: dict[str, Any] = {}
         self._sft_fn = None
         self._compiled: dict[tuple, Any] = {}  # (program, shapes...) → compiled executable

@@ -1,11 +1,12 @@
 """Host side of a GRPO step (NumPy): examples → prompts; samples → texts → rewards → `Rollouts`.
 
     prompts = encode_examples(examples, task, special, tokenizer, image_config, system_prompt)
-    size = PromptSize.of(prompts)                          # the step's real sizes (max over processes)
-    inputs = prompt_inputs(prompts, special, size.padded(shapes))
+    pshape = PromptSize.of(prompts).padded(shapes)        # rungs for the step's real sizes
+    inputs = prompt_inputs(prompts, special, pshape)
     texts = decode_completions(pre.tokenizer, out.tokens, skip_special_tokens)
     rewards_n, per_fn = score(texts, examples, reward_names, G)
-    batch = assemble(prompts, special, prompt_shape, completions, mask, ..., micro_prompts, shapes)
+    cshape = CompletionShape.choose(completion_extents(mask), shapes, pshape.seq_len, weight)
+    batch = assemble(prompts, special, pshape, cshape, completions, mask, advantages, logp, weights, micro)
 
 Rows of a step are in PR1's order: the G completions of a prompt are consecutive. Shapes
 come from the step's real sizes on the ladders of `pr1_jax.shapes`.
