@@ -14,12 +14,10 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pr1_jax.evaluation import counting, detection, grounding, ocr  # noqa: E402
 

@@ -32,13 +32,11 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.bench_model import (NEW, SIDE, SMOKE_NEW, SMOKE_SIDE, host_rollouts, parse_shape,  # noqa: E402
                                     program_gb, smoke_config, time_updates, update_flops)
 from pr1_jax import grpo, sharding  # noqa: E402

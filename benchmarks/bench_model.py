@@ -34,14 +34,12 @@ import argparse
 import gc
 import json
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from flax.core import meta  # noqa: E402
 
 from pr1_jax.model.config import PRESETS, ModelConfig, TextConfig, VisionConfig  # noqa: E402

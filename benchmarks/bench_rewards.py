@@ -26,13 +26,11 @@ import datetime
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 from pr1_jax import rewards  # noqa: E402
 from pr1_jax.rewards import COCO_CLASSES, COCO_NAME_TO_ID  # noqa: E402
 

@@ -14,7 +14,6 @@ Prints one JSON line per check; exits 1 if a difference is over its tolerance.
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -22,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pr1_jax.model import layers  # noqa: E402
 from pr1_jax.model.decode_attention import (fused_cached_attention, fused_decode_step,  # noqa: E402
                                              reference_decode_step)

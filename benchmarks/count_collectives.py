@@ -17,15 +17,12 @@ from __future__ import annotations
 import argparse
 import collections
 import math
-import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.bench_fsdp import parse_mesh  # noqa: E402
 from benchmarks.bench_model import SMOKE_NEW, SMOKE_SIDE, host_rollouts, parse_shape, smoke_config  # noqa: E402
 from pr1_jax import grpo, sharding  # noqa: E402

@@ -6,12 +6,10 @@ Prints one JSON line. Usage on the GPU machine: python3 benchmarks/peer_hf_forwa
 """
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
 from hf_qwen2vl_generate import Qwen2VLForConditionalGeneration, batch_inputs, make_config  # noqa: E402
 
 

@@ -4,12 +4,9 @@
 
 Usage on the GPU machine: BATCHES=8,64 NEW=256 python3 benchmarks/peer_hf_qwen2_5_vl.py
 """
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
 import hf_qwen2vl_generate as peer  # noqa: E402
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 

@@ -14,14 +14,11 @@ import collections
 import dataclasses
 import glob
 import math
-import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from flax.core import meta  # noqa: E402
 
 from benchmarks.bench_model import prompts  # noqa: E402
