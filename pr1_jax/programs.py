@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from pr1_jax import grpo, sharding, train_step
+from pr1_jax.errors import ConfigError
 from pr1_jax.model import layers
 from pr1_jax.model.config import ModelConfig
 from pr1_jax.model.qwen2_vl import Qwen2VL
@@ -60,9 +61,9 @@ def resolve_kernels(attention: str, decode_attention: str, mesh) -> Kernels:
     shapes allow, decided per call: `layers.attention`), the fused Pallas decode step on a
     one-GPU mesh (it is not yet wrapped in shard_map), XLA everywhere else (CPU, TPU)."""
     if attention not in layers.ATTENTION_IMPLS:
-        raise ValueError(f"attention must be one of {layers.ATTENTION_IMPLS}, got {attention!r}")
+        raise ConfigError(f"attention must be one of {layers.ATTENTION_IMPLS}, got {attention!r}")
     if decode_attention not in ("xla", "pallas", "auto"):
-        raise ValueError(f"sampling.decode_attention must be 'xla', 'pallas' or 'auto', got {decode_attention!r}")
+        raise ConfigError(f"sampling.decode_attention must be 'xla', 'pallas' or 'auto', got {decode_attention!r}")
     if decode_attention == "auto":
         decode_attention = "pallas" if _nvidia_gpu(mesh) and mesh.size == 1 else "xla"
     return Kernels(attention=attention, decode_attention=decode_attention)
@@ -114,6 +115,7 @@ class Programs:
         self._sft_fn = None
         self._compiled: dict[tuple, Any] = {}  # (program, shapes...) → compiled executable
         self._choice: dict[tuple, tuple[int, str]] = {}  # update shape key → (prompts per micro, remat policy)
+        self._micro_of_step: dict[Any, int] = {}  # a step's shapes (caller's key) → prompts per micro-batch
         self.compile_events: list[dict] = []  # one entry per program compiled (kind, shapes, seconds)
 
     @classmethod
@@ -168,7 +170,7 @@ class Programs:
             self._event("update", key[1:], time.perf_counter() - t0)
         return self._compiled[key](state, ref_params, batch)
 
-    def update_batch(self, state, ref_params, make_batch, prompts: int, shards: int):
+    def update_batch(self, state, ref_params, make_batch, prompts: int, shards: int, step_key=None):
         """The step's batch split into micro-batches of the chosen size (and its remat policy).
 
         Candidates: the configured `prompts_per_micro`, or with 0 (auto) every multiple of the
@@ -177,17 +179,25 @@ class Programs:
         step's shapes. `make_batch(prompts_per_micro)` returns the step's (sharded) batch split
         that way. Without a budget (CPU) the first candidate is taken; the last one is taken
         when none fits (the compiler's out-of-memory error is then the honest answer).
+        `step_key` (hashable, e.g. the step's prompt and completion shapes): a step whose key
+        was seen builds its batch once, at the chosen size, without a probe.
         """
+        if step_key is not None and step_key in self._micro_of_step:
+            return make_batch(self._micro_of_step[step_key])
         sizes = ([self.prompts_per_micro] if self.prompts_per_micro else
                  [b for b in range(prompts, 0, -1) if prompts % b == 0 and b % shards == 0] or [prompts])
         probe = make_batch(sizes[0])
         key = _shape_key(probe)[2:]  # the step's shapes, without (M, B)
         if key in self._choice:
             b = self._choice[key][0]
+            if step_key is not None:
+                self._micro_of_step[step_key] = b
             return probe if b == sizes[0] else make_batch(b)
         combos = [(policy, b) for policy in self.remat_policies for b in sizes]
         if len(combos) == 1:
             self._choice[key] = (sizes[0], self.remat_policies[0])
+            if step_key is not None:
+                self._micro_of_step[step_key] = sizes[0]
             return probe
         tried = []
         for policy, b in combos:
@@ -199,6 +209,8 @@ class Programs:
             if self.budget is None or need <= self.budget or (policy, b) == combos[-1]:
                 self._compiled[("update",) + _shape_key(batch)] = compiled
                 self._choice[key] = (b, policy)
+                if step_key is not None:
+                    self._micro_of_step[step_key] = b
                 self._event("update", _shape_key(batch), time.perf_counter() - t0)
                 log.info("update: %d prompts per micro-batch, remat %s (tried %s; budget %s)", b, policy,
                          ", ".join(tried), "none" if self.budget is None else f"{self.budget / 2**30:.1f} GiB")

@@ -274,7 +274,8 @@ def decode(model: Qwen2VL, params, prefix: Prefix, rng: Array, temperature: Arra
                                  greedy=greedy)
         if end_at is not None:  # the benchmark hook: EOS at the drawn length
             forced = state.step == end_at - 1
-            eos_lp = _pick(logits_bgv, jnp.full(token.shape, eos_ids[0])) - jax.nn.logsumexp(logits_bgv, -1)
+            # log_softmax at EOS from the chosen token's: lp = z_tok − lse (no second pass over V)
+            eos_lp = lp + logits_bgv[..., eos_ids[0]] - _pick(logits_bgv, token)
             token, lp = jnp.where(forced, eos_ids[0], token), jnp.where(forced, eos_lp, lp)
         live = ~state.done & (state.step < tc)  # padding steps past Tc record nothing
         token = jnp.where(live, token, pad_id)

@@ -43,6 +43,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pr1_jax import train_step
+from pr1_jax.errors import ConfigError
 from pr1_jax.model import hf_io
 from pr1_jax.model.config import ModelConfig
 from pr1_jax.model.qwen2_vl import ModelInputs, Qwen2VL, init_params as _init_boxed
@@ -460,7 +461,7 @@ def check_batch_sizes(sizes: Mapping[str, int], mesh: Mesh, rules: Rules = TRAIN
                          f"the process count")
     bad = [f"{k}={v}" for k, v in sizes.items() if v % shards]
     if bad:
-        raise ValueError(f"{', '.join(bad)}: batch sizes must be multiples of the {shards} batch shards "
+        raise ConfigError(f"{', '.join(bad)}: batch sizes must be multiples of the {shards} batch shards "
                          f"(data × fsdp) of mesh {dict(mesh.shape)}; change them, or config.mesh")
 
 

@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,7 +45,8 @@ from pr1_jax.data import pipeline, readers, synthetic
 from pr1_jax.evaluation import grounding as grounding_eval
 from pr1_jax.pretrained import Pretrained
 from pr1_jax.processing import chat
-from pr1_jax.programs import Programs
+from pr1_jax.errors import ConfigError
+from pr1_jax.programs import Programs, resolve_kernels
 from pr1_jax.sampler import SamplingConfig
 from pr1_jax.shapes import StepShapes, attention_weight
 from pr1_jax.train_step import OptimConfig, make_optimizer
@@ -61,6 +63,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
                                 "batch.prompts_per_micro": c.batch.prompts_per_micro,
                                 "data.eval_batch": eval_batch_size(c),
                                 **({"sft.prompts_per_step": c.sft.prompts_per_step} if c.sft.steps > 0 else {})}, mesh)
+    # Config values that cannot work fail here, before any model or data is read.
+    resolve_kernels(c.attention, c.sampling.decode_attention, mesh)
+    end_lengths = workload.EndLengths.parse(c.sampling.end_lengths, c.task)  # benchmarks only
     main = multihost.is_main_process()
     workdir = Path(c.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +107,6 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     grpo_cfg = programs.grpo_cfg
     shapes = StepShapes.from_config(c)  # per-step shapes on a ladder, the config's sizes as caps
     attn_weight = attention_weight(pre.config.text)  # how completions are packed (shapes.packing_cost)
-    end_lengths = workload.EndLengths.parse(c.sampling.end_lengths, c.task)  # benchmarks only
     params = pre.params
     evaluator = functools.partial(evaluate, c=c, pre=pre, programs=programs, mesh=mesh, examples=eval_examples,
                                   prepare=prepare, shapes=shapes, system_prompt=system_prompt)
@@ -187,7 +191,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
                 rollouts.assemble(prompts, special, pshape, cshape, tokens, mask, np.asarray(advantages), logp,
                                   np.asarray(adv_stats["loss_weight"]), multihost.local_batch_size(micro)),
                 mesh, process_local=True)
-            batch = programs.update_batch(state, ref_params, make_batch, p_step, shards)
+            batch = programs.update_batch(state, ref_params, make_batch, p_step, shards, step_key=(pshape, cshape))
             for _ in range(grpo_cfg.num_iterations):  # μ = 1 in PR1: one update per rollout batch
                 state, m = programs.update(state, ref_params, batch)
             # While the device updates: the next step's prompts (images read, resized, tokenized).
@@ -348,7 +352,11 @@ def main(argv) -> None:
     del argv
     multihost.initialize_distributed()  # joins the other processes of a multi-host run; no-op on one
     logging.basicConfig(level=logging.INFO)
-    summary = train_and_evaluate(_CONFIG.value)
+    try:
+        summary = train_and_evaluate(_CONFIG.value)
+    except ConfigError as e:  # a config mistake: one line, exit status 2
+        print(f"pr1_jax.train: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if multihost.is_main_process():
         print(json.dumps(summary, indent=2, default=str))
 

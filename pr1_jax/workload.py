@@ -22,6 +22,8 @@ import dataclasses
 
 import numpy as np
 
+from pr1_jax.errors import ConfigError
+
 TASK_LENGTHS = {
     "grounding": "geometric:40",
     "counting": "lognormal:120:0.8",
@@ -44,7 +46,7 @@ class EndLengths:
             return None
         if spec == "task":
             if task not in TASK_LENGTHS:
-                raise ValueError(f"sampling.end_lengths=task: no length distribution for task {task!r}")
+                raise ConfigError(f"sampling.end_lengths=task: no length distribution for task {task!r}")
             spec = TASK_LENGTHS[task]
         kind, *rest = spec.split(":")
         try:
@@ -53,7 +55,7 @@ class EndLengths:
             params = ()
         want = {"geometric": 1, "lognormal": 2}.get(kind)
         if want is None or len(params) != want or any(not np.isfinite(p) or p <= 0 for p in params):
-            raise ValueError(f"sampling.end_lengths={spec!r}: expected 'geometric:MEAN', 'lognormal:MEDIAN:SIGMA' "
+            raise ConfigError(f"sampling.end_lengths={spec!r}: expected 'geometric:MEAN', 'lognormal:MEDIAN:SIGMA' "
                              f"(positive numbers) or 'task'")
         return cls(kind, params)
 

@@ -90,3 +90,17 @@ def test_batch_sizes_must_divide_over_the_mesh(tmp_path):
     c.batch.prompts_per_micro = 2
     with pytest.raises(ValueError, match=r"batch.prompts_per_micro=2, sft.prompts_per_step=2: .* 4 batch shards"):
         train.train_and_evaluate(c, devices=jax.devices()[:4])
+
+
+@pytest.mark.parametrize("flag", ["--config.sampling.end_lengths=poisson:3", "--config.sampling.decode_attention=flash"])
+def test_config_mistake_is_one_line_and_exit_2(tmp_path, flag):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pr1_jax.train", "--config=configs/demo.py",
+                          f"--config.workdir={tmp_path}", flag], capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("pr1_jax.train: error:")]
+    assert len(errors) == 1 and flag.split("=")[0].removeprefix("--config.") in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
