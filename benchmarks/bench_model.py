@@ -87,8 +87,10 @@ def prompts(cfg, b: int, seed: int = 0, side: int = SIDE):
 def host_rollouts(cfg, b: int, g: int, new: int = NEW, micro: int = 1, side: int = SIDE):
     """A `Rollouts` batch of NumPy arrays: b prompts × g random completions of `new` tokens,
     in `micro` micro-batches of b/micro prompts (the micro-batches repeat the same prompts),
-    packed as training packs them (`rollouts.rollouts_from_padded`: every completion is `new` long)."""
-    from pr1_jax.rollouts import rollouts_from_padded
+    packed as training packs them (`rollouts.CompletionShape.choose` on the run's ladders: every
+    completion `new` long gives g rows of `new`)."""
+    from pr1_jax.rollouts import CompletionShape, completion_extents, rollouts_from_padded
+    from pr1_jax.shapes import StepShapes, attention_weight
 
     if b % micro:
         raise ValueError(f"{b} prompts cannot be split into {micro} micro-batches")
@@ -97,9 +99,15 @@ def host_rollouts(cfg, b: int, g: int, new: int = NEW, micro: int = 1, side: int
     rng = np.random.default_rng(0)
     shape = (micro, per, g, new)
     comp = rng.integers(0, 150000, shape).astype(np.int32)
-    return rollouts_from_padded(jax.tree.map(lambda a: np.stack([a] * micro), inputs), comp, np.ones(shape, bool),
+    mask = np.ones(shape, bool)
+    prompt_len = int(inputs.input_ids.shape[-1])
+    shapes = StepShapes.from_caps(seq_len=max(prompt_len, 64), patch_row_len=int(inputs.pixels.shape[-2]),
+                                  max_new_tokens=new, num_samples=g)
+    packing = CompletionShape.choose(completion_extents(mask.reshape(-1, g, new)), shapes, prompt_len,
+                                     attention_weight(cfg.text))
+    return rollouts_from_padded(jax.tree.map(lambda a: np.stack([a] * micro), inputs), comp, mask,
                                 rng.standard_normal(shape[:3]).astype(np.float32), np.zeros(shape, np.float32),
-                                np.ones(shape[:3], np.float32), pad_id=PAD)
+                                np.ones(shape[:3], np.float32), pad_id=PAD, shape=packing)
 
 
 def timeit(fn, repeats: int) -> float:

@@ -218,15 +218,19 @@ def assemble(prompts: Sequence[EncodedPrompt], special: chat.SpecialTokens, prom
 
 
 def rollouts_from_padded(prompts: ModelInputs, completions: np.ndarray, mask: np.ndarray, advantages: np.ndarray,
-                         old_logp: np.ndarray, group_weight: np.ndarray, pad_id: int, *, trim: bool = True) -> Rollouts:
-    """`Rollouts` from padded [M, B, G, Tc] arrays (tests, benchmarks). trim=True packs each
-    prompt's completions by their mask's extent into one row (T = the largest group total,
-    L = the longest; no ladder); trim=False gives every completion a row of all Tc positions
-    (R = G): the padded computation."""
+                         old_logp: np.ndarray, group_weight: np.ndarray, pad_id: int, *, trim: bool = True,
+                         shape: CompletionShape | None = None) -> Rollouts:
+    """`Rollouts` from padded [M, B, G, Tc] arrays (tests, benchmarks). `shape` packs as training
+    does (`CompletionShape.choose`); without it, trim=True packs each prompt's completions by
+    their mask's extent into one row (T = the largest group total, L = the longest; no ladder)
+    and trim=False gives every completion a row of all Tc positions (R = G): the padded
+    computation."""
     m, b, g, tc = completions.shape
     flat = lambda a: np.asarray(a).reshape(m * b, *np.shape(a)[2:])  # noqa: E731
     ext = completion_extents(flat(mask)) if trim else np.full((m * b, g), tc, np.int32)
-    if trim:
+    if shape is not None:
+        length, rows, row_len = shape.length, shape.rows, shape.row_len
+    elif trim:
         length, rows, row_len = max(1, int(ext.max())), 1, max(1, int(ext.sum(-1).max()))
     else:
         length, rows, row_len = tc, g, tc
