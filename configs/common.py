@@ -73,7 +73,8 @@ def base() -> ml_collections.ConfigDict:
     # Caps, not shapes: each step's prompts, images and completions are padded to the next rung
     # of a small ladder (pr1_jax/shapes.py); these bound what one row may hold.
     c.batch.seq_len = 2048
-    c.batch.patch_row_len = 4096  # ≥ patches of the largest image (1e6 px → ≤ 5,100 patches: raise for that)
+    # ≥ patches of the largest image data.max_pixels allows: 1e6 px / 14² → ≤ 5,102 patches.
+    c.batch.patch_row_len = 5120
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-6

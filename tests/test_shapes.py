@@ -90,3 +90,16 @@ def test_sizes_within_a_rung_compile_nothing_new(tiny):
         keys.append((pshape, cshape))
     assert keys[0] == keys[1]  # other sizes, the same rungs
     assert counts == [3, 3], counts  # prefill, decode, update: compiled for the first step only
+
+
+def test_every_recipe_config_fits_its_largest_image():
+    """The caps of each recipe hold the largest image `data.max_pixels` allows (PR1: 1e6 px),
+    and its prompt: a 1-megapixel counting or OCR image must not stop a run."""
+    import importlib
+
+    for name in ("grounding", "counting", "detection", "ocr"):
+        c = importlib.import_module(f"configs.{name}").get_config()
+        shapes = StepShapes.from_config(c)
+        patches = c.data.max_pixels // 14**2 + 1  # smart_resize keeps h·w ≤ max_pixels
+        assert shapes.patches(patches) >= patches, name
+        assert shapes.prompt(patches // 4 + 256) >= patches // 4 + 256, name  # image tokens + text
