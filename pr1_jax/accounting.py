@@ -58,7 +58,9 @@ class StepAccount:
         out["time/step_s"] = round(time.perf_counter() - self._t0, 4)
         if self._programs is not None:
             events = self._programs.compile_events[self._events0:]
-            out["compiled"] = self._programs.num_compiled() - self._compiled0
+            # programs kept, plus the update candidates compiled to measure their memory and dropped
+            dropped = sum(e["count"] - 1 for e in events if e["program"] == "update")
+            out["compiled"] = self._programs.num_compiled() - self._compiled0 + dropped
             out["compiled_rollout"] = sum(e["count"] for e in events if e["program"] == "rollout")
             out["time/update_compile_s"] = round(sum(e["seconds"] for e in events if e["program"] == "update"), 3)
         for k, v in self.counts.items():

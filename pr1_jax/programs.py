@@ -200,9 +200,9 @@ class Programs:
                 self._micro_of_step[step_key] = sizes[0]
             return probe
         tried = []
+        t0 = time.perf_counter()  # the compile time of every candidate tried, the rejected ones too
         for policy, b in combos:
             batch = probe if b == sizes[0] else make_batch(b)
-            t0 = time.perf_counter()
             compiled = self.lower_update(state, ref_params, batch, policy).compile()
             need = program_bytes(compiled)
             tried.append(f"{b} × {policy}: {need / 2**30:.1f} GiB")
@@ -211,7 +211,7 @@ class Programs:
                 self._choice[key] = (b, policy)
                 if step_key is not None:
                     self._micro_of_step[step_key] = b
-                self._event("update", _shape_key(batch), time.perf_counter() - t0)
+                self._event("update", _shape_key(batch), time.perf_counter() - t0, count=len(tried))
                 log.info("update: %d prompts per micro-batch, remat %s (tried %s; budget %s)", b, policy,
                          ", ".join(tried), "none" if self.budget is None else f"{self.budget / 2**30:.1f} GiB")
                 return batch

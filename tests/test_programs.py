@@ -79,6 +79,9 @@ def test_micro_batch_from_memory_and_equal_updates(step):
         p = _programs(cfg, mesh, budget=budget)
         batch = p.update_batch(new_state(p), params, make_batch, 4, 1)
         assert batch.advantages.shape[:2] == (4 // expected, expected), (budget, need)
+        # The compile event covers every candidate compiled to find it (accounting's update compile time).
+        tried = (4, 2, 1).index(expected) + 1
+        assert [e["count"] for e in p.compile_events if e["program"] == "update"] == [tried], p.compile_events
         assert p.update_batch(new_state(p), params, make_batch, 4, 1).advantages.shape[1] == expected  # kept
 
     results = {}
