@@ -25,6 +25,11 @@ _F32_MAX = float(np.finfo(np.float32).max)
 PR1_COUNTING_FORMAT = re.compile(
     r"<\|object_ref_start\|>[^<]*<\|object_ref_end\|>(?:<\|box_start\|>[^<]*<\|box_end\|>)+<\|im_end\|>")
 
+# Boxes of one answer that `counting_strict` dedupes and matches. The duplicate check is
+# pairwise (memory ∝ boxes²: a megabyte answer of 28k boxes would need 12 GiB); no PixMo-Count
+# image comes near 1024 objects, and 512 generated tokens (PR1's budget) cannot write that many.
+MAX_BOXES = 1024
+
 _N = r"\s*\d+(?:\.\d+)?\s*"
 STRICT_COUNTING_FORMAT = re.compile(
     rf"<\|object_ref_start\|>[^<]*<\|object_ref_end\|>(?:<\|box_start\|>\({_N},{_N}\)\s*,\s*\({_N},{_N}\)"
@@ -80,7 +85,7 @@ def pr1_counting(completions: list[str], solution=None, clicks=None, **columns) 
             gp = parse_points(s)
             if centers and gp is not None and len(gp) and not any(isinstance(v, complex) for p in centers for v in p):
                 p = np.asarray(centers, np.float64)
-                if np.all(np.abs(p) <= _F32_MAX) and np.all(np.abs(gp) <= _F32_MAX):
+                if np.all(np.abs(p) <= _F32_MAX):  # GT points are within float32 (parse_points)
                     pts, g, ok[i] = p, gp, True
         preds.append(pts)
         gts.append(g)
@@ -93,16 +98,20 @@ def pr1_counting(completions: list[str], solution=None, clicks=None, **columns) 
 
 
 def _strict_points(text: str, dup_iou: float) -> tuple[np.ndarray, int]:
-    """(centres of the valid, non-duplicate boxes [K, 2] clipped to [0, 1000], total boxes)."""
+    """(centres of the valid, non-duplicate boxes [K, 2] among the first MAX_BOXES, clipped to
+    [0, 1000], total boxes)."""
     boxes, _ = parse_qwen_boxes(text)
+    total = len(boxes)
+    boxes = boxes[:MAX_BOXES]
     ok = (boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])
-    iou, _ = pairwise_iou(boxes, boxes, eps=1e-9)
+    with np.errstate(all="ignore"):  # areas of boxes near the float64 maximum overflow: IoU NaN, not a duplicate
+        iou, _ = pairwise_iou(boxes, boxes, eps=1e-9)
     same = np.all(boxes[:, None, :] == boxes[None, :, :], axis=-1)
     close = ((iou >= dup_iou) | same) & ok[:, None] & ok[None, :]
     dup = np.triu(close, k=1).any(axis=0)  # box j repeats an earlier box i < j
     keep = ok & ~dup
     b = np.clip(boxes[keep], 0.0, 1000.0)
-    return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], axis=-1), len(boxes)
+    return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], axis=-1), total
 
 
 @register("counting_strict")
@@ -115,7 +124,8 @@ def counting_strict(completions: list[str], solution=None, clicks=None, *, dup_i
     `<|box_start|>(x1,y1),(x2,y2)<|box_end|>` (decimal numbers) + `<|im_end|>` and nothing
     after — else 0; no eval. Boxes with x2 < x1 or y2 < y1, and boxes repeating an earlier
     box (IoU ≥ dup_iou, or identical) are false predictions: they count in n̂_total but are
-    not matched. Coordinates are clipped to [0, 1000].
+    not matched; so are the boxes after the first MAX_BOXES (1024). Coordinates are clipped to
+    [0, 1000]; GT points must be finite and within float32 range (`parsing.parse_points`).
     r = min(n̂_valid, n)/max(n̂_total, n) · max(0, 1 − mean_d/(1000·√2)).
 
     Example: the same box (190,190),(210,210) written 3 times, GT [[100,100],[200,200],[300,300]]:

@@ -35,6 +35,10 @@ P_HOT, P_COLD = math.e / (math.e + NUM_LOGITS - 1), 1.0 / (math.e + NUM_LOGITS -
 TOOTHBRUSH_ID = 90
 _F32_MAX = float(np.finfo(np.float32).max)
 _KEY = 1 << 33  # (row, class id) → one int64 key; ids are bounded by |id| < 2^31
+# Valid items of one answer that `detection_robust` dedupes and matches. Its duplicate check is
+# pairwise (a megabyte answer of 20k items would need tens of GiB); COCO's evaluation keeps
+# at most 100 detections per image, and 4096 generated tokens cannot write 1024 items.
+MAX_ITEMS = 1024
 
 
 def _row_of(r: Ragged) -> np.ndarray:
@@ -148,15 +152,22 @@ def _solutions(sols, B: int):
             ok_u[u], n_u[u] = True, len(parsed[0])
             ids_l += parsed[0].tolist()
             boxes_l += parsed[1].tolist()
-    ids = np.asarray(ids_l) if ids_l else np.zeros(0, np.int64)
-    boxes = box_array(boxes_l) if boxes_l else np.zeros((0, 4))
+    try:  # ids mixing numbers and lists make NumPy raise: then one by one
+        ids = np.asarray(ids_l) if ids_l else np.zeros(0, np.int64)
+        boxes = box_array(boxes_l) if boxes_l else np.zeros((0, 4))
+    except (ValueError, TypeError, OverflowError):
+        ids, boxes = np.zeros((0, 0)), None
     if boxes is None or ids.ndim != 1 or ids.dtype.kind not in "iuf":
         parsed = [parse_detection_solution(s) for s in uniq]   # some entry is malformed: one by one
         ok_u = np.array([p is not None for p in parsed], bool)
         n_u = np.array([len(p[0]) if p is not None else 0 for p in parsed], np.int64)
         ids = np.concatenate([p[0] for p in parsed if p is not None] + [np.zeros(0, np.int64)])
         boxes = np.concatenate([p[1] for p in parsed if p is not None] + [np.zeros((0, 4))])
-    bad = (np.abs(ids) >= 2 ** 31) | (ids != np.round(ids)) | ~np.isfinite(boxes).all(1)
+    # A GT object is unusable with an id outside (−2³¹, 2³¹) or not integral, or a coordinate
+    # that is NaN, ±inf or beyond float32: PR1's float32 tensors turn those into inf, its
+    # matcher then raises (PR1 scores 0), and in float64 a coordinate near the float64 maximum
+    # overflows the costs and makes scipy's assignment raise ("cost matrix is infeasible").
+    bad = (np.abs(ids) >= 2 ** 31) | (ids != np.round(ids)) | ~(np.abs(boxes) <= _F32_MAX).all(1)
     if bad.any():                                              # drop the GT objects with bad values
         bad_u = np.bincount(np.repeat(np.arange(U), n_u)[bad], minlength=U) > 0
         keep = ~np.repeat(bad_u, n_u)
@@ -211,7 +222,8 @@ def pr1_detection(completions: list[str], solution=None, *, f1_scale: float = 0.
        json.loads; an item is valid iff a dict with `bbox_2d` and a known COCO `label` (exact
        name); format = 1 − wrong/len(items); reward = 0.25·format. → 0 (format credit lost)
        when: not a JSON list; no valid item (PR1's helper returns 2 values instead of 3); a
-       valid item's `bbox_2d` is not 4 numbers (torch.tensor raises); a malformed solution.
+       valid item's `bbox_2d` is not 4 numbers (torch.tensor raises); a malformed solution
+       (also a GT coordinate that is not finite or beyond float32: PR1's matcher raises).
     2. No GT object → 0.25·format.
     3. DETR matching, cost = 5·L1(cxcywh, pixels) − 1·p_class − 2·GIoU, Hungarian, then keep
        the pairs with IoU > 0.5 (IoU = inter/(union + 1e-8)); K = #kept.
@@ -338,7 +350,9 @@ def detection_robust(completions: list[str], solution=None, *, f1_scale: float =
     * an empty answer `[]` on an image without objects is perfect (3.0); `[]` on an image
       with objects, or no GT and some items, scores 0 after the penalty;
     * malformed GT boxes are repaired (coordinates sorted) instead of zeroing the row;
-    * size weighting, when on, is a real weighted mean over kept pairs.
+    * size weighting, when on, is a real weighted mean over kept pairs;
+    * only an answer's first MAX_ITEMS (1024) valid items are deduplicated and matched; later
+      ones are wrong items (the pairwise duplicate check needs memory ∝ items²).
 
     Example: the PR1 example (person, dog, cat vs GT person, dog): K = 2, n̂ = 3, n = 2;
     0.25 + 0.75·0.8 + 2/3 + (1 + 5/6)/3 − 0.5·(1/3) = 1.9611.
@@ -356,7 +370,8 @@ def detection_robust(completions: list[str], solution=None, *, f1_scale: float =
         if parsed is None:
             ok[i] = False
             continue
-        p_ids[i], p_boxes[i], n_items[i] = parsed
+        ids, boxes, n_items[i] = parsed
+        p_ids[i], p_boxes[i] = ids[:MAX_ITEMS], boxes[:MAX_ITEMS]
 
     P, Pi = Ragged(p_boxes, 4), Ragged(p_ids, 0, np.int64)
     n_valid = P.n.astype(np.float64)

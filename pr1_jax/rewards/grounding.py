@@ -20,8 +20,8 @@ from pr1_jax.rewards.registry import register
 def _iou_batch(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Elementwise IoU without epsilon; rows where PR1 would divide by zero (union 0) or that
     produce a non-finite value (>308-digit numbers) give 0."""
-    inter, union = elementwise_iou(pred, gt)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"):  # coordinates near the float64 maximum overflow: NaN/inf, scored 0 below
+        inter, union = elementwise_iou(pred, gt)
         iou = inter / np.where(union == 0, 1.0, union)
     return np.where(valid & (union != 0) & np.isfinite(iou), iou, 0.0)
 

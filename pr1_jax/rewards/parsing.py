@@ -264,7 +264,10 @@ def parse_points(obj: Any) -> np.ndarray | None:
     """Ground-truth points (PR1's counting `clicks`) → float64 [N, 2], or None if malformed.
 
     Accepts `[[x, y], ...]`, `[{"x": x, "y": y}, ...]` (PixMo-Count's own form), a 2-D array,
-    or the JSON/Python string of any of these. An empty list gives shape [0, 2].
+    or the JSON/Python string of any of these. An empty list gives shape [0, 2]. Coordinates
+    must be finite and within float32 range: PR1 holds them in float32 tensors, where a larger
+    value is inf and its matcher raises (so PR1 scores 0); in float64 a value near the float64
+    maximum overflows the squared distances and makes scipy's assignment raise.
     """
     try:
         v = _literal(obj)
@@ -278,7 +281,7 @@ def parse_points(obj: Any) -> np.ndarray | None:
                 return None
             pts.append((float(p[0]), float(p[1])))
         a = np.asarray(pts, np.float64).reshape(-1, 2)
-        return a if np.isfinite(a).all() else None
+        return a if (np.abs(a) <= _F32_MAX).all() else None  # also False for NaN
     except Exception:  # noqa: BLE001 — rewards never raise: unparsable → None, scored 0
         return None
 
