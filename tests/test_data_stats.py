@@ -2,11 +2,17 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
 from pr1_jax.data import readers, stats, synthetic
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _counting(sizes):
@@ -51,3 +57,33 @@ def test_cli(tmp_path, capsys):
     assert f"perceptual perplexity {expected}" in out and "6 images" in out
     examples, _ = readers.read(files.eval_path, "counting_eval")
     assert stats.format_sci(stats.perceptual_perplexity(examples, "counting_eval").mean) == expected
+
+
+def _cli(*args, cwd):
+    out = subprocess.run([sys.executable, "-m", "pr1_jax.data.stats", *args], cwd=cwd, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return out.returncode, out.stdout, out.stderr
+
+
+def test_cli_in_a_subprocess(tmp_path):
+    files = synthetic.write_counting(tmp_path, 4, seed=0)
+    code, out, err = _cli("--task=counting", f"--data={files.eval_path}", cwd=tmp_path)
+    assert code == 0, err
+    assert "read 4 of 4 rows" in out and "4 images" in out
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--task=counting", "--data=nope.jsonl"], "nope.jsonl: no such data file or directory (check the path"),
+    (["--task=count", "--data=c/counting.jsonl"], "argument --task: invalid choice: 'count'"),
+    (["--data=c/counting.jsonl"], "the following arguments are required: --task"),
+    (["--task=grounding", "--data=c/counting.jsonl"], "c/counting.jsonl: none of its 2 rows is a usable grounding row"),
+    (["--task=counting", "--data=c/counting.jsonl", "--train_sample_size=0"], "--train_sample_size=0: must be ≥ 1"),
+    (["--task=counting", "--data=c/x.csv"], "c/x.csv: unknown data format '.csv'"),
+])
+def test_cli_expected_failures_are_one_line(tmp_path, args, says):
+    synthetic.write_counting(tmp_path / "c", 2, seed=0)
+    (tmp_path / "c" / "x.csv").write_text("a,b\n")
+    code, out, err = _cli(*args, cwd=tmp_path)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("pr1_jax.data.stats: error: ") and says in err, err
+    assert "Traceback" not in err

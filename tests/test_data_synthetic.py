@@ -1,6 +1,9 @@
 """Synthetic generators: byte-determinism by seed, and ground truth that matches the pixels."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ from scipy import ndimage
 
 from pr1_jax.data import synthetic
 
+REPO = Path(__file__).resolve().parents[1]
 REAL_COCO_NAMES = {1: "person", 3: "car", 17: "cat", 18: "dog", 44: "bottle"}
 
 
@@ -85,7 +89,8 @@ def test_counting_ground_truth(tmp_path):
     evals = [json.loads(line) for line in files.eval_path.read_text().splitlines()]
     assert len(train) == len(evals) == 30
     for row, ev in zip(train, evals):
-        assert ev == {"image_path": row["image"], "question": row["problem"], "ground_truth": row["count"]}
+        # the training row plus PR1's eval columns: one file that both `counting` and `counting_eval` read
+        assert ev == {**row, "image_path": row["image"], "question": row["problem"], "ground_truth": row["count"]}
         assert row["count"] == len(row["clicks"]) >= 1
         image = np.asarray(Image.open(files.image_dir / row["image"]).convert("RGB"))
         h, w = image.shape[:2]
@@ -161,3 +166,36 @@ def test_grounding_on_a_grid(tmp_path):
         assert 0.7 * 56 - 2 <= x2 - x1 <= 0.9 * 56 + 1, row
         cells.add((col, r))
     assert cells == {(0, 0), (0, 1), (1, 0), (1, 1)}
+
+
+# ----------------------------------------------------------------------------- command line
+def _cli(module, *args, cwd):
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return out.returncode, out.stdout, out.stderr
+
+
+def test_cli_writes_both_files(tmp_path):
+    code, out, err = _cli("pr1_jax.data.synthetic", "--task=counting", f"--out={tmp_path / 'c'}", "--n=3",
+                          cwd=tmp_path)
+    assert code == 0, err
+    assert out.startswith("wrote 3 counting examples") and (tmp_path / "c" / "counting_eval.jsonl").is_file()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--task=segmentation", "--out=x"], "argument --task: invalid choice: 'segmentation'"),
+    (["--task=ocr"], "the following arguments are required: --out"),
+    (["--task=ocr", "--out=x", "--n=many"], "argument --n: invalid int value: 'many'"),
+    (["--task=ocr", "--out=x", "--n=0"], "--n=0: the number of examples must be ≥ 1"),
+    (["--task=ocr", "--out=x", "--name=a/b"], "--name='a/b': must be a plain file-name prefix"),
+    (["--task=ocr", "--out=a_file/sub"], "--out: cannot write to a_file/sub"),
+    (["--task=ocr", "--out=/proc/pr1_jax_no_such_dir"], "--out: cannot write to /proc/pr1_jax_no_such_dir"),
+    (["--task=ocr", "--out=x", "--tsak=ocr"], "unrecognized arguments: --tsak=ocr"),
+])
+def test_cli_expected_failures_are_one_line(tmp_path, args, says):
+    (tmp_path / "a_file").write_text("a file, not a directory\n")
+    code, out, err = _cli("pr1_jax.data.synthetic", *args, cwd=tmp_path)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("pr1_jax.data.synthetic: error: ") and says in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "x").exists()  # nothing written

@@ -13,362 +13,102 @@ the row's other columns unchanged. A value the reader replaced keeps its origina
 | `grounding`     | JSON list {image, problem, solution}  | [x1, y1, x2, y2] in Qwen2-VL [0, 1000] |
 | `counting`      | JSONL {image, problem, clicks[, count]} | [[x, y], ...] in [0, 1000]; + `count` |
 | `counting_eval` | JSONL {image_path, question, ground_truth} | int count                         |
-| `detection`     | JSON {image, problem, solution: {target_id, target_box}} | same dict, ids/boxes typed |
+| `detection`     | JSON {image, problem, solution: {target_id, target_box}}; or COCO instances | same dict, typed (pixels) |
 | `ocr`           | JSON {image, conversations: [{value: q}, {value: gt}]} | gt text              |
 
-Sources (`read` picks by path): `.json` (a list, or JSON Lines despite the name), `.jsonl`,
-`.yaml`/`.yml` mixtures (`read_mixture`), HF `datasets` directories written by
-`save_to_disk` and parquet files or directories of them (`read_hf`), TFDS array_record
-directories or `tfds:NAME` (`read_tfds`).
+Sources (`read` picks by path): `.json` (a list, JSON Lines despite the name, or COCO
+instances), `.jsonl`, `.yaml`/`.yml` mixtures (`read_mixture`), HF `datasets` directories
+written by `save_to_disk` and parquet files or directories of them (`read_hf`), TFDS
+array_record directories or `tfds:NAME` (`read_tfds`).
 
-Malformed rows (missing keys, unparsable or ill-typed ground truth, a non-dict row,
-bad JSON lines) are skipped and counted in the returned `ReadReport` — never a crash and
-never a silent drop; one warning per file summarises them. `check_images=True`
-additionally decodes every image and skips missing or corrupt ones (slow on big data sets:
-by default that is left to the pipeline, which skips them lazily and counts them too).
+Bad data never stops a run: a row unusable for any reason (see the table of reasons in
+`pr1_jax/data/rows.py`: missing or ill-typed columns, unparsable ground truth, coordinates
+that are non-finite or outside the image, an empty problem, nesting past the recursion
+limit, bytes that are not UTF-8, a bad JSON line) is skipped and counted in the returned
+`ReadReport` — never a crash and never a silent drop; `read` logs one warning per file
+that summarises them (the `read_*` functions leave that to their caller: `report.warn()`).
+What `read` refuses, with a `ConfigError` of one line naming the file and the fix: a source
+that does not exist (`MissingDataError`, also a FileNotFoundError) or cannot be read as any
+format, and one with zero usable rows of the task. `check_images=True` additionally decodes
+every image and skips missing or corrupt ones (slow on big data sets: by default that is
+left to the pipeline, which skips them lazily and counts them too).
 """
 
 from __future__ import annotations
 
-import ast
-import collections
 import dataclasses
 import glob
 import json
-import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from pr1_jax.data.files import load_rows
+from pr1_jax.data.rows import (DEFAULT_KEYS, TASKS, Malformed, ReadReport, check_image, count_row, log, normalize,
+                               normalize_rows, resolve_image)
+from pr1_jax.errors import ConfigError
 
-TASKS = ("grounding", "counting", "counting_eval", "detection", "ocr")
+__all__ = ["TASKS", "DEFAULT_KEYS", "Malformed", "ReadReport", "MissingDataError", "read", "read_json",
+           "read_mixture", "read_hf", "read_tfds", "sample_rows", "load_rows", "normalize", "resolve_image",
+           "LazyExamples", "log"]
 
-# Default column names per task (PR1's problem_key / answer_key / image_key; §3.12, §4).
-DEFAULT_KEYS = {
-    "grounding": ("image", "problem", "solution"),
-    "counting": ("image", "problem", "clicks"),
-    "counting_eval": ("image_path", "question", "ground_truth"),
-    "detection": ("image", "problem", "solution"),
-    "ocr": ("image", "conversations", "conversations"),
+# What a usable row of each task looks like, for the message when a file has none.
+ROW_FORMATS = {
+    "grounding": '{"image", "problem", "solution": "[x1, y1, x2, y2]" in [0, 1000]}',
+    "counting": '{"image", "problem", "clicks": [[x, y], ...] in [0, 1000]}',
+    "counting_eval": '{"image_path", "question", "ground_truth": count}',
+    "detection": '{"image", "solution": {"target_id": [COCO ids], "target_box": [[x1, y1, x2, y2], ...]}} '
+                 'or a COCO instances file',
+    "ocr": '{"image", "conversations": [{"value": question}, {"value": text}]}',
 }
 
-# The 80 COCO category ids (1..90 without the 10 unused ones).
-COCO_IDS = frozenset(set(range(1, 91)) - {12, 26, 29, 30, 45, 66, 68, 69, 71, 83})
+
+class MissingDataError(ConfigError, FileNotFoundError):
+    """A data file or directory that does not exist (a ConfigError: one line, exit 2)."""
 
 
-class Malformed(ValueError):
-    """A row that cannot be used; `reason` is the short counter key."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+def _missing(path: Any, what: str = "no such data file or directory") -> MissingDataError:
+    return MissingDataError(f"{path}: {what} (check the path; relative paths start at {Path.cwd()})")
 
 
-@dataclasses.dataclass
-class ReadReport:
-    """What a reader kept and skipped. `rows` = rows considered (after sampling)."""
-
-    source: str
-    rows: int = 0
-    read: int = 0
-    skipped_malformed: int = 0
-    reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    first_skips: list = dataclasses.field(default_factory=list)  # first few (row id, reason), for the log
-
-    def skip(self, row: Any, reason: str) -> None:
-        self.skipped_malformed += 1
-        self.reasons[reason] += 1
-        if len(self.first_skips) < 5:
-            self.first_skips.append((row, reason))
-
-    def as_dict(self) -> dict:
-        return {"source": self.source, "rows": self.rows, "read": self.read,
-                "skipped_malformed": self.skipped_malformed, "reasons": dict(self.reasons)}
-
-    def __str__(self) -> str:
-        why = ", ".join(f"{k}: {v}" for k, v in self.reasons.most_common())
-        return (f"{self.source}: read {self.read} of {self.rows} rows; skipped "
-                f"{self.skipped_malformed} malformed" + (f" ({why})" if why else ""))
-
-    def warn(self) -> None:
-        if self.skipped_malformed:
-            first = "; ".join(f"row {r}: {why}" for r, why in self.first_skips)
-            log.warning("%s. First: %s", self, first)
-
-
-# ----------------------------------------------------------------------------- row parsing
-
-
-def _literal(value: Any, what: str) -> Any:
-    """A JSON / Python-literal string parsed safely (PR1 uses eval; we never do)."""
-    if not isinstance(value, str):
-        return value
+def _read_rows(path: Path) -> list[Any]:
+    """`files.load_rows`, with a missing or unreadable file as a one-line ConfigError."""
     try:
-        return json.loads(value)
-    except ValueError:
-        pass
-    try:
-        return ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
-        raise Malformed(f"bad_{what}", f"cannot parse {value[:60]!r}") from e
+        return load_rows(path)
+    except FileNotFoundError:
+        raise _missing(path) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a .json / .jsonl file") from None
+    except PermissionError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror}): fix its permissions") from None
 
 
-def _number(v: Any) -> int | float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise TypeError(type(v).__name__)
-    v = v.item() if isinstance(v, np.generic) else v
-    if not math.isfinite(v):
-        raise ValueError("not finite")
-    return int(v) if float(v).is_integer() else float(v)
-
-
-def _numbers(seq: Any, n: int | None, what: str) -> list:
-    if isinstance(seq, np.ndarray):
-        seq = seq.tolist()
-    if not isinstance(seq, (list, tuple)) or (n is not None and len(seq) != n):
-        raise Malformed(f"bad_{what}", f"expected {n or 'a list of'} numbers, got {str(seq)[:60]}")
-    try:
-        return [_number(v) for v in seq]
-    except (TypeError, ValueError) as e:
-        raise Malformed(f"bad_{what}", f"non-numeric value in {str(seq)[:60]}") from e
-
-
-def _box(value: Any, what: str, upper: float | None) -> list:
-    x1, y1, x2, y2 = box = _numbers(value, 4, what)
-    if x2 < x1 or y2 < y1 or min(box) < 0 or (upper is not None and max(box) > upper):
-        raise Malformed("bad_box", f"{box}")
-    return box
-
-
-def _text(v: Any, key: str) -> str:
-    if isinstance(v, (bytes, np.bytes_)):
-        v = bytes(v).decode("utf-8", errors="replace")
-    if isinstance(v, np.ndarray) and v.ndim == 0:
-        return _text(v.item(), key)
-    if not isinstance(v, str):
-        raise Malformed(f"bad_type:{key}", type(v).__name__)
-    return v
-
-
-def _get(row: dict, key: str) -> Any:
-    if key not in row or row[key] is None:
-        raise Malformed(f"missing_key:{key}")
-    return row[key]
-
-
-def _solution_grounding(v: Any) -> list:
-    return _box(_literal(v, "solution"), "solution", upper=1000)
-
-
-def _solution_counting(v: Any) -> list:
-    v = _literal(v, "clicks")
-    if isinstance(v, np.ndarray):
-        v = v.tolist()
-    if not isinstance(v, (list, tuple)):
-        raise Malformed("bad_clicks", f"expected a list of points, got {type(v).__name__}")
-    points = []
-    for p in v:
-        if isinstance(p, dict) and "x" in p and "y" in p:  # PixMo's raw {x, y} points
-            p = [p["x"], p["y"]]
-        points.append(_numbers(p, 2, "clicks"))
-    return points
-
-
-def _solution_count(v: Any) -> int:
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        v = int(v)
-    try:
-        n = _number(v)
-    except (TypeError, ValueError) as e:
-        raise Malformed("bad_ground_truth", str(v)[:60]) from e
-    if not isinstance(n, int) or n < 0:
-        raise Malformed("bad_ground_truth", str(v)[:60])
-    return n
-
-
-def _solution_detection(v: Any) -> dict:
-    v = _literal(v, "solution")
-    if not isinstance(v, dict):
-        raise Malformed("bad_solution", f"expected a dict, got {type(v).__name__}")
-    ids, boxes = v.get("target_id"), v.get("target_box")
-    if ids is None or boxes is None:
-        raise Malformed("bad_solution", "needs target_id and target_box")
-    ids = _numbers(ids, None, "solution")
-    if isinstance(boxes, np.ndarray):
-        boxes = boxes.tolist()
-    if not isinstance(boxes, (list, tuple)) or len(boxes) != len(ids):
-        raise Malformed("bad_solution", f"{len(ids)} target_id but target_box {str(boxes)[:60]}")
-    if any(not isinstance(i, int) or i not in COCO_IDS for i in ids):
-        raise Malformed("unknown_category", f"{ids}")
-    return {**v, "target_id": ids, "target_box": [_box(b, "solution", upper=None) for b in boxes]}
-
-
-def _solution_ocr(v: Any) -> tuple[str, str]:
-    v = _literal(v, "conversations")
-    if isinstance(v, np.ndarray):
-        v = v.tolist()
-    if not isinstance(v, (list, tuple)) or len(v) < 2 or not all(isinstance(t, dict) for t in v[:2]):
-        raise Malformed("bad_conversations", "expected [{value: question}, {value: answer}, ...]")
-    return _text(_get(v[0], "value"), "conversations"), _text(_get(v[1], "value"), "conversations")
-
-
-def resolve_image(value: Any, image_dir: str | os.PathLike | None) -> Any:
-    """A row's image → what `processing.image.load_image` takes: a path joined with
-    `image_dir` when relative, bytes, or (from TFDS / in-memory data) an array / PIL image.
-    HF Image dicts {"bytes", "path"} become their bytes, else their (joined) path."""
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return bytes(value["bytes"])
-        if value.get("path"):
-            return resolve_image(value["path"], image_dir)
-        raise Malformed("bad_type:image", "image dict without bytes or path")
-    if isinstance(value, (bytes, bytearray, memoryview, np.bytes_)):
-        return bytes(value)
-    if isinstance(value, (str, os.PathLike)):
-        path = os.fspath(value)
-        if not path:
-            raise Malformed("bad_type:image", "empty path")
-        if image_dir is not None and not os.path.isabs(path):
-            path = os.path.join(os.fspath(image_dir), path)
-        return path
-    if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim in (2, 3):
-        return value
-    if type(value).__module__.startswith("PIL."):
-        return value
-    raise Malformed("bad_type:image", type(value).__name__)
-
-
-def normalize(row: Any, task: str, *, image_dir=None, image_key: str | None = None,
-              problem_key: str | None = None, answer_key: str | None = None) -> dict:
-    """One raw row → a normalised example (see the module docstring). Raises `Malformed`."""
-    if task not in DEFAULT_KEYS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    if not isinstance(row, dict):
-        raise Malformed("not_a_dict", type(row).__name__)
-    d_image, d_problem, d_answer = DEFAULT_KEYS[task]
-    image_key, problem_key, answer_key = image_key or d_image, problem_key or d_problem, answer_key or d_answer
-    out = dict(row)
-    out["image"] = resolve_image(_get(row, image_key), image_dir)
-    if task == "ocr" and answer_key == "conversations" and "conversations" not in row \
-            and "problem" in row and "solution" in row:
-        problem_key, answer_key = "problem", "solution"  # plain {image, problem, solution} OCR rows
-    if task == "ocr" and answer_key == "conversations":
-        out["problem"], out["solution"] = _solution_ocr(_get(row, "conversations"))
-        return out
-    if task == "detection":  # PR1's detection template does not use the problem
-        out["problem"] = _text(row.get(problem_key) or "", problem_key)
-    else:
-        out["problem"] = _text(_get(row, problem_key), problem_key)
-    raw = _get(row, answer_key)
-    if task == "grounding":
-        out["solution"] = _solution_grounding(raw)
-    elif task == "counting":
-        out["solution"] = _solution_counting(raw)
-        count = row.get("count")
-        if count is not None and (not isinstance(count, (int, np.integer)) or int(count) != len(out["solution"])):
-            raise Malformed("count_mismatch", f"count {count} but {len(out['solution'])} clicks")
-        out["count"] = len(out["solution"])
-    elif task == "counting_eval":
-        out["solution"] = out["count"] = _solution_count(raw)
-    elif task == "detection":
-        out["solution"] = _solution_detection(raw)
-    else:  # ocr with an explicit answer column
-        out["solution"] = _text(raw, answer_key)
-    if answer_key == "solution" and not _same(raw, out["solution"]):
-        out["solution_raw"] = raw  # e.g. grounding's "[x1, y1, x2, y2]" string
-    return out
-
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b)
-    except ValueError:  # arrays
-        return False
-
-
-def _check_image(ex: dict) -> None:
-    from pr1_jax.processing.image import ImageError, load_image
-    src = ex["image"]
-    if isinstance(src, str) and not os.path.exists(src):
-        raise Malformed("missing_image", src)
-    try:
-        load_image(src)
-    except ImageError as e:
-        raise Malformed("bad_image", str(e)) from e
-
-
-def _normalize_one(where: Any, row: Any, task: str, report: ReadReport, *, check_images: bool = False,
-                   **keys) -> dict | None:
-    """A normalised example, or None after counting why the row was skipped.
-
-    `row` may be a `Malformed` placeholder (an unparsable JSONL line)."""
-    report.rows += 1
-    try:
-        if isinstance(row, Malformed):
-            raise row
-        ex = normalize(row, task, **keys)
-        if check_images:
-            _check_image(ex)
-    except Malformed as e:
-        report.skip(where, e.reason)
-        return None
-    report.read += 1
-    return ex
-
-
-def _normalize_all(rows: Iterable[tuple[Any, Any]], task: str, report: ReadReport, **kw) -> list[dict]:
-    """rows: (row id for messages, raw row) pairs."""
-    return [ex for where, row in rows if (ex := _normalize_one(where, row, task, report, **kw)) is not None]
-
-
-# ----------------------------------------------------------------------------- JSON / JSONL
-
-
-def load_rows(path: str | os.PathLike) -> list[Any]:
-    """Raw rows of a JSON list file or a JSON Lines file (by content, not by name).
-
-    A JSONL line that does not parse becomes a `Malformed('bad_json')` placeholder so that
-    the caller counts it; a top-level JSON that is not a list raises ValueError."""
-    text = Path(path).read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON list ({e})") from e
-        return rows
-    if stripped.startswith("{") and str(path).endswith(".json"):
-        try:  # a single JSON object: a dict of columns is not PR1's format
-            obj = json.loads(text)
-            raise ValueError(f"{path}: expected a JSON list of rows (or JSON Lines), got an object "
-                             f"with keys {sorted(obj)[:8]}")
-        except json.JSONDecodeError:
-            pass  # JSON Lines named .json (PR1's counting file)
-    rows = []
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            rows.append(Malformed("bad_json", f"line {i + 1}: {e}"))
-    return rows
+def require_rows(examples: Sequence[Any], report: ReadReport, task: str) -> None:
+    """ConfigError (one line: the file, what was skipped, the fix) when no row is usable."""
+    if len(examples):
+        return
+    if not report.rows:
+        raise ConfigError(f"{report.source}: no rows to read; point to a non-empty {task} data file")
+    why = ", ".join(f"{k}: {v}" for k, v in report.reasons.most_common(4))
+    first = report.first_skips[0][1] if report.first_skips else ""
+    first = f"; first: {first}" if first and first not in report.reasons else ""  # only if it says more
+    raise ConfigError(f"{report.source}: none of its {report.rows} rows is a usable {task} row (skipped {why}"
+                      f"{first}); is it a file of another task, or the wrong image_dir? A {task} row is "
+                      f"{ROW_FORMATS[task]}")
 
 
 def read_json(path, task: str, *, image_dir=None, train_sample_size: int | None = None,
               check_images: bool = False, **keys) -> tuple[list[dict], ReadReport]:
-    """A PR1 JSON / JSONL annotation file. `train_sample_size`: the first N rows (PR1)."""
-    rows = load_rows(path)
+    """A PR1 JSON / JSONL / COCO annotation file. `train_sample_size`: the first N rows (PR1)."""
+    rows = _read_rows(Path(path))
     if train_sample_size is not None:
         rows = rows[:train_sample_size]
     report = ReadReport(os.fspath(path))
-    examples = _normalize_all(enumerate(rows), task, report, image_dir=image_dir,
+    examples = normalize_rows(enumerate(rows), task, report, image_dir=image_dir,
                               check_images=check_images, **keys)
-    report.warn()
     return examples, report
 
 
@@ -393,9 +133,9 @@ def sample_rows(rows: Sequence[Any], strategy: str | None, *, seed: int = 0) -> 
         else:
             n = int(amount)
     except ValueError as e:
-        raise ValueError(f"bad sampling strategy {strategy!r}: N must be an int or a percentage") from e
+        raise ConfigError(f"bad sampling strategy {strategy!r}: N must be an int or a percentage") from e
     if n < 0:
-        raise ValueError(f"bad sampling strategy {strategy!r}: negative N")
+        raise ConfigError(f"bad sampling strategy {strategy!r}: negative N")
     n = min(n, len(rows))
     if kind == "first":
         return rows[:n]
@@ -404,7 +144,7 @@ def sample_rows(rows: Sequence[Any], strategy: str | None, *, seed: int = 0) -> 
     if kind == "random":
         idx = np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))
         return [rows[i] for i in idx]
-    raise ValueError(f"bad sampling strategy {strategy!r}: expected all, first:N, end:N or random:N")
+    raise ConfigError(f"bad sampling strategy {strategy!r}: expected all, first:N, end:N or random:N")
 
 
 def read_mixture(path, task: str, *, image_dir=None, seed: int = 0, train_sample_size: int | None = None,
@@ -422,33 +162,44 @@ def read_mixture(path, task: str, *, image_dir=None, seed: int = 0, train_sample
     import yaml
 
     path = Path(path)
-    spec = yaml.safe_load(path.read_text())
+    form = "a 'datasets:' list of {json_path, sampling_strategy}"
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable YAML mixture ({' '.join(str(e).split())[:120]}); "
+                          f"expected {form}") from None
     entries = spec.get("datasets") if isinstance(spec, dict) else spec
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path}: expected a 'datasets:' list of {{json_path, sampling_strategy}}")
+        raise ConfigError(f"{path}: expected {form}")
     sampled: list[tuple[Any, Any, Any]] = []  # (where, row, image_dir)
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
             entry = {"json_path": entry}
-        file = entry.get("json_path") or entry.get("path")
-        if not file:
-            raise ValueError(f"{path}: entry {i} has no json_path")
+        file = entry.get("json_path") or entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(file, str) or not file:
+            raise ConfigError(f"{path}: entry {i} has no json_path; expected {form}")
         file = Path(os.path.expanduser(file))
         if not file.is_absolute():
             file = path.parent / file
-        rows = load_rows(file)
+        if not file.is_file():
+            raise _missing(file, f"no such data file (entry {i} of {path}; relative json_paths start at "
+                                 f"the YAML's folder)")
+        rows = _read_rows(file)
         strategy = entry.get("sampling_strategy", "all")
         entry_seed = int(np.random.SeedSequence((seed, i)).generate_state(1)[0])
-        rows = sample_rows(rows, strategy, seed=entry_seed)
+        try:
+            rows = sample_rows(rows, strategy, seed=entry_seed)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: entry {i}: {e}") from None
         entry_dir = entry.get("image_dir", image_dir)
         sampled.extend(((file.name, j), r, entry_dir) for j, r in enumerate(rows))
     if train_sample_size is not None:
         sampled = sampled[:train_sample_size]
     report = ReadReport(os.fspath(path))
-    examples = [ex for where, row, entry_dir in sampled
-                if (ex := _normalize_one(where, row, task, report, image_dir=entry_dir,
-                                         check_images=check_images, **keys)) is not None]
-    report.warn()
+    examples = []
+    for where, row, entry_dir in sampled:  # each entry has its own image_dir
+        examples += normalize_rows([(where, row)], task, report, image_dir=entry_dir, check_images=check_images,
+                                   **keys)
     return examples, report
 
 
@@ -508,14 +259,24 @@ def read_hf(path, task: str, *, image_dir=None, split: str | None = "train",
     ({bytes, path} structs) become bytes or joined paths. `train_sample_size` slices the
     first N rows *before* they are turned into Python objects.
     """
+    try:
+        import pyarrow as pa
+        arrow_errors: tuple = (pa.ArrowException,)
+    except ImportError:  # `_hf_table` says what to install
+        arrow_errors = ()
     path = Path(path)
-    table = _hf_table(path, split)
+    try:
+        table = _hf_table(path, split)
+    except (ValueError, KeyError, IndexError, OSError, *arrow_errors) as e:  # not a data set, or corrupt
+        if isinstance(e, FileNotFoundError):
+            raise _missing(e.filename or path) from None
+        raise ConfigError(f"{path}: cannot read it as an HF dataset or parquet ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:160]})") from None
     if train_sample_size is not None:
         table = table.slice(0, train_sample_size)
     report = ReadReport(os.fspath(path))
-    examples = _normalize_all(enumerate(table.to_pylist()), task, report, image_dir=image_dir,
+    examples = normalize_rows(enumerate(table.to_pylist()), task, report, image_dir=image_dir,
                               check_images=check_images, **keys)
-    report.warn()
     return examples, report
 
 
@@ -599,19 +360,13 @@ def read_tfds(name_or_dir, task: str, *, split: str = "train", data_dir=None, im
     n = len(source) if train_sample_size is None else min(len(source), train_sample_size)
     convert = _TfdsConvert(task, image_dir, tuple(sorted(keys.items())))
     report = ReadReport(f"tfds:{name_or_dir}[{split}]")
-    keep = []
-    for i in range(n):
-        report.rows += 1
-        try:
-            ex = convert(source[i])
-            if check_images:
-                _check_image(ex)
-        except Malformed as e:
-            report.skip(i, e.reason)
-            continue
-        keep.append(i)
-        report.read += 1
-    report.warn()
+    def make(i):
+        ex = convert(source[i])
+        if check_images:
+            check_image(ex, task)
+        return ex
+
+    keep = [i for i in range(n) if count_row(report, i, lambda: make(i)) is not None]
     return LazyExamples(source, np.asarray(keep, np.int64), convert), report
 
 
@@ -624,15 +379,25 @@ def read(path, task: str, *, image_dir=None, train_sample_size: int | None = Non
     """Reads any supported source (picked by path; see the module docstring).
 
     `tfds:NAME` or a directory with `features.json` → TFDS; `.yaml`/`.yml` → mixture;
-    `.json`/`.jsonl` → PR1 JSON; `.parquet`, `.arrow` or another directory → HF on disk.
-    `seed` only matters for `random:` mixture entries.
+    `.json`/`.jsonl` → PR1 JSON (or COCO); `.parquet`, `.arrow` or another directory → HF on
+    disk. `seed` only matters for `random:` mixture entries. Raises ConfigError (one line: the
+    file and the fix) for a missing source (`MissingDataError`), one of no known format, and
+    one without a usable row of `task`.
     """
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if train_sample_size is not None and train_sample_size < 1:
+        raise ConfigError(f"train_sample_size={train_sample_size}: must be ≥ 1 (or None for every row)")
     keys = {k: v for k, v in (("image_key", image_key), ("problem_key", problem_key),
                               ("answer_key", answer_key)) if v}
     common = dict(image_dir=image_dir, train_sample_size=train_sample_size, check_images=check_images, **keys)
-    s = os.fspath(path)
+    examples, report = _dispatch(os.fspath(path), task, split, seed, common)
+    require_rows(examples, report, task)
+    report.warn()  # after the check: a refused file is one error line, not a warning and an error
+    return examples, report
+
+
+def _dispatch(s: str, task: str, split: str, seed: int, common: dict) -> tuple[Sequence[dict], ReadReport]:
     if s.startswith("tfds:"):
         return read_tfds(s[len("tfds:"):], task, split=split, **common)
     p = Path(os.path.expanduser(s))
@@ -642,7 +407,7 @@ def read(path, task: str, *, image_dir=None, train_sample_size: int | None = Non
             return read_tfds(p, task, split=split, **common)
         return read_hf(p, task, split=split, **common)
     if not p.exists():
-        raise FileNotFoundError(f"{p}: no such data file or directory")
+        raise _missing(p)
     suffix = p.suffix.lower()
     if suffix in (".yaml", ".yml"):
         return read_mixture(p, task, seed=seed, **common)
@@ -650,5 +415,5 @@ def read(path, task: str, *, image_dir=None, train_sample_size: int | None = Non
         return read_json(p, task, **common)
     if suffix in (".parquet", ".arrow"):
         return read_hf(p, task, split=split, **common)
-    raise ValueError(f"{p}: unknown data format {suffix!r} (expected .json, .jsonl, .yaml, .parquet, "
-                     f".arrow, an HF dataset directory, a TFDS directory or tfds:NAME)")
+    raise ConfigError(f"{p}: unknown data format {suffix!r} (expected .json, .jsonl, .yaml, .parquet, "
+                      f".arrow, an HF dataset directory, a TFDS directory or tfds:NAME)")

@@ -13,12 +13,15 @@ printed in scientific notation with `format_sci`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import decimal
 import math
+import sys
 from fractions import Fraction
 from typing import Iterable, Mapping, Sequence
+
+from pr1_jax import cli
+from pr1_jax.errors import ConfigError
 
 SINGLE_TARGET = ("grounding", "ocr")
 
@@ -83,16 +86,27 @@ def format_sci(x: int | Fraction, digits: int = 2) -> str:
     return f"{mantissa}e{int(exponent):+03d}"  # two exponent digits at least, as float formatting
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+NAME = "pr1_jax.data.stats"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m pr1_jax.data.stats --task=counting --data=FILE`. Expected failures (bad flags,
+    a missing file, one without usable rows) print one line and exit 2 (`pr1_jax.cli`)."""
+    return cli.run(NAME, _main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> None:
     from pr1_jax.data import readers
 
-    parser = argparse.ArgumentParser(description="Perceptual perplexity of a PR1 data set (paper Table 9).")
+    parser = cli.ArgumentParser(NAME, description="Perceptual perplexity of a PR1 data set (paper Table 9).")
     parser.add_argument("--task", required=True, choices=readers.TASKS)
     parser.add_argument("--data", required=True, help="a data file or directory that readers.read accepts")
     parser.add_argument("--image_dir", default=None)
-    parser.add_argument("--train_sample_size", type=int, default=None)
+    parser.add_argument("--train_sample_size", type=int, default=None, help="only the first N rows (≥ 1)")
     parser.add_argument("--split", default="train")
     args = parser.parse_args(argv)
+    if args.train_sample_size is not None and args.train_sample_size < 1:
+        raise ConfigError(f"--train_sample_size={args.train_sample_size}: must be ≥ 1 (leave it out for every row)")
     examples, report = readers.read(args.data, args.task, image_dir=args.image_dir,
                                     train_sample_size=args.train_sample_size, split=args.split)
     print(report)
@@ -100,4 +114,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

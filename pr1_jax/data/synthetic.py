@@ -21,15 +21,18 @@ Coordinate spaces (W, H = image width, height):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from pr1_jax import cli
+from pr1_jax.errors import ConfigError
 
 COLORS = {  # name -> RGB; far apart so a tiny model (and the tests) tell them apart exactly
     "red": (220, 40, 40),
@@ -60,7 +63,10 @@ OCR_WORDS = (
 @dataclasses.dataclass(frozen=True)
 class SyntheticFiles:
     path: Path  # training-format annotation file
-    eval_path: Path  # evaluation-format file (the same file where PR1 uses one format)
+    # The held-out file, in the one format that both training (`data.eval` → `readers.read`)
+    # and `python -m pr1_jax.evaluate` read: the training file itself for grounding and OCR,
+    # training rows with PR1's eval columns for counting, COCO instances for detection.
+    eval_path: Path
     image_dir: Path  # root that the rows' relative image paths are joined with
 
 
@@ -270,8 +276,10 @@ def write_counting(out_dir, n: int, *, seed: int = 0, min_side: int = 112, max_s
 
     Training file `{name}.jsonl`: `{image, problem, clicks, count}` with `problem` the
     plural label ("red circles") and `clicks` the shape centres `[[x, y], ...]` in Qwen2-VL
-    [0, 1000) space. Eval file `{name}_eval.jsonl`: `{image_path, question, ground_truth}`
-    as in PR1's pixmo_count_{val,test}540.jsonl.
+    [0, 1000) space. Eval file `{name}_eval.jsonl`: the same rows plus PR1's eval columns
+    `{image_path, question, ground_truth}` (pixmo_count_{val,test}540.jsonl), so that training
+    reads it as `counting` (its rewards need the clicks) and `evaluate` / PR1's script as
+    `counting_eval`.
     """
     out_dir = Path(out_dir)
     kinds = _kinds(colors, shapes)
@@ -294,7 +302,7 @@ def write_counting(out_dir, n: int, *, seed: int = 0, min_side: int = 112, max_s
         clicks = [[to_qwen(o.center[0], w), to_qwen(o.center[1], h)] for o in objs[:k]]
         label = f"{target[0]} {target[1]}s"
         train.append({"image": rel, "problem": label, "clicks": clicks, "count": k})
-        evals.append({"image_path": rel, "question": label, "ground_truth": k})
+        evals.append({**train[-1], "image_path": rel, "question": label, "ground_truth": k})
     path, eval_path = out_dir / f"{name}.jsonl", out_dir / f"{name}_eval.jsonl"
     _write_jsonl(path, train)
     _write_jsonl(eval_path, evals)
@@ -313,7 +321,9 @@ def write_detection(out_dir, n: int, *, seed: int = 0, min_side: int = 112, max_
     {target_id: [coco ids], target_box: [[x1, y1, x2, y2], ...]}}`, boxes in absolute pixels
     of the written image; `problem` lists the category names (PR1's template ignores it).
     Eval file `{name}_coco.json`: COCO annotation format (images / annotations /
-    categories with the real COCO ids; bbox [x, y, w, h]; area = drawn pixels; iscrowd 0).
+    categories with the real COCO ids; bbox [x, y, w, h]; area = drawn pixels; iscrowd 0),
+    which `evaluate` scores with pycocotools and `readers.read(..., "detection")` turns back
+    into the training rows (training's `data.eval`).
     """
     out_dir = Path(out_dir)
     kinds = [(c, s) for _, _, c, s in categories]
@@ -390,18 +400,33 @@ WRITERS = {"grounding": write_grounding, "counting": write_counting,
            "detection": write_detection, "ocr": write_ocr}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Write a synthetic PR1-format data set.")
+NAME = "pr1_jax.data.synthetic"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m pr1_jax.data.synthetic --task=counting --out=/tmp/counting --n=256`. Expected
+    failures (bad flags, an unwritable --out, ...) print one line and exit 2 (`pr1_jax.cli`)."""
+    return cli.run(NAME, _main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> None:
+    parser = cli.ArgumentParser(NAME, description="Write a synthetic PR1-format data set (train and eval files).")
     parser.add_argument("--task", choices=sorted(WRITERS), required=True)
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--out", required=True, help="output directory (created)")
+    parser.add_argument("--n", type=int, default=256, help="number of examples (≥ 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="file-name prefix (default: the task)")
     args = parser.parse_args(argv)
+    if args.n < 1:
+        raise ConfigError(f"--n={args.n}: the number of examples must be ≥ 1")
+    if args.name is not None and (not args.name.strip() or "/" in args.name or os.sep in args.name
+                                  or args.name in (".", "..")):
+        raise ConfigError(f"--name={args.name!r}: must be a plain file-name prefix such as 'train' (no '/')")
+    out = cli.writable_dir(args.out, "--out")
     kw = {"name": args.name} if args.name else {}
-    files = WRITERS[args.task](os.path.expanduser(args.out), args.n, seed=args.seed, **kw)
+    files = WRITERS[args.task](out, args.n, seed=args.seed, **kw)
     print(f"wrote {args.n} {args.task} examples: {files.path} (eval: {files.eval_path})")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
