@@ -3,7 +3,7 @@ slice that is not here, and print each program's memory per device — an OOM sh
 the slice is rented. The programs are those `train.py` builds from the same config
 (`pr1_jax.programs.Programs`), at the largest shapes the config allows (its caps).
 
-    python -m pr1_jax.aot --topology=v5e-8 --config=configs/grounding.py --model=qwen2_vl_2b \
+    python -m pr1_jax.aot --topology=v5e-8 --config=configs/grounding.py --model=qwen2_vl_2b \\
         --mesh=data=1,fsdp=-1,tensor=1 --config.batch.prompts_per_micro=8
     python -m pr1_jax.aot --topology=cpu-8 --config=configs/demo.py   # the fake 8-CPU mesh
 
@@ -29,7 +29,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from pr1_jax import sharding, train_step
+from pr1_jax import cli, sharding, train_step
+from pr1_jax.errors import ConfigError
 from pr1_jax.model.config import PRESETS, ModelConfig
 from pr1_jax.model.qwen2_vl import ModelInputs
 from pr1_jax.programs import Programs
@@ -54,20 +55,24 @@ TOPOLOGIES: dict[str, tuple[str, dict, float]] = {
 def topology_devices(topology: str) -> tuple[list[Any], float | None]:
     """Devices of a named slice (compile-only for TPU) and their HBM in bytes (None: unknown)."""
     if topology.startswith("cpu-"):
-        n = int(topology.split("-", 1)[1])
+        n = topology.split("-", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise ConfigError(f"--topology={topology}: expected cpu-N with N ≥ 1 host devices, e.g. cpu-8")
+        n = int(n)
         devices = jax.devices("cpu")
         if len(devices) < n:
-            raise ValueError(f"{topology}: only {len(devices)} CPU devices; set "
-                             f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before jax starts")
+            raise ConfigError(f"--topology={topology}: only {len(devices)} CPU devices; set "
+                              f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before jax starts")
         return devices[:n], None
     from jax.experimental import topologies
 
     name, kwargs, gib = TOPOLOGIES.get(topology, (topology, {}, None))
     try:
         desc = topologies.get_topology_desc(name, "tpu", **kwargs)
-    except RuntimeError as e:
-        raise RuntimeError(f"{topology}: cannot describe the TPU topology without libtpu ({e}). "
-                           "See `python -m pr1_jax.aot --help`.") from e
+    except RuntimeError as e:  # no libtpu, or a name it does not know: both fixed on the command line
+        raise ConfigError(f"--topology={topology}: cannot describe this TPU topology ({cli.one_line(e)}); the "
+                          f"names: {', '.join(TOPOLOGIES)}, a raw one such as v5e:4x4 (needs libtpu: see "
+                          f"`python -m pr1_jax.aot --help`), or cpu-N") from e
     return list(desc.devices), None if gib is None else gib * 2**30
 
 
@@ -92,8 +97,8 @@ def program_shapes(cfg, mesh, *, prompts_per_step: int, prompts_per_micro: int, 
                            vision_index=i32(b, seq_len))
 
     if prompts_per_step % prompts_per_micro:
-        raise ValueError(f"prompts_per_step={prompts_per_step} is not a multiple of "
-                         f"prompts_per_micro={prompts_per_micro}")
+        raise ConfigError(f"batch.prompts_per_step={prompts_per_step} is not a multiple of "
+                          f"batch.prompts_per_micro={prompts_per_micro}: change one of them (--config.batch.…)")
     m, b, g, tc = prompts_per_step // prompts_per_micro, prompts_per_micro, num_generations, max_new_tokens
     sds = lambda shape, dt: jax.ShapeDtypeStruct((m, b) + shape, dt)  # noqa: E731
     packed = train_step.Completions(tokens=sds((g, tc), jnp.int32), sample=sds((g, tc), jnp.int32),
@@ -161,18 +166,27 @@ def parse_mesh(text: str) -> dict[str, int]:
     """Parses "data=1,fsdp=-1,tensor=1" into {"data": 1, "fsdp": -1, "tensor": 1}."""
     out = {}
     for part in filter(None, text.split(",")):
-        k, v = part.split("=")
-        out[k.strip()] = int(v)
+        k, _, v = part.partition("=")
+        try:
+            out[k.strip()] = int(v)
+        except ValueError:
+            raise ConfigError(f"--mesh={text}: expected AXIS=SIZE pairs such as data=1,fsdp=-1,tensor=1") from None
     return out
 
 
 def main(argv) -> None:
     del argv
     c, f = _CONFIG.value, _FLAGS
-    cfg = ModelConfig.from_pretrained(f.model_dir) if f.model_dir else PRESETS[f.model]()
+    if f.model_dir:
+        cfg = ModelConfig.from_pretrained(cli.model_dir(f.model_dir, "--model_dir"))
+    elif f.model in PRESETS:
+        cfg = PRESETS[f.model]()
+    else:
+        raise ConfigError(f"--model={f.model}: not a preset; the presets: {', '.join(PRESETS)} (or --model_dir=DIR)")
+    cli.check_training_config(c)
     devices, hbm = topology_devices(f.topology)
     mesh_cfg = parse_mesh(f.mesh) if f.mesh else dict(c.get("mesh", {}) or {})
-    mesh = sharding.mesh_from_config(mesh_cfg, devices)
+    mesh = cli.as_config_error("--mesh" if f.mesh else "config.mesh", sharding.mesh_from_config, mesh_cfg, devices)
     batch_ways = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     micro = c.batch.prompts_per_micro or c.batch.prompts_per_step  # auto: the first candidate train.py tries
     if micro % batch_ways:
@@ -205,6 +219,6 @@ if __name__ == "__main__":
                                     "else all devices on fsdp)")
     _FLAGS = flags.FLAGS
     cpu = [a.split("-")[-1] for a in sys.argv if a.startswith("--topology=cpu-")]
-    if cpu:  # fake host devices, set before jax starts its backends
+    if cpu and cpu[-1].isdigit():  # fake host devices, set before jax starts its backends
         jax.config.update("jax_num_cpu_devices", int(cpu[-1]))
-    app.run(main)
+    sys.exit(cli.run("pr1_jax.aot", app.run, main, flags_parser=cli.absl_flags("pr1_jax.aot")))

@@ -41,7 +41,9 @@ unless `robust_parse=True`.
 
 Rows that cannot be used never stop the run: malformed rows (the reader's count), and
 images that are missing, not images, truncated or of an impossible aspect ratio are
-skipped, counted by reason and listed in the report; metrics cover the evaluated rows.
+skipped, counted by reason and listed in the report; metrics cover the evaluated rows
+(scoring per task: `pr1_jax/eval_scoring.py`). A file with no usable row of the task (one
+of another task, a wrong --image_dir) is refused: one line, exit status 2 (pr1_jax/cli.py).
 With `out_dir` the report (metrics, counts, per-sample predictions) is written as JSON, and
 for grounding / counting / detection a PNG gallery of the first predictions (red) over the
 ground truth (green).
@@ -49,7 +51,6 @@ ground truth (green).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import io
@@ -63,16 +64,14 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from pr1_jax import viz
-from pr1_jax.evaluation import counting as counting_eval
+from pr1_jax import cli, viz
+from pr1_jax.errors import ConfigError
+from pr1_jax.eval_scoring import SCORERS, Scored
 from pr1_jax.evaluation import detection as detection_eval
-from pr1_jax.evaluation import grounding as grounding_eval
-from pr1_jax.evaluation import ocr as ocr_eval
-from pr1_jax.infer import DTYPES, InferError, load_pretrained
+from pr1_jax.infer import DTYPES, load_pretrained
 from pr1_jax.processing import batch as batch_lib
 from pr1_jax.processing import chat
 from pr1_jax.processing import image as image_lib
-from pr1_jax.rewards.parsing import parse_qwen_boxes
 
 TASKS = ("grounding", "counting", "detection", "ocr")
 PROMPTS = {task: chat.EVAL_TEMPLATES[f"pr1_{task}"] for task in TASKS}
@@ -81,7 +80,7 @@ SKIP_SPECIAL_TOKENS = {"grounding": False, "counting": False, "detection": True,
 PAD_TEXT = "."  # the text-only prompt that fills the last batch
 
 
-class EvalError(ValueError):
+class EvalError(ConfigError):
     """Bad arguments or data files; the message is one line meant for the user."""
 
 
@@ -121,15 +120,20 @@ def read_examples(task: str, data: str | os.PathLike, *, image_dir=None, split: 
     if task == "detection":
         return _read_coco(data, image_dir)
     kw = dict(image_dir=image_dir, split=split or "train")
+    # The reader refuses a file without a usable row of the task (one line, no per-row warnings).
+    eval_format = None  # counting: why the file is not PR1's eval JSONL, if it is not
     try:
         if task == "counting":  # PR1's eval JSONL; else training rows (count = number of clicks)
-            rows, report = readers.read(data, "counting_eval", **kw)
-            if not rows and report.rows:
+            try:
+                rows, report = readers.read(data, "counting_eval", **kw)
+            except ConfigError as e:
+                eval_format = cli.one_line(e)
                 rows, report = readers.read(data, "counting", **kw)
         else:
             rows, report = readers.read(data, task, **kw)
-    except (OSError, ValueError) as e:
-        raise EvalError(" ".join(str(e).split())) from e
+    except (OSError, ValueError) as e:  # neither format: the eval one is named first
+        raise EvalError(f"{eval_format} (or training rows {readers.ROW_FORMATS['counting']})" if eval_format
+                        else cli.one_line(e)) from e
     examples = []
     for i, row in enumerate(rows):
         problem = row["problem"]
@@ -153,6 +157,8 @@ def _read_coco(path, image_dir) -> tuple[list[Example], dict, dict]:
                         f"and categories)")
     report = {"source": os.fspath(path), "rows": len(gt["images"]), "read": 0, "skipped_malformed": 0,
               "reasons": {}}
+    if not gt["images"]:
+        raise EvalError(f"{path}: the COCO file lists no images to evaluate")
     examples = []
     for img in gt["images"]:
         if not isinstance(img, dict) or "id" not in img or not img.get("file_name"):
@@ -162,6 +168,8 @@ def _read_coco(path, image_dir) -> tuple[list[Example], dict, dict]:
         src = img["file_name"] if image_dir is None else os.path.join(os.fspath(image_dir), img["file_name"])
         examples.append(Example(len(examples), src, PROMPTS["detection"], int(img["id"])))
         report["read"] += 1
+    if not examples:
+        raise EvalError(f"{path}: none of its {report['rows']} image entries has an id and a file_name")
     return examples, report, gt
 
 
@@ -278,88 +286,6 @@ def greedy_decode(decoder: Decoder, batch, examples: Sequence[Example | None]) -
     return [Completion(text, int(n), s) for text, n, s in zip(texts, lengths, stopped)]
 
 
-# ----------------------------------------------------------------------------- scoring
-@dataclasses.dataclass
-class Scored:
-    example: Example
-    completion: Completion
-    original_hw: tuple[int, int]
-    resized_hw: tuple[int, int]
-
-
-def _xyxy(xywh: Sequence[float]) -> list[float]:
-    x, y, w, h = xywh
-    return [x, y, x + w, y + h]
-
-
-def _score_grounding(done: Sequence[Scored]):
-    texts = [d.completion.text for d in done]
-    sols = [d.example.gt[0] for d in done]
-    norms = [d.example.gt[1] for d in done]
-    metrics = grounding_eval.evaluate_grounding(texts, sols, norms)["all"]
-    pred, gt, parsed = grounding_eval.eval_boxes(texts, sols, norms)
-    iou = grounding_eval.box_iou(pred, gt)
-    records, gallery = [], []
-    for d, p, g, ok, v in zip(done, pred, gt, parsed, iou):
-        records.append({"pred_box": p.tolist(), "gt_box": g.tolist(), "parsed": bool(ok), "iou": float(v)})
-        h, w = d.original_hw  # both boxes are in Qwen2-VL's [0, 1000) space of the image
-        gallery.append({"pred": viz.qwen_norm_to_pixels(p, w, h)[None], "gt": viz.qwen_norm_to_pixels(g, w, h)[None],
-                        "caption": f"IoU {v:.2f} {d.example.problem}"})
-    return metrics, records, gallery
-
-
-def _score_counting(done: Sequence[Scored]):
-    texts = [d.completion.text for d in done]
-    gts = [d.example.gt for d in done]
-    metrics = counting_eval.evaluate_counting(texts, gts)["all"]
-    records, gallery = [], []
-    for d, text, g in zip(done, texts, gts):
-        answer = counting_eval.parse_count(text)
-        records.append({"count": answer, "gt_count": g, "correct": answer == g})
-        h, w = d.original_hw
-        boxes = viz.qwen_norm_to_pixels(parse_qwen_boxes(text)[0], w, h)
-        gallery.append({"pred": boxes, "caption": f"{answer or 0}/{g} {d.example.problem}"})
-    return metrics, records, gallery
-
-
-def _score_detection(done: Sequence[Scored], coco_gt: dict, *, backend: str, robust: bool, rescale: bool,
-                     pr1_exact: bool):
-    names = {c["id"]: c.get("name", str(c["id"])) for c in coco_gt["categories"]}
-    by_image = collections.defaultdict(list)
-    for a in coco_gt["annotations"]:
-        by_image[a["image_id"]].append(a)
-    dets, records, gallery = [], [], []
-    for d in done:
-        image_id = d.example.gt
-        found = detection_eval.parse_detections(d.completion.text, robust=robust)
-        for det in found:
-            if rescale:
-                det["bbox"] = detection_eval.rescale_boxes(det["bbox"], d.resized_hw, d.original_hw).tolist()
-            det["image_id"] = image_id
-        dets.extend(found)
-        records.append({"image_id": image_id, "detections": [{k: det[k] for k in ("category_id", "bbox")}
-                                                             for det in found]})
-        gt_anns = by_image.get(image_id, [])
-        gallery.append({"pred": [_xyxy(det["bbox"]) for det in found] or None,
-                        "pred_labels": [names.get(det["category_id"], "") for det in found],
-                        "gt": [_xyxy(a["bbox"]) for a in gt_anns] or None,
-                        "caption": f"{len(found)} pred / {len(gt_anns)} gt"})
-    img_ids = [d.example.gt for d in done]
-    metrics = detection_eval.coco_eval(coco_gt, dets, backend=backend, img_ids=img_ids,
-                                       pr1_skip_last_image=pr1_exact)
-    metrics["n"] = len(done)
-    metrics["detections"] = len(dets)
-    return metrics, records, gallery
-
-
-def _score_ocr(done: Sequence[Scored]):
-    texts = [d.completion.text for d in done]
-    gts = [d.example.gt for d in done]
-    metrics = ocr_eval.evaluate_ocr(texts, gts)["all"]
-    records = [{"gt": g, **ocr_eval.ocr_sample_metrics(t, g)} for t, g in zip(texts, gts)]
-    return metrics, records, []
-
-
 # ----------------------------------------------------------------------------- evaluate
 def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *, image_dir=None,
              split: str | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
@@ -391,18 +317,27 @@ def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *
     max_new_tokens = MAX_NEW_TOKENS[task] if max_new_tokens is None else int(max_new_tokens)
     if max_new_tokens <= 0:
         raise EvalError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    if limit is not None and limit < 0:
-        raise EvalError(f"limit must be non-negative, got {limit}")
+    if limit is not None and limit <= 0:
+        raise EvalError(f"limit must be positive (or None: every row), got {limit}")
+    if gallery_size < 0:
+        raise EvalError(f"gallery_size must be ≥ 0 (0: no gallery), got {gallery_size}")
     if backend not in detection_eval.BACKENDS:
         raise EvalError(f"backend must be one of {detection_eval.BACKENDS}, got {backend!r}")
     if not os.path.exists(os.fspath(data)) and not os.fspath(data).startswith("tfds:"):
         raise EvalError(f"{data}: no such data file or directory")
+    if out_dir is not None:  # before the model loads and decodes
+        cli.writable_dir(out_dir, "--out_dir", EvalError)
 
     examples, reader_report, coco_gt = read_examples(task, data, image_dir=image_dir, split=split)
     if limit is not None:
         examples = examples[:limit]
     pre = pretrained or load_pretrained(model_dir, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
     plan = plan_batches(pre, examples, batch_size)
+    if not plan.batches:
+        reasons = dict(collections.Counter(reason for _, reason, _ in plan.skipped))
+        first = plan.skipped[0][2] if plan.skipped else ""
+        raise EvalError(f"{data}: none of its {len(examples)} {task} rows has a usable image ({reasons}; first: "
+                        f"{first}): check --image_dir")
     decoder = make_decoder(pre, task, max_new_tokens)
     skipped = list(plan.skipped)
 
@@ -432,16 +367,10 @@ def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *
     bar.close()
 
     metrics, records, gallery_items = {}, [], []
-    if done:
-        if task == "grounding":
-            metrics, records, gallery_items = _score_grounding(done)
-        elif task == "counting":
-            metrics, records, gallery_items = _score_counting(done)
-        elif task == "detection":
-            metrics, records, gallery_items = _score_detection(
-                done, coco_gt, backend=backend, robust=robust_parse, rescale=not pr1_exact, pr1_exact=pr1_exact)
-        else:
-            metrics, records, gallery_items = _score_ocr(done)
+    if done:  # empty only when every image failed to decode
+        kw = dict(coco_gt=coco_gt, backend=backend, robust=robust_parse, rescale=not pr1_exact,
+                  pr1_exact=pr1_exact) if task == "detection" else {}
+        metrics, records, gallery_items = SCORERS[task](done, **kw)
 
     predictions = [{"index": d.example.index, "image": _image_name(d.example.image),
                     **({"problem": d.example.problem} if task in ("grounding", "counting") else {}),
@@ -504,8 +433,8 @@ def _jsonable(v: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pr1_jax.evaluate", description=__doc__.splitlines()[0])
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser("pr1_jax.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--model_dir", required=True, help="HF Qwen2-VL / Qwen2.5-VL checkpoint directory")
     p.add_argument("--data", required=True, help="evaluation file (COCO instances JSON for detection)")
@@ -527,20 +456,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report = evaluate(args.task, args.model_dir, args.data, image_dir=args.image_dir, split=args.split,
-                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                          out_dir=args.out_dir, backend=args.backend, min_pixels=args.min_pixels,
-                          max_pixels=args.max_pixels, dtype=args.dtype, robust_parse=args.robust_parse,
-                          pr1_exact=args.pr1_exact, gallery_size=args.gallery_size, progress=not args.no_progress)
-    except (EvalError, InferError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = evaluate(args.task, args.model_dir, args.data, image_dir=args.image_dir, split=args.split,
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                      out_dir=args.out_dir, backend=args.backend, min_pixels=args.min_pixels,
+                      max_pixels=args.max_pixels, dtype=args.dtype, robust_parse=args.robust_parse,
+                      pr1_exact=args.pr1_exact, gallery_size=args.gallery_size, progress=not args.no_progress)
     print(json.dumps({"task": report["task"], "metrics": report["metrics"], "counts": report["counts"],
                       "files": report["files"]}, indent=1))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: 0, or 2 after one line on stderr for an expected mistake (pr1_jax/cli.py)."""
+    return cli.run("pr1_jax.evaluate", _main, argv)
 
 
 if __name__ == "__main__":

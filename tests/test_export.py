@@ -1,5 +1,7 @@
 """Export: HF → pr1_jax checkpoint → HF is bit-exact; transformers loads an export of a
-trained checkpoint and its logits equal pr1_jax's; shards, bfloat16, the command line."""
+trained checkpoint and its logits equal pr1_jax's; shards, bfloat16, the checkpoint's dtype by
+default, --overwrite leaves no foreign weights; transformers' greedy generation through the
+documented recipe (`pr1_jax.hf_generate`, docs/export.md) equals `pr1_jax.infer`'s."""
 
 import json
 import subprocess
@@ -10,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pr1_jax import checkpoint, export
+from pr1_jax import checkpoint, export, hf_generate, infer
+from pr1_jax.errors import ConfigError
 from pr1_jax.model import hf_io
 from pr1_jax.model.config import ModelConfig
 from pr1_jax.model.qwen2_vl import Qwen2VL
@@ -25,10 +28,10 @@ def _tensors(model_dir):
     return {k: d.get(k) for k in d.keys()}
 
 
-def _save_as_checkpoint(model_dir, directory):
-    """The HF weights as a pr1_jax checkpoint, with the meta that `train` records."""
+def _save_as_checkpoint(model_dir, directory, dtype=jnp.float32):
+    """The HF weights as a pr1_jax checkpoint (in `dtype`), with the meta that `train` records."""
     cfg = ModelConfig.from_pretrained(model_dir)
-    params = jax.tree.map(jnp.asarray, hf_io.load_params(model_dir, cfg))
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), hf_io.load_params(model_dir, cfg))
     state = init_state(params, make_optimizer(OptimConfig()))
     ckpt = checkpoint.Checkpoints(directory)
     ckpt.save(7, state, rng=jax.random.PRNGKey(0), data_state={},
@@ -102,7 +105,8 @@ def test_bfloat16_export(trained, tmp_path):
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
-    assert export.main([f"--checkpoint={trained / 'checkpoints' / 'step_1'}", f"--out={tmp_path}"]) == 0
+    assert export.main([f"--checkpoint={trained / 'checkpoints' / 'step_1'}", f"--out={tmp_path}",
+                        "--dtype=bfloat16"]) == 0
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16" and config["architectures"] == ["Qwen2VLForConditionalGeneration"]
     ckpt = checkpoint.Checkpoints(trained / "checkpoints", read_only=True)
@@ -127,3 +131,73 @@ def test_sizes_and_paths(tmp_path):
     assert export.resolve_checkpoint(tmp_path / "checkpoints" / "step_12", None) == (tmp_path / "checkpoints", 12)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         export.export(tmp_path / "checkpoints", tmp_path / "out")
+    with pytest.raises(ConfigError, match="contradicts"):
+        export.resolve_checkpoint(tmp_path / "checkpoints" / "step_12", 13)
+
+
+# ------------------------------------------------------------------ dtype, --overwrite, steps
+@pytest.fixture(scope="module")
+def sampler_ckpt(sampler_dir, tmp_path_factory):
+    """`sampler_dir`'s float32 weights as checkpoint step 7 (sharp random logits: diverse greedy ids)."""
+    directory = tmp_path_factory.mktemp("sampler_ckpt") / "checkpoints"
+    _save_as_checkpoint(sampler_dir, directory)
+    return directory
+
+
+def test_default_dtype_is_the_checkpoints(tiny_dir, tmp_path):
+    _save_as_checkpoint(tiny_dir, tmp_path / "bf16", dtype=jnp.bfloat16)
+    out = export.export(tmp_path / "bf16", tmp_path / "hf")  # float32 runs: test_generate_recipe_equals_infer
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {str(x.dtype) for x in _tensors(out).values()} == {"bfloat16"}
+
+
+def test_overwrite_replaces_foreign_weights(sampler_ckpt, sampler_dir, tmp_path):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    foreign = ["model-00001-of-00003.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "vocab.json"]
+    for name in foreign + ["README.md"]:
+        (out / name).write_text("another model's")
+    with pytest.raises(ConfigError, match="not empty.*--overwrite"):
+        export.export(sampler_ckpt, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(foreign + ["README.md"])  # refused: nothing touched
+    before = {p.name: p.stat().st_size for p in sampler_dir.iterdir()}
+    with pytest.raises(ConfigError, match="is the base model directory"):  # would delete the base's weights
+        export.export(sampler_ckpt, sampler_dir, overwrite=True)
+    assert {p.name: p.stat().st_size for p in sampler_dir.iterdir()} == before
+    export.export(sampler_ckpt, out, overwrite=True)
+    names = {p.name for p in out.iterdir()}
+    assert not names & set(foreign) and "README.md" in names and "model.safetensors" in names
+    _, info = Qwen2VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+def test_missing_step_lists_the_steps(sampler_ckpt, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"step 999 does not exist .*the steps there: 7"):
+        export.export(sampler_ckpt, tmp_path / "hf", step=999)
+    assert not (tmp_path / "hf").exists()  # nothing written for a mistake
+
+
+# ------------------------------------------------------------------ the transformers recipe (docs/export.md)
+def test_generate_recipe_equals_infer(sampler_ckpt, tmp_path):
+    """transformers' greedy generate through `hf_generate` on the export = pr1_jax.infer's ids."""
+    import matplotlib.cbook
+
+    image = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    prompt, n = "Output the bounding box of the woman in the image.", 24
+    out = export.export(sampler_ckpt, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"  # the checkpoint's
+    loaded = hf_generate.load(out)
+    ref = hf_generate.generate(out, image, prompt, max_new_tokens=n, loaded=loaded)
+    assert len(ref) == n and len(set(ref)) > n // 2  # long and diverse: a real comparison
+    assert infer.run(out, image, prompt, max_new_tokens=n)["token_ids"] == ref
+
+    # Why the recipe builds mm_token_type_ids: without them transformers' M-RoPE positions are
+    # silently wrong (no error, other tokens).
+    model, tokenizer, processor = loaded
+    inputs = hf_generate.build_inputs(tokenizer, processor, image, prompt)
+    assert int(inputs["mm_token_type_ids"].sum()) == int(inputs["image_grid_thw"].prod()) // 4
+    del inputs["mm_token_type_ids"]
+    wrong = model.generate(**inputs, max_new_tokens=n, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    assert wrong != ref

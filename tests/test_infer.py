@@ -145,6 +145,8 @@ def test_bad_inputs_give_clear_errors(sampler_dir, hopper, tmp_path):
         (dict(max_new_tokens=-5), "max_new_tokens must be positive"),
         (dict(model_dir=tmp_path / "no_model"), "model directory not found"),
         (dict(model_dir=tmp_path), "no config.json"),
+        (dict(min_pixels=-5), r"need 0 < min_pixels ≤ max_pixels, got min_pixels=-5, max_pixels=\d+"),
+        (dict(min_pixels=10**6, max_pixels=10**5), "got min_pixels=1000000, max_pixels=100000"),
     ]
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
@@ -157,10 +159,46 @@ def test_bad_inputs_give_clear_errors(sampler_dir, hopper, tmp_path):
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=float("nan")), "temperature must be a finite number ≥ 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number ≥ 0"),
+    (dict(temperature=-0.5), "temperature must be a finite number ≥ 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=float("nan")), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-1), "top_k must be an integer ≥ 0"),
+    (dict(top_k=2.5), "top_k must be an integer ≥ 0"),
+])
+def test_sampling_parameters_are_checked_before_the_model_loads(kwargs, message, hopper, tmp_path):
+    # The model directory does not exist: the sampling check must come first to be seen.
+    with pytest.raises(infer.InferError, match=message):
+        infer.run(tmp_path / "no_model", hopper, PROMPT, max_new_tokens=4, **kwargs)
+
+
+def test_sampling_edges_are_accepted(sampler_dir, hopper):
+    """The closed ends (greedy, no top-p / top-k) and a sampled run with all three on."""
+    greedy = infer.run(sampler_dir, hopper, PROMPT, max_new_tokens=4, temperature=0.0, top_p=1.0, top_k=0)
+    sampled = infer.run(sampler_dir, hopper, PROMPT, max_new_tokens=4, temperature=1e-6, top_p=0.5, top_k=1,
+                        seed=3)
+    assert len(greedy["token_ids"]) == 4 and sampled["token_ids"] == greedy["token_ids"]  # top_k=1 is greedy
+
+
 def test_command_line_error_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pr1_jax.infer", f"--model_dir={tmp_path}",
                            f"--image={tmp_path / 'missing.png'}", "--prompt=hello"],
                           capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.png'}: image file not found"]
+    want = f"pr1_jax.infer: error: {tmp_path / 'missing.png'}: image file not found"
+    assert proc.stderr.strip().splitlines() == [want]
+
+
+def test_argument_mistakes_are_one_line(capsys):
+    for argv, message in [(["--model_dir=m", "--image=i.png", "--prompt=p", "--top_k=abc"],
+                           "argument --top_k: invalid int value: 'abc'"),
+                          (["--image=i.png"], "the following arguments are required: --model_dir, --prompt")]:
+        with pytest.raises(SystemExit) as e:
+            infer.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"pr1_jax.infer: error: {message}") and "python -m pr1_jax.infer --help" in err
