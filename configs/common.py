@@ -95,4 +95,13 @@ def base() -> ml_collections.ConfigDict:
     c.checkpoint_every = 100  # PR1 saves every 100 steps
     c.keep_checkpoints = 3  # newest N (step 0, the policy after SFT, is always kept)
     c.chunk_size = 128  # completion tokens per LM-head chunk when scoring
+
+    # Where the run's numbers and pictures go (pr1_jax/monitor.py, docs/monitoring.md).
+    c.monitor = ml_collections.ConfigDict()
+    c.monitor.tensorboard = True  # event files in the workdir: tensorboard --logdir WORKDIR
+    c.monitor.wandb = False  # also Weights & Biases, when `wandb` is installed
+    c.monitor.wandb_project = "pr1_jax"
+    c.monitor.eval_texts = 4  # greedy completions per evaluation shown as text
+    c.monitor.no_signal_steps = 10  # warn after N GRPO steps in a row with all group rewards equal; 0 = never
+    c.verbose = False  # True: third-party INFO logs (orbax, absl, jax) on the console too
     return c

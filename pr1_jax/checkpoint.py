@@ -28,12 +28,14 @@ ValueError instead: that is a mistake to fix, not a file to skip. Saves of a kil
 process are never seen half-written: orbax writes `step_<N>.orbax-checkpoint-tmp-*` and
 renames it when complete; leftovers are removed when the manager opens.
 
-Preemption: `Preemption()` turns SIGTERM into a request that the training loop honours
-at the end of the current step (`stop_requested()`, agreed by all processes): it saves
-a checkpoint, waits for it and exits with status 0. Inside `exit_at_once()` (the SFT
-warm-up, which is not checkpointed) SIGTERM exits at once with status 0; a restart
-redoes the warm-up. SIGKILL needs nothing: a restart resumes from the last complete
-checkpoint (see docs/checkpoints.md).
+Preemption: `Preemption()` turns SIGTERM, and the first Ctrl-C (SIGINT), into a request
+that the training loop honours at the end of the current step (`stop_requested()`, agreed
+by all processes): it saves a checkpoint, waits for it and exits with status 0. A second
+Ctrl-C exits at once (the signal's default action, even inside a long device call; the
+last complete checkpoint stays good). Inside `exit_at_once()` (the SFT warm-up, which is
+not checkpointed) SIGTERM or Ctrl-C exits at once with status 0; a restart redoes the
+warm-up. SIGKILL needs nothing: a restart resumes from the last complete checkpoint (see
+docs/checkpoints.md).
 
 Arrays may be sharded `jax.Array`s on any mesh and over several hosts: orbax writes
 each shard once and restores onto the shardings of the target given to `restore*`.
@@ -351,28 +353,40 @@ def _has_cpu() -> bool:
 
 # ------------------------------------------------------------------ preemption
 class Preemption:
-    """SIGTERM → a stop request honoured at the next step boundary (or at once, see below).
+    """SIGTERM or a first SIGINT (Ctrl-C) → a stop request honoured at the next step boundary
+    (or at once, see below); a second SIGINT → the default action: the process ends now.
 
-    Install once in the main thread; `close()` restores the previous handlers.
+    Install once in the main thread; `close()` restores the previous handlers. A signal already
+    ignored (SIG_IGN) stays ignored.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self._requested = False
         self._exit_at_once = False
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is not threading.main_thread():
-            log.warning("not in the main thread: SIGTERM keeps its default action (no checkpoint on preemption)")
+            log.warning("not in the main thread: SIGTERM and Ctrl-C keep their default action (no checkpoint "
+                        "on preemption)")
             return
         for s in signals:
+            if signal.getsignal(s) is signal.SIG_IGN:
+                # Ignored by whoever started us (nohup; `cmd &` in a script, so that the terminal's
+                # Ctrl-C is not meant for this process): left ignored, as Python itself does for SIGINT.
+                continue
             self._previous[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         self._requested = True
+        if signum == signal.SIGINT:
+            # A Python handler runs only between bytecodes, i.e. after the device call in flight;
+            # the default action ends the process when the second Ctrl-C arrives.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         if self._exit_at_once:
             log.warning("%s during a phase without checkpoints: exiting now", name)
             raise SystemExit(0)
-        log.warning("%s received: saving a checkpoint at the end of this step, then exiting", name)
+        again = "; Ctrl-C again to exit now" if signum == signal.SIGINT else ""
+        log.warning("%s received: saving a checkpoint at the end of this step, then exiting%s", name, again)
 
     @property
     def requested(self) -> bool:
@@ -389,7 +403,8 @@ class Preemption:
 
     @contextlib.contextmanager
     def exit_at_once(self):
-        """Within this block a SIGTERM (or one received before it) exits with status 0 immediately."""
+        """Within this block a SIGTERM or SIGINT (or one received before it) exits with status 0
+        immediately."""
         if self._requested:
             raise SystemExit(0)
         self._exit_at_once = True

@@ -216,14 +216,17 @@ def _seq_mean(x_bt: Array, mask_bt: Array) -> Array:
 
 def per_token_loss(logp_bt: Array, ref_logp_bt: Array | None, advantages_b: Array, mask_bt: Array,
                    cfg: GRPOConfig, *, old_logp_bt: Array | None = None, entropy_bt: Array | None = None,
-                   group_weight_b: Array | None = None) -> tuple[Array, dict[str, Array]]:
+                   group_weight_b: Array | None = None,
+                   sampler_logp_bt: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """GRPO loss of one micro-batch (§3.8). Inputs [B, T] (advantages [B]); returns (loss [], metrics).
 
     logp_bt: log π_θ(token) at temperature 1 (differentiable); ref_logp_bt: reference model's
     (None allowed only when the KL term is off: use_kl=False or β=0); old_logp_bt: the
     sampling policy's, for μ > 1 (None → sg(logp), ratio ≡ 1: PR1); entropy_bt: per-token H
     (needed for entropy_reg; differentiable); group_weight_b: per-sequence loss weights
-    (`stats["loss_weight"]`; required when skip_zero_std_groups).
+    (`stats["loss_weight"]`; required when skip_zero_std_groups); sampler_logp_bt: the
+    rollout's log-probs of the same tokens, for the "sampler_logp_gap" metric only (never in
+    the loss: pass it whatever μ is).
 
     1. Policy term per token:
        - old_logp_bt None (PR1): −exp(logp − sg(logp))·A  (value −A, gradient −A·∇logp);
@@ -245,7 +248,11 @@ def per_token_loss(logp_bt: Array, ref_logp_bt: Array | None, advantages_b: Arra
     logp) (per-sequence perplexity of the completion under π_θ, then averaged),
     "clip_fraction" (fraction of masked tokens where the clipped branch wins; 0 when
     old_logp_bt is None), "completion_length" (mean Σ_t mask), "loss_weight_sum" (the
-    reduction's denominator: Σ_b w_b or Σ_{b,t} w_b·mask, to re-weight micro-batches).
+    reduction's denominator: Σ_b w_b or Σ_{b,t} w_b·mask, to re-weight micro-batches),
+    "sampler_logp_gap" (when sampler_logp_bt is given: Σ |sampler_logp − logp|·s / Σ s over the
+    masked tokens s the sampler decoded, i.e. whose sampler log-prob is not the 0 it writes on
+    padding; the gap between the rollout's and the update's log-probs of the same tokens that
+    TRL and verl report to catch numerics drift; 0 when there is none).
     """
     f32 = jnp.float32
     logp = logp_bt.astype(f32)
@@ -319,6 +326,13 @@ def per_token_loss(logp_bt: Array, ref_logp_bt: Array | None, advantages_b: Arra
         completion_length=jnp.sum(mask, axis=1).mean(),
         loss_weight_sum=jax.lax.stop_gradient(denom),
     )
+    if sampler_logp_bt is not None:
+        # PR1's mask counts a row without <|im_end|> whole, padding included; the sampler decoded
+        # no token there (it writes 0), so those positions would measure the pad token, not drift.
+        sampler = sampler_logp_bt.astype(f32)
+        decoded = mask * (sampler != 0.0)
+        metrics["sampler_logp_gap"] = (jnp.sum(jnp.abs(sg_logp - sampler) * decoded)
+                                       / jnp.maximum(jnp.sum(decoded), 1.0))
     return loss, metrics
 
 

@@ -6,8 +6,12 @@
 
 Reads top to bottom: model → data → programs → resume or (SFT) → loop of
 [prompts → rollouts → rewards → advantages → update → metrics] → evaluation, plots,
-checkpoint. Outputs in `workdir`: metrics.jsonl, eval.jsonl, PNG curves and a gallery,
-checkpoints/step_<N> (orbax: params, optimizer, RNG, data iterator; step 0 = after SFT).
+checkpoint. Outputs in `workdir` (`pr1_jax/monitor.py`, docs/monitoring.md): metrics.jsonl,
+eval.jsonl, TensorBoard event files (`tensorboard --logdir WORKDIR`, live from step 1: every
+metric, the SFT loss, galleries, sample completions), PNG curves (redrawn at each evaluation
+and checkpoint) and galleries, summary.json, checkpoints/step_<N> (orbax: params, optimizer,
+RNG, data iterator; step 0 = after SFT). Third-party INFO logs (orbax, absl) stay off the
+console unless `--config.verbose=True`.
 
 Runs on a device mesh (`config.mesh`: data × fsdp × tensor, `pr1_jax/sharding.py`), on one
 host or several: the same command on every host (`tpu/run.sh`) joins them with
@@ -17,8 +21,9 @@ computed where the completions were decoded; metrics are gathered, and process 0
 the files.
 
 Rerunning the same command resumes from the newest good checkpoint in `workdir`,
-bit-exactly on CPU. SIGTERM (preemption) saves a checkpoint at the end of the current
-GRPO step and exits with status 0 (docs/checkpoints.md; `pr1_jax/checkpoint.py`).
+bit-exactly on CPU. SIGTERM (preemption) and the first Ctrl-C (SIGINT) save a checkpoint at
+the end of the current GRPO step and exit with status 0; a second Ctrl-C exits at once
+(docs/checkpoints.md; `pr1_jax/checkpoint.py`).
 """
 
 from __future__ import annotations
@@ -26,20 +31,20 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import app
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from pr1_jax import checkpoint, grpo, multihost, rollouts, sharding, tiny, viz, workload
+from pr1_jax import checkpoint, grpo, monitor, multihost, rollouts, sharding, tiny, viz, workload
 from pr1_jax.accounting import StepAccount
 from pr1_jax.data import pipeline, readers, synthetic
 from pr1_jax.evaluation import grounding as grounding_eval
@@ -49,7 +54,7 @@ from pr1_jax.errors import ConfigError
 from pr1_jax.programs import Programs, resolve_kernels
 from pr1_jax.sampler import SamplingConfig
 from pr1_jax.shapes import StepShapes, attention_weight
-from pr1_jax.train_step import OptimConfig, make_optimizer
+from pr1_jax.train_step import OptimConfig, TrainState, make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 log = logging.getLogger("pr1_jax.train")
@@ -58,6 +63,7 @@ log = logging.getLogger("pr1_jax.train")
 def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
     """The whole run on a mesh of `devices` (default: all, shaped by `c.mesh`); every process
     of a multi-host run calls it, process 0 writes the logs. Returns the summary."""
+    monitor.quiet_console(verbose=c.get("verbose", False))
     mesh = sharding.mesh_from_config(c.mesh, devices)
     sharding.check_batch_sizes({"batch.prompts_per_step": c.batch.prompts_per_step,
                                 "batch.prompts_per_micro": c.batch.prompts_per_micro,
@@ -71,6 +77,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+    mon = monitor.Monitor(workdir, c, enabled=main, score_name=score_name(c))  # logs, TensorBoard, plots
     rng = sharding.replicate(jax.random.PRNGKey(c.seed), mesh)
     dtype = jnp.dtype(c.dtype)
 
@@ -91,10 +98,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         data_dir = multihost.process_path(workdir / "data")
         files = writer(data_dir, c.data.synthetic, seed=c.seed, name="train", **kw)
         train_path, image_dir = files.path, files.image_dir
-        eval_path = writer(data_dir, c.data.eval_examples, seed=c.seed + 1, name="eval", **kw).path
+        eval_path = (writer(data_dir, c.data.eval_examples, seed=c.seed + 1, name="eval", **kw).path
+                     if c.data.eval_examples > 0 else None)
     size = c.data.train_sample_size if c.data.train_sample_size > 0 else None
     train_examples, report = readers.read(train_path, c.task, image_dir=image_dir, train_sample_size=size)
-    eval_examples, _ = readers.read(eval_path, c.task, image_dir=image_dir) if eval_path else ([], None)
+    eval_examples, _ = (readers.read(eval_path, c.task, image_dir=image_dir)
+                        if eval_path and c.data.eval_examples > 0 else ([], None))
     eval_examples = list(eval_examples)[:c.data.eval_examples]
     log.info("train rows: %s", report.as_dict())
     prepare = functools.partial(pipeline.load_and_resize, cfg=pre.image_config)
@@ -109,22 +118,20 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     attn_weight = attention_weight(pre.config.text)  # how completions are packed (shapes.packing_cost)
     params = pre.params
     evaluator = functools.partial(evaluate, c=c, pre=pre, programs=programs, mesh=mesh, examples=eval_examples,
-                                  prepare=prepare, shapes=shapes, system_prompt=system_prompt)
+                                  prepare=prepare, shapes=shapes, system_prompt=system_prompt, mon=mon)
+    lr_schedule = grpo_learning_rate(c, total_steps)  # for the logs
     history: dict[str, list] = {"step": [], "reward": [], "eval_step": [], "eval_score": []}
 
     # ---------------------------------------------------------------- resume (pr1_jax/checkpoint.py)
     ckpt = checkpoint.Checkpoints(workdir / "checkpoints", keep=c.get("keep_checkpoints", 3))
-    preempt = checkpoint.Preemption()  # SIGTERM: checkpoint at the end of the step, then exit 0
+    preempt = checkpoint.Preemption()  # SIGTERM, 1st Ctrl-C: checkpoint at the end of the step, then exit 0
     run_meta = {"reference": "step_0" if c.sft.steps > 0 else "base_model",
                 "model_dir": str(Path(model_dir).absolute()), "model_config": pre.config.to_hf_dict(),
                 "config": json.loads(c.to_json_best_effort())}
     resumed = ckpt.restore_latest(sharding.abstract_train_state(pre.config, programs.optimizer, mesh, dtype=dtype), rng)
     start = resumed.step if resumed is not None else 0
     # The logs keep the steps done so far (a killed run may have logged past its last checkpoint).
-    kept = lambda row: resumed is not None and (row.get("phase") == "sft" or row["step"] <= start)  # noqa: E731
-    if main:
-        checkpoint.trim_jsonl(workdir / "metrics.jsonl", kept)
-        checkpoint.trim_jsonl(workdir / "eval.jsonl", kept)
+    mon.resume_at(start if resumed is not None else None)
     if resumed is not None:  # GRPO goes on from `start`; the SFT warm-up, if any, is done
         state, rng, history = resumed.state, resumed.rng, resumed.meta["history"]
         data.set_state(resumed.data_state)
@@ -133,18 +140,19 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     else:
         # ------------------------------------------------------------ SFT warm-up (optional)
         if c.sft.steps > 0:
-            with preempt.exit_at_once():  # not checkpointed: SIGTERM exits now, a restart redoes it
-                params = sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, evaluator, history)
+            with preempt.exit_at_once():  # not checkpointed: SIGTERM or Ctrl-C exits now, a restart redoes it
+                params = sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, evaluator, history,
+                                    mon)
         ref_params = params  # frozen initial policy, never synced (PR1)
         state = sharding.init_train_state(params, programs.optimizer, mesh, cfg=pre.config)  # a copy: donated step by step
         score0 = evaluator(state.params, step=0, tag="grpo")
         history["eval_step"].append(0)
         history["eval_score"].append(score0)
+        mon.curves(history)  # eval.png from the first evaluation on (the SFT's, if any, and the GRPO start)
         if c.sft.steps > 0:  # a restart begins GRPO here, and reads the reference from here
             ckpt.save(0, state, rng=rng, data_state=data.get_state(), meta=dict(run_meta, history=history))
 
     # ---------------------------------------------------------------- GRPO
-    metrics_file = open(workdir / "metrics.jsonl" if main else os.devnull, "a")
     p_local = multihost.local_batch_size(p_step)
     shards = sharding.batch_shards(mesh)
 
@@ -201,35 +209,44 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
                 upcoming = next_prompts()
             m = {k: float(v) for k, v in jax.device_get(m).items()}  # replicated: the same on every process
         m["update/prompts_per_micro"], m["update/remat"] = programs.update_choice(batch)
-        total, per_fn, std_g, lengths = multihost.gather((total, per_fn, np.asarray(adv_stats["std_g"]), lengths))
+        total, per_fn, std_g, zero_std_g, lengths = multihost.gather(
+            (total, per_fn, np.asarray(adv_stats["std_g"]), np.asarray(adv_stats["zero_std_g"], np.float32), lengths))
         acct.completions(lengths, lengths >= c.sampling.max_new_tokens, int(out.decode_steps))
         acct.count(prompt_real=sum(len(p.ids) for p in prompts), prompt_padded=pshape.seq_len * len(prompts),
                    patches_real=sum(p.image[0].shape[0] for p in prompts), patches_padded=pshape.row_len * len(prompts),
                    completion_real=int(mask.sum()), completion_padded=cshape.rows * cshape.row_len * len(prompts))
+        # TRL's names: frac_reward_zero_std = groups whose G rewards are all equal (advantages 0);
+        # reward/<fn>/std = that reward's std over the step's completions (ddof=1, as TRL's).
         m.update(reward=float(total.mean()), reward_std=float(std_g.mean()),
+                 frac_reward_zero_std=float(zero_std_g.mean()),
+                 learning_rate=lr_schedule(state),  # of the step's (last) applied update
                  completion_length=float(lengths.mean()), temperature=float(temperature),
-                 **{f"reward/{k}": float(v.mean()) for k, v in per_fn.items()})
+                 **{f"reward/{k}": float(v.mean()) for k, v in per_fn.items()},
+                 **{f"reward/{k}/std": float(np.std(v, ddof=1)) for k, v in per_fn.items()})
         history["step"].append(step + 1)
         history["reward"].append(m["reward"])
         bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m.get('kl', 0):.4f}", len=f"{m['completion_length']:.0f}")
-        if (step + 1) % c.eval_every == 0 or step + 1 == total_steps:
+        evaluated = (step + 1) % c.eval_every == 0 or step + 1 == total_steps
+        if evaluated:
             with acct.phase("eval"):
                 history["eval_step"].append(step + 1)
                 history["eval_score"].append(evaluator(state.params, step=step + 1, tag="grpo"))
         stop = preempt.stop_requested()
-        if stop or (step + 1) % c.checkpoint_every == 0 or step + 1 == total_steps:
+        saved = stop or (step + 1) % c.checkpoint_every == 0 or step + 1 == total_steps
+        if saved:
             with acct.phase("checkpoint"):
                 ckpt.save(step + 1, state, rng=rng, data_state=data_state, meta=dict(run_meta, history=history))
         m.update(acct.as_metrics())
         m["step_time"] = m["time/step_s"]
         m["tokens_per_s"] = float(lengths.sum()) / m["step_time"]
-        metrics_file.write(json.dumps({"step": step + 1, **m}) + "\n")
-        metrics_file.flush()
+        mon.log_step(step + 1, m)  # metrics.jsonl, TensorBoard (W&B), the no-learning-signal warning
+        if evaluated or saved:  # the PNG curves as far as the run got (a preempted run has them too)
+            mon.curves(history)
         if stop:
             break
-    metrics_file.close()
     ckpt.close()  # waits for the last asynchronous save
     preempt.close()
+    mon.close()
     if stop:
         log.warning("preempted: stopped after GRPO step %d with a checkpoint; rerun the command to resume", step + 1)
         return {"preempted": True, "steps_done": step + 1, "checkpoint": str(ckpt.step_dir(step + 1))}
@@ -237,9 +254,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     final = {"skipped_examples": data.report.as_dict() if hasattr(data.report, "as_dict") else str(data.report),
              "eval_at_grpo_start": _score_at(history, 0), "eval_last": history["eval_score"][-1],
              "steps": total_steps}
-    if main:
-        plot(workdir, history)
-        (workdir / "summary.json").write_text(json.dumps(final, indent=2, default=str))
+    mon.summary(final)  # strict JSON: no evaluation gives null, not NaN
     return final
 
 
@@ -263,7 +278,7 @@ def global_completion_shape(mask_ngt: np.ndarray, shapes: StepShapes, prompt_len
                                            prompt_len, weight)
 
 
-def sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, evaluator, history):
+def sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, evaluator, history, mon):
     """Supervised warm-up on the task's ground-truth answers (same scoring path as GRPO)."""
     opt = make_optimizer(OptimConfig(learning_rate=c.sft.learning_rate, total_steps=c.sft.steps,
                                      schedule="constant", max_grad_norm=c.optim.max_grad_norm, eps=c.optim.eps))
@@ -282,16 +297,20 @@ def sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, eval
         batch = rollouts.assemble(prompts, pre.special, pshape, cshape, ids, mask, zeros[..., 0], zeros,
                                   np.ones(zeros.shape[:2], np.float32), n)
         state, m = programs.sft(state, sharding.shard_batch(batch, mesh, process_local=True), opt)
-        bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        bar.set_postfix(loss=f"{m['loss']:.3f}")
+        mon.log_sft(step + 1, dict(m, learning_rate=c.sft.learning_rate))  # a constant schedule
         if (step + 1) % c.sft.eval_every == 0 and step + 1 < c.sft.steps:  # the GRPO start evaluates the last
             history["eval_step"].append(-(c.sft.steps - step - 1))
             history["eval_score"].append(evaluator(state.params, step=step + 1, tag="sft"))
+            mon.curves(history)
     return state.params
 
 
-def evaluate(params, *, c, pre, programs, mesh, examples, prepare, shapes, system_prompt, step: int,
+def evaluate(params, *, c, pre, programs, mesh, examples, prepare, shapes, system_prompt, mon, step: int,
              tag: str) -> float:
-    """Greedy decoding of the held-out examples; grounding Acc@0.5 (else mean reward). Logs eval.jsonl.
+    """Greedy decoding of the held-out examples; grounding Acc@0.5 (else mean reward, `score_name`).
+    Logs to `mon`: an eval.jsonl row, the gallery (grounding) and a few completions.
 
     Batches of `data.eval_batch` prompts, the last one padded (padding is not scored); each
     process decodes its block of a batch and every process scores the gathered whole.
@@ -322,8 +341,7 @@ def evaluate(params, *, c, pre, programs, mesh, examples, prepare, shapes, syste
         metrics, score = {"reward": float(total.mean())}, float(total.mean())
     if not multihost.is_main_process():
         return score
-    with open(Path(c.workdir) / "eval.jsonl", "a") as f:
-        f.write(json.dumps({"phase": tag, "step": step, **metrics}) + "\n")
+    gallery = None
     if c.task == "grounding":
         items = []
         for ex, text in list(zip(prepared, texts))[:16]:
@@ -331,9 +349,16 @@ def evaluate(params, *, c, pre, programs, mesh, examples, prepare, shapes, syste
             pred, ok = grounding_eval.parse_box(text)
             items.append({"image": ex["image"], "pred": viz.qwen_norm_to_pixels([pred], w, h) if ok else [],
                           "gt": viz.qwen_norm_to_pixels([ex["solution"]], w, h), "caption": ex["problem"]})
-        viz.gallery(items, Path(c.workdir) / f"gallery_{tag}_{step}.png")
+        gallery = Path(c.workdir) / f"gallery_{tag}_{step}.png"
+        viz.gallery(items, gallery)
+    mon.log_eval(tag, step, metrics, samples=list(zip(prepared, texts)), gallery=gallery)
     tqdm.write(f"[eval {tag} step {step}] score={score:.3f}")
     return score
+
+
+def score_name(c) -> str:
+    """What `evaluate` returns as the held-out score (eval.png's title names it)."""
+    return "Acc@0.5" if c.task == "grounding" else f"mean reward ({' + '.join(c.rewards)})"
 
 
 def eval_batch_size(c) -> int:
@@ -341,25 +366,51 @@ def eval_batch_size(c) -> int:
     return c.data.eval_batch or c.batch.prompts_per_step
 
 
-def plot(workdir: Path, history: dict) -> None:
-    viz.plot_curves({"reward": (history["step"], history["reward"])}, workdir / "reward.png",
-                    title="GRPO reward (mean over the step's completions)", smooth=5)
-    viz.plot_curves({"held-out score": (history["eval_step"], history["eval_score"])}, workdir / "eval.png",
-                    title="held-out score (grounding: Acc@0.5; steps ≤ 0 are SFT)")
+def grpo_learning_rate(c, total_steps: int) -> Callable[[TrainState], float]:
+    """For the logs: the learning rate of a GRPO train state's last applied optimizer update.
+
+    The schedule is the one `Programs.from_config` gives AdamW through `make_optimizer` (linear
+    to 0 over `total_steps`, no warm-up, or constant), indexed like optax's own count: updates
+    applied, since `optax.apply_if_finite` skips a non-finite one without advancing it
+    (tests/test_monitor.py checks the two agree)."""
+    if c.optim.schedule == "linear":
+        schedule = optax.linear_schedule(c.optim.learning_rate, 0.0, max(total_steps, 1))
+    else:
+        schedule = optax.constant_schedule(c.optim.learning_rate)
+
+    def of(state: TrainState) -> float:
+        applied = int(state.step) - int(state.opt_state.total_notfinite)
+        return float(schedule(max(applied - 1, 0)))
+
+    return of
 
 
 def main(argv) -> None:
+    """The command line; its expected mistakes end in one line and exit 2 (`__main__`, pr1_jax/cli.py)."""
+    from pr1_jax import cli
+
     del argv
+    c = _CONFIG.value
+    if c is None:
+        raise ConfigError("--config is required, e.g. --config=configs/grounding.py (configs/demo.py: the CPU demo)")
     multihost.initialize_distributed()  # joins the other processes of a multi-host run; no-op on one
     logging.basicConfig(level=logging.INFO)
-    try:
-        summary = train_and_evaluate(_CONFIG.value)
-    except ConfigError as e:  # a config mistake: one line, exit status 2
-        print(f"pr1_jax.train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # Mistakes that would otherwise surface minutes in, or as tracebacks from deep inside.
+    if not c.model_dir.startswith("tiny"):
+        cli.model_dir(c.model_dir, "--config.model_dir")
+    if not c.data.synthetic and not c.data.train:
+        raise ConfigError("--config.data.train is not set: pass the training file (PR1 JSON/JSONL, a YAML "
+                          "mixture, an HF or TFDS directory)")
+    cli.writable_dir(c.workdir, "--config.workdir")
+    cli.as_config_error("--config.mesh", sharding.mesh_from_config, c.mesh)
+    cli.check_training_config(c)
+    summary = train_and_evaluate(c)
     if multihost.is_main_process():
         print(json.dumps(summary, indent=2, default=str))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from pr1_jax import cli
+
+    sys.exit(cli.run("pr1_jax.train", app.run, main,
+                     flags_parser=cli.absl_flags("pr1_jax.train", help_config="configs/grounding.py")))

@@ -162,7 +162,8 @@ def grpo_update(model: Qwen2VL, optimizer: optax.GradientTransformation, cfg: gr
             return grpo.per_token_loss(flat(logp), flat(ref_logp), flat(mb.advantages), flat(mb.mask), cfg,
                                        old_logp_bt=flat(mb.old_logp) if cfg.num_iterations > 1 else None,
                                        entropy_bt=flat(entropy),
-                                       group_weight_b=flat(mb.group_weight))
+                                       group_weight_b=flat(mb.group_weight),
+                                       sampler_logp_bt=flat(mb.old_logp))  # a metric only: the loss is unchanged
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         return grads, dict(metrics, loss=loss)

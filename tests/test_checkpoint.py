@@ -1,5 +1,5 @@
-"""Checkpoints: exact round trip, keep-N, corrupt checkpoints set aside, SIGTERM, and
-kill-and-resume of the real entry point equal to an uninterrupted run bit for bit."""
+"""Checkpoints: exact round trip, keep-N, corrupt checkpoints set aside, SIGTERM and Ctrl-C,
+and kill-and-resume of the real entry point equal to an uninterrupted run bit for bit."""
 
 import glob
 import json
@@ -145,6 +145,50 @@ def test_sigterm_sets_a_flag_then_handlers_are_restored():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_first_sigint_sets_the_flag_and_restores_the_default_action():
+    before = signal.getsignal(signal.SIGINT)
+    preempt = checkpoint.Preemption()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: no KeyboardInterrupt
+        time.sleep(0.01)
+        assert preempt.requested and preempt.stop_requested()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # a second one ends the process
+    finally:
+        preempt.close()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_ignored_sigint_stays_ignored():
+    """`nohup` or `cmd &` in a script: the terminal's Ctrl-C is not meant for the run."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        preempt = checkpoint.Preemption()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == preempt._handle  # SIGTERM is still handled
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert not preempt.requested
+        preempt.close()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_second_sigint_exits_at_once():
+    code = ("import os, signal, time\n"
+            "from pr1_jax import checkpoint\n"
+            "preempt = checkpoint.Preemption()\n"
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.1)\n"
+            "print('requested', preempt.requested, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(30)\n"
+            "print('still running', flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == -signal.SIGINT, out.stderr[-2000:]
+    assert out.stdout == "requested True\n"
+    assert "Ctrl-C again to exit now" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_trim_jsonl(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "los')  # cut short by a kill
@@ -153,11 +197,12 @@ def test_trim_jsonl(tmp_path):
 
 
 # ------------------------------------------------------------------ the real entry point, killed and resumed
-# The demo config at toy sizes: SFT warm-up (1 step), then 5 GRPO steps over 8 rows (the
-# data iterator crosses an epoch boundary), G = 2, 8 new tokens, no evaluation. Other
+# The demo config at toy sizes: SFT warm-up (1 step), then 8 GRPO steps over 8 rows (the
+# data iterator crosses epoch boundaries), G = 2, 8 new tokens, no evaluation. Other
 # overrides go in `overrides` (each key once).
+TOTAL = 8
 TRAIN_ARGS = ["--config.data.synthetic=8", "--config.data.eval_examples=0", "--config.sft.steps=1",
-              "--config.sft.prompts_per_step=2", "--config.total_steps=5", "--config.batch.prompts_per_step=2",
+              "--config.sft.prompts_per_step=2", f"--config.total_steps={TOTAL}", "--config.batch.prompts_per_step=2",
               "--config.batch.prompts_per_micro=1", "--config.grpo.num_generations=2",
               "--config.sampling.max_new_tokens=8", "--config.eval_every=1000"]
 # Wall times, and what a fresh process compiles again after a restart, differ between runs.
@@ -184,9 +229,18 @@ def train_env():
 
 def start_train(workdir, model_dir, *overrides):
     """`python -m pr1_jax.train ...` in the background; output appended to WORKDIR.log."""
-    with open(Path(str(workdir) + ".log"), "ab") as log:
-        return subprocess.Popen(train_command(workdir, model_dir, *overrides), cwd=REPO, env=train_env(),
-                                stdout=log, stderr=subprocess.STDOUT)
+    # The child keeps an ignored SIGINT (pytest started with `&` in a script): give it a handler,
+    # which exec resets to the default, so that the Ctrl-C stage reaches the run.
+    sigint = signal.getsignal(signal.SIGINT)
+    if sigint is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with open(Path(str(workdir) + ".log"), "ab") as log:
+            return subprocess.Popen(train_command(workdir, model_dir, *overrides), cwd=REPO, env=train_env(),
+                                    stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        if sigint is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, sigint)
 
 
 def run_train(workdir, model_dir, *overrides, timeout=600):
@@ -243,7 +297,7 @@ def spawn():
             p.wait()
 
 
-def test_sigterm_and_sigkill_then_resume_equal_an_uninterrupted_run(tmp_path, tiny_dir, spawn):
+def test_sigterm_ctrl_c_and_sigkill_then_resume_equal_an_uninterrupted_run(tmp_path, tiny_dir, spawn):
     ref, run = tmp_path / "reference", tmp_path / "interrupted"
     # The uninterrupted reference run; the interrupted one starts once the reference has
     # compiled everything (GRPO step 1 logged) and finds it all in the compile cache.
@@ -257,22 +311,36 @@ def test_sigterm_and_sigkill_then_resume_equal_an_uninterrupted_run(tmp_path, ti
     assert proc.wait(timeout=300) == 0, _tail(run)
     assert reference.wait(timeout=600) == 0, _tail(ref)
     stopped = len(_metric_rows(run))
-    assert '"preempted": true' in _tail(run) and 1 <= stopped < 5
+    assert '"preempted": true' in _tail(run) and 1 <= stopped < TOTAL
     assert _steps(run) == [0, stopped]  # step 0: the policy after SFT
+    assert (run / "reward.png").is_file()  # the curves are drawn at each checkpoint, not only at the end
+    log = _tail(run, 100_000)
+    # The console: pr1_jax's own lines, none of orbax's INFO lines (~40 per checkpoint when verbose).
+    assert "] checkpoint step 0 → " in log and "checkpoint_manager.py" not in log and "atomicity.py" not in log
 
-    # 2. Resume (no SFT again), SIGKILL once two more checkpoints exist.
+    # 2. Resume; the first Ctrl-C (SIGINT) once a step more is logged: the same as SIGTERM.
+    proc = spawn(run, tiny_dir, "--config.checkpoint_every=1000")
+    _wait_for(lambda: _logged_steps(run) > stopped, proc, run, f"GRPO step {stopped + 1}")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 0, _tail(run)
+    interrupted = len(_metric_rows(run))
+    assert "SIGINT received: saving a checkpoint" in _tail(run) and '"preempted": true' in _tail(run)
+    assert stopped < interrupted < TOTAL - 2 and _steps(run) == [0, stopped, interrupted]
+
+    # 3. Resume (no SFT again), SIGKILL once two more checkpoints exist.
     proc = spawn(run, tiny_dir, "--config.checkpoint_every=1")
-    _wait_for((run / "checkpoints" / f"step_{stopped + 2}").is_dir, proc, run, f"step_{stopped + 2}")
+    _wait_for((run / "checkpoints" / f"step_{interrupted + 2}").is_dir, proc, run, f"step_{interrupted + 2}")
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     log = _tail(run, 100_000)
     assert f"resuming from {run / 'checkpoints' / f'step_{stopped}'}" in log
+    assert f"resuming from {run / 'checkpoints' / f'step_{interrupted}'}" in log
     assert log.count("SFT:") == log.split("resuming from")[0].count("SFT:")  # the warm-up ran once
 
-    # 3. Damage the newest checkpoint: the restart says so, sets it aside and uses the previous
+    # 4. Damage the newest checkpoint: the restart says so, sets it aside and uses the previous
     #    one (written by the killed process).
     *_, previous, latest = _steps(run)
-    assert previous > stopped and latest < 5
+    assert previous > interrupted and latest < TOTAL
     target = run / "checkpoints" / f"step_{latest}"
     f = _largest_array_file(target, "params")
     os.truncate(f, os.path.getsize(f) // 2)
@@ -283,12 +351,12 @@ def test_sigterm_and_sigkill_then_resume_equal_an_uninterrupted_run(tmp_path, ti
     assert (target.parent / f"{target.name}.corrupt").is_dir()
 
     # Every step logged once, values bit-equal; parameters, optimizer state and RNG bit-equal.
-    assert [r["step"] for r in _metric_rows(run)] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in _metric_rows(run)] == list(range(1, TOTAL + 1))
     assert _metric_rows(run) == _metric_rows(ref)
     a = checkpoint.Checkpoints(ref / "checkpoints", read_only=True)
     b = checkpoint.Checkpoints(run / "checkpoints", read_only=True)
-    _assert_trees_equal(a.restore_params(5), b.restore_params(5))
-    assert a.read_meta(5)["checksums"] == b.read_meta(5)["checksums"]  # optimizer state and RNG too
-    assert a.read_meta(5)["history"] == b.read_meta(5)["history"]
+    _assert_trees_equal(a.restore_params(TOTAL), b.restore_params(TOTAL))
+    assert a.read_meta(TOTAL)["checksums"] == b.read_meta(TOTAL)["checksums"]  # optimizer state and RNG too
+    assert a.read_meta(TOTAL)["history"] == b.read_meta(TOTAL)["history"]
     a.close()
     b.close()

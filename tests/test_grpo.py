@@ -336,6 +336,36 @@ def test_ratio_one_reproduces_pr1():
                             old_logp_bt=jnp.asarray(logp))
 
 
+@pytest.mark.parametrize("mu", [1, 2])
+def test_sampler_logp_gap_is_a_metric_only(mu):
+    """The rollout's log-probs given for the gap metric leave the loss and its gradient bit-equal
+    (μ = 1: PR1's ratio-free loss; μ = 2: the clipped loss on old_logp), and the metric is
+    mean |sampler − logp| over the masked tokens the sampler decoded (not its 0 on padding)."""
+    rewards, tokens, logp, ref, entropy = make_batch(seed=12)
+    rng = np.random.default_rng(1)
+    sampler = np.minimum(logp + rng.normal(0, 0.05, logp.shape), -1e-4).astype(np.float32)
+    tokens[0, 3:] = PAD  # row 0 has no EOS: it stopped on <|endoftext|> (the pad id), then padding
+    mask = np.asarray(grpo.completion_mask(jnp.asarray(tokens), EOS))
+    padding = tokens == PAD
+    assert (mask & padding).sum() >= 3  # padding that PR1's mask counts: the sampler wrote 0 there
+    sampler[padding] = 0.0
+    cfg = GRPOConfig(num_iterations=mu, entropy_reg=True)
+    adv, _ = grpo.group_advantages(jnp.asarray(rewards), cfg)
+    old = {"old_logp_bt": jnp.asarray(sampler)} if mu > 1 else {}
+    base = jax_loss_and_grads(logp, ref, adv, mask, cfg, entropy_bt=entropy, **old)
+    with_gap = jax_loss_and_grads(logp, ref, adv, mask, cfg, entropy_bt=entropy, sampler_logp_bt=sampler, **old)
+    assert with_gap[0] == base[0]
+    np.testing.assert_array_equal(with_gap[1], base[1])
+    np.testing.assert_array_equal(with_gap[2], base[2])
+    assert "sampler_logp_gap" not in base[3]
+    assert {k: float(v) for k, v in with_gap[3].items() if k != "sampler_logp_gap"} == \
+        {k: float(v) for k, v in base[3].items()}
+    decoded = mask & ~padding
+    want = np.abs(sampler.astype(np.float64) - logp)[decoded].mean()
+    assert float(with_gap[3]["sampler_logp_gap"]) == pytest.approx(want, rel=1e-5)
+    assert 0.02 < want < 0.06  # the injected N(0, 0.05) noise, padding left out (it would add ~2)
+
+
 @pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean"])
 def test_skip_zero_std_groups(aggregation):
     rewards, tokens, logp, ref, _ = make_batch(seed=10, n_groups=5)

@@ -40,10 +40,20 @@ def _jsonl(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
+_RUNS = {}
+
+
+def one_device_run(tmp_path_factory):
+    """The one-device run, once per test process (tests/test_monitor.py reads its TensorBoard files)."""
+    if "one_device" not in _RUNS:
+        run = tmp_path_factory.mktemp("one_device")
+        _RUNS["one_device"] = run, train.train_and_evaluate(config(run, fsdp=1), devices=jax.devices()[:1])
+    return _RUNS["one_device"]
+
+
 @pytest.fixture(scope="module")
 def one_device(tmp_path_factory):
-    run = tmp_path_factory.mktemp("one_device")
-    return run, train.train_and_evaluate(config(run, fsdp=1), devices=jax.devices()[:1])
+    return one_device_run(tmp_path_factory)
 
 
 def test_train_entry_point_one_step(one_device):
@@ -52,12 +62,17 @@ def test_train_entry_point_one_step(one_device):
     assert len(lines) == 1 and lines[0]["step"] == 1
     for key in ("loss", "reward", "reward_std", "kl", "completion_length", "grad_norm", "tokens_per_s",
                 "time/prefill_s", "time/decode_s", "time/update_s", "tokens/prompt_real", "tokens/completion_padded",
-                "decode_steps", "completion_length_max", "truncated_fraction", "compiled"):
+                "decode_steps", "completion_length_max", "truncated_fraction", "compiled", "learning_rate",
+                "frac_reward_zero_std", "reward/pr1_grounding/std", "sampler_logp_gap"):
         assert key in lines[0], key
     row = lines[0]
     assert row["tokens/prompt_real"] <= row["tokens/prompt_padded"] <= 1.25 * row["tokens/prompt_real"] + 64 * 4
     assert row["tokens/completion_real"] <= row["tokens/completion_padded"]
     assert row["compiled"] >= 2  # the sampling decode and the update (the prefill was compiled by the evaluation)
+    assert row["learning_rate"] == pytest.approx(1e-4)  # the demo's constant schedule
+    assert 0 <= row["frac_reward_zero_std"] <= 1
+    # The rollout's and the update's float32 log-probs of the same tokens: equal up to rounding.
+    assert 0 <= row["sampler_logp_gap"] < 1e-4
     assert summary["steps"] == 1 and summary["skipped_examples"]["skipped"] == 0
     for name in ("reward.png", "eval.png", "summary.json", "eval.jsonl"):
         assert (run / name).is_file(), name
