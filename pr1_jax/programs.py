@@ -116,6 +116,7 @@ class Programs:
         self._compiled: dict[tuple, Any] = {}  # (program, shapes...) → compiled executable
         self._choice: dict[tuple, tuple[int, str]] = {}  # update shape key → (prompts per micro, remat policy)
         self._micro_of_step: dict[Any, int] = {}  # a step's shapes (caller's key) → prompts per micro-batch
+        self._misfits: dict[str, list[tuple[int, int]]] = {}  # remat policy → footprints that did not fit
         self.compile_events: list[dict] = []  # one entry per program compiled (kind, shapes, seconds)
 
     @classmethod
@@ -202,20 +203,34 @@ class Programs:
         tried = []
         t0 = time.perf_counter()  # the compile time of every candidate tried, the rejected ones too
         for policy, b in combos:
+            footprint = _footprint(key, b)
+            if (policy, b) != combos[-1] and self._known_misfit(policy, footprint):
+                tried.append(f"{b} × {policy}: skipped (a smaller micro-batch did not fit)")
+                continue
             batch = probe if b == sizes[0] else make_batch(b)
             compiled = self.lower_update(state, ref_params, batch, policy).compile()
             need = program_bytes(compiled)
             tried.append(f"{b} × {policy}: {need / 2**30:.1f} GiB")
-            if self.budget is None or need <= self.budget or (policy, b) == combos[-1]:
+            fits = self.budget is None or need <= self.budget
+            if not fits:
+                self._misfits.setdefault(policy, []).append(footprint)
+            if fits or (policy, b) == combos[-1]:
                 self._compiled[("update",) + _shape_key(batch)] = compiled
                 self._choice[key] = (b, policy)
                 if step_key is not None:
                     self._micro_of_step[step_key] = b
-                self._event("update", _shape_key(batch), time.perf_counter() - t0, count=len(tried))
+                self._event("update", _shape_key(batch), time.perf_counter() - t0,
+                            count=sum("skipped" not in t for t in tried))
                 log.info("update: %d prompts per micro-batch, remat %s (tried %s; budget %s)", b, policy,
                          ", ".join(tried), "none" if self.budget is None else f"{self.budget / 2**30:.1f} GiB")
                 return batch
         raise AssertionError("unreachable: the last candidate is always taken")
+
+    def _known_misfit(self, policy: str, footprint: tuple[int, int]) -> bool:
+        """Whether a micro-batch of this `footprint` is at least as large as one that did not fit
+        under `policy` (then it cannot fit either: a program's memory grows with its tokens and
+        patches), so it need not be compiled to find out."""
+        return any(all(a >= b for a, b in zip(footprint, seen)) for seen in self._misfits.get(policy, ()))
 
     def update_choice(self, batch: train_step.Rollouts) -> tuple[int, str]:
         """(prompts per micro-batch over all processes, remat policy) of the update for `batch`."""
@@ -247,6 +262,14 @@ class Programs:
     def num_compiled(self) -> int:
         """Programs compiled so far: rollout (prefill, decode) and update/SFT shapes."""
         return self.sampler.num_compiled() + len(self._compiled)
+
+
+def _footprint(step_key: tuple[int, ...], prompts: int) -> tuple[int, int]:
+    """(decoder tokens, vision patches) of a micro-batch of `prompts` prompts of a step whose
+    shapes are `step_key` = (prompt tokens P, patches N, loss positions L, rows R, row length T):
+    what its activations, and so its memory, grow with."""
+    p, n, _, r, t = step_key
+    return prompts * (p + r * t), prompts * n
 
 
 def _shape_key(batch: train_step.Rollouts) -> tuple[int, ...]:

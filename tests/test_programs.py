@@ -1,6 +1,8 @@
 """The program builder: kernel choices per backend, the micro-batch chosen from the compiled
 program's memory, and micro-batching that never changes PR1's update."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,11 +46,14 @@ def _programs(cfg, mesh, budget, micro=0):
                     chunk_size=4, prompts_per_micro=micro, budget=budget)
 
 
-def _make_batch(step, mesh):
+def _make_batch(step, mesh, longer_rows=0):
+    """micro → the step's batch in micro-batches of `micro` prompts (rows `longer_rows` longer
+    than chosen: a step of larger shapes)."""
     cfg, params, prompts, comp, mask, adv, special = step
     shapes = StepShapes.from_caps(seq_len=512, patch_row_len=512, max_new_tokens=TC, num_samples=G)
     pshape = rollouts.PromptSize.of(prompts).padded(shapes)
     cshape = rollouts.CompletionShape.choose(rollouts.completion_extents(mask), shapes, pshape.seq_len, 6.5e-5)
+    cshape = dataclasses.replace(cshape, row_len=cshape.row_len + longer_rows)
     return lambda micro: sharding.shard_batch(rollouts.assemble(
         prompts, special, pshape, cshape, comp, mask, adv, np.zeros(mask.shape, np.float32),
         np.ones(adv.shape, np.float32), micro), mesh)
@@ -83,6 +88,11 @@ def test_micro_batch_from_memory_and_equal_updates(step):
         tried = (4, 2, 1).index(expected) + 1
         assert [e["count"] for e in p.compile_events if e["program"] == "update"] == [tried], p.compile_events
         assert p.update_batch(new_state(p), params, make_batch, 4, 1).advantages.shape[1] == expected  # kept
+        if expected == 2:
+            # A later step of larger shapes: 4 prompts per micro-batch did not fit at smaller ones,
+            # so it is not compiled again (one compile, of the 2-prompt candidate, which fits).
+            p.update_batch(new_state(p), params, _make_batch(step, mesh, longer_rows=16), 4, 1)
+            assert [e["count"] for e in p.compile_events if e["program"] == "update"] == [2, 1], p.compile_events
 
     results = {}
     for micro in (4, 2, 1):
