@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -202,6 +203,7 @@ def main():
     p.add_argument("--workdir", default=None)
     p.add_argument("--smoke", action="store_true", help="a tiny model and small shapes, to check the script on a CPU")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO)  # pr1_jax's lines: compiles, the update's micro-batch choice
     from benchmarks.bench_model import copy_bandwidth
 
     device = jax.devices()[0].device_kind
