@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pr1_jax.errors import ConfigError
 from pr1_jax.train_step import TrainState
 
 log = logging.getLogger(__name__)
@@ -170,8 +171,9 @@ def _check_signature(step_dir: Path, item: str, saved: list | None, target) -> N
     diff = [f"{a[0]}: saved {a[1:]} vs now {b[1:]}" for a, b in zip(saved, want) if a != b][:5]
     if len(saved) != len(want):
         diff.insert(0, f"{len(saved)} saved arrays vs {len(want)} now")
-    raise ValueError(f"{step_dir} ({item}) was written for other shapes/dtypes than this run's "
-                     f"(changed model, dtype or optimizer config?): " + "; ".join(diff))
+    raise ConfigError(f"{step_dir} ({item}) was written for other shapes/dtypes than this run's "
+                      f"(changed model, dtype or optimizer config?): " + "; ".join(diff)
+                      + "; use the run's config, or another --config.workdir")
 
 
 def _verify(meta: dict, items: dict) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import errno
+import json
 import math
 import numbers
 import os
@@ -36,6 +37,12 @@ _FS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT
 
 def one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _closest(word: str, choices: Sequence[str]) -> str:
+    """"; did you mean X?" for the closest of `choices` to `word` (a typo), else ""."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def fail(name: str, message: str) -> int:
@@ -107,6 +114,13 @@ def model_dir(path: str, key: str) -> Path:
                           f"checkpoint (with config.json)")
     if not (p / "config.json").is_file():
         raise ConfigError(f"{key}={path}: no config.json there, so not a Hugging Face checkpoint directory")
+    try:
+        config = json.loads((p / "config.json").read_bytes())
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ConfigError(f"{key}={path}: its config.json is not valid JSON ({one_line(e)}): "
+                          f"restore the checkpoint directory") from e
+    if not isinstance(config, dict):
+        raise ConfigError(f"{key}={path}: its config.json is not a JSON object: restore the checkpoint directory")
     return p
 
 
@@ -141,8 +155,30 @@ def check_training_config(c) -> None:
     """A training config's GRPO and sampling values (`train`, `aot`), checked before anything
     loads: the training loop builds its `SamplingConfig` only after the SFT warm-up and the
     first evaluation, where a mistake would cost minutes and end in a traceback."""
-    from pr1_jax import grpo
+    from pr1_jax import grpo, rewards
+    from pr1_jax.data import synthetic
 
+    tasks = sorted(synthetic.WRITERS)
+    if c.task not in tasks:
+        raise ConfigError(f"--config.task={c.task!r} is not a task; the tasks: {', '.join(tasks)}"
+                          + _closest(c.task, tasks))
+    names = c.rewards if isinstance(c.rewards, (list, tuple)) else None
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"--config.rewards must be a non-empty tuple of reward names, got {c.rewards!r}; "
+                          f"the rewards: {', '.join(rewards.names())}")
+    for name in names:
+        if name not in rewards.names():
+            raise ConfigError(f"--config.rewards: no reward named {name!r}; the rewards: "
+                              f"{', '.join(rewards.names())}" + _closest(name, rewards.names()))
+    for key in ("optim.learning_rate", "sft.learning_rate"):
+        section, field = key.split(".")
+        lr = c[section].get(field, 0.0)
+        if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr >= 0):
+            raise ConfigError(f"--config.{key} must be a finite number ≥ 0, got {lr}")
+    step, micro = c.batch.prompts_per_step, c.batch.prompts_per_micro
+    if isinstance(step, int) and isinstance(micro, int) and micro > 0 and step % micro:
+        raise ConfigError(f"--config.batch.prompts_per_step={step} is not a multiple of "
+                          f"--config.batch.prompts_per_micro={micro}: change one of them (0 = chosen by the run)")
     as_config_error("--config.grpo", grpo.GRPOConfig, **c.grpo.to_dict())
     if not (isinstance(c.sampling.max_new_tokens, int) and c.sampling.max_new_tokens > 0):
         raise ConfigError(f"--config.sampling.max_new_tokens must be a positive integer, got "

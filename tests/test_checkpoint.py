@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pr1_jax.errors import ConfigError
 from pr1_jax import checkpoint
 from pr1_jax.train_step import OptimConfig, init_state, make_optimizer
 
@@ -110,7 +111,7 @@ def test_changed_shapes_raise_instead_of_skipping(tmp_path):
     state, rng = _save_steps(tmp_path, [1])
     other = state.replace(params={**state.params, "embed": jnp.zeros((6, 4), jnp.bfloat16)})
     ckpt = checkpoint.Checkpoints(tmp_path)
-    with pytest.raises(ValueError, match=r"other shapes/dtypes.*embed"):
+    with pytest.raises(ConfigError, match=r"other shapes/dtypes.*embed"):  # a mistake: one line from the CLI
         ckpt.restore_latest(checkpoint.abstract_like(other), rng)
     assert ckpt.steps() == [1]  # a config mistake does not set the checkpoint aside
     ckpt.close()

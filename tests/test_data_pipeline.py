@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pr1_jax.data import pipeline, readers, synthetic
+from pr1_jax.errors import ConfigError
 from pr1_jax.processing import image as image_lib
 
 N = 13
@@ -135,7 +136,7 @@ def test_custom_prepare_and_errors(examples):
     with pytest.raises(KeyError):
         next(_iter(examples, prepare=buggy))
     # Nothing usable left: an endless pipeline raises instead of spinning forever.
-    with pytest.raises(RuntimeError, match="no usable example"):
+    with pytest.raises(ConfigError, match="no usable example.*image_dir"):
         next(_iter(examples, prepare=lambda ex: (_ for _ in ()).throw(image_lib.ImageError("x")),
                    num_epochs=None))
 

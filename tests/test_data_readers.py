@@ -604,6 +604,25 @@ def test_synthetic_train_and_eval_files_read_as_the_task(tmp_path, task):
         assert report.read == 7 and [e["count"] for e in examples] == [len(e["solution"]) for e in train]
 
 
+@pytest.mark.parametrize("task", sorted(synthetic.WRITERS))
+def test_files_of_another_task_have_no_usable_row(tmp_path, task):
+    """Every synthetic train and eval file read as each other task: a ConfigError (the CLIs'
+    one line, exit 2), never rows of the wrong task. OCR's plain {image, problem, solution}
+    rows used to accept a grounding file (its solution "[x1, y1, x2, y2]" is a string), so
+    `evaluate --task=ocr` on a grounding file exited 0."""
+    files = synthetic.WRITERS[task](tmp_path, 3, seed=0)
+    for other in sorted(set(synthetic.WRITERS) - {task}):
+        for path in (files.path, files.eval_path):
+            with pytest.raises(ConfigError, match=f"none of its 3 rows is a usable {other} row"):
+                readers.read(path, other, image_dir=files.image_dir)
+    # OCR answers that are text keep being read, brackets and all
+    rows = [{"image": "a.png", "problem": "OCR this image.", "solution": s}
+            for s in ("[1, 2, 3, 4]", '{"target_id": [1]}', "[[1, 2]]", "[see page 4]", '["a", "b"]', "{}", "[]")]
+    examples, report = _read_text(tmp_path, "ocr_plain.json", json.dumps(rows), "ocr")
+    assert [e["solution"] for e in examples] == ["[see page 4]", '["a", "b"]', "{}", "[]"]
+    assert dict(report.reasons) == {"bad_solution": 3}
+
+
 ADVERSARIAL = [math.nan, math.inf, -math.inf, 1e308, -1e308, 1.7976931348623157e308, 10 ** 400, 2 ** 63, -1, 1001,
                5.5, 0, True, None, "", " ", "NaN", "[" * 3000, "x\udc80", "[1, 2, 3, 4]", "[0, 0, 1e999, 5]",
                [], {}, [1, 2], [[1, 2]], [None], {"x": 1, "y": 2}, {"target_id": [1], "target_box": [[0, 0, 1, 1]]}]

@@ -63,7 +63,8 @@ def test_tensorboard_has_every_number_the_gallery_and_completions(tiny_run):
                 tag = key if "/" in key else f"grpo/{key}"
                 assert _scalars(acc, tag)[row["step"]] == pytest.approx(value, rel=1e-6, abs=1e-12), tag
     for key in ("grpo/learning_rate", "grpo/frac_reward_zero_std", "grpo/sampler_logp_gap", "time/update_s",
-                "time/decode_s", "reward/pr1_grounding/std", "grpo/completion_length_max"):
+                "time/decode_s", "reward/pr1_grounding/std", "grpo/completion_length_max",
+                "grpo/completion_length_min", "grpo/truncated_fraction"):
         assert key in tags["scalars"], key
     # Every number of every eval.jsonl row: the evaluation at the GRPO start (0) and after step 1.
     evals = _jsonl(run / "eval.jsonl")
@@ -175,6 +176,68 @@ def test_without_tensorboard_installed_one_warning_and_the_run_goes_on(tmp_path)
     assert not list(tmp_path.glob("events.out.tfevents.*"))
 
 
+def test_completion_length_metrics():
+    """min/mean/max completion length and the truncated fraction of a step's N × G completions."""
+    from pr1_jax.accounting import StepAccount
+    acct = StepAccount()
+    lengths = np.array([[3, 8], [8, 5], [1, 7]])
+    acct.completions(lengths, lengths >= 8, decode_steps=8)
+    m = acct.as_metrics()
+    assert (m["completion_length_min"], m["completion_length_max"], m["decode_steps"]) == (1.0, 8.0, 8.0)
+    assert m["completion_length_mean"] == pytest.approx(32 / 6) and m["truncated_fraction"] == pytest.approx(1 / 3)
+
+
+class _FakeWandb:
+    """Stands in for the `wandb` package (not installed here): records init, log and finish."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, row):
+        self.logged.append(row)
+
+    def finish(self):
+        self.finished += 1
+
+    class Image:
+        def __init__(self, path):
+            self.path = path
+
+
+def test_wandb_gets_the_scalars_and_gallery_when_enabled(tmp_path, monkeypatch, caplog):
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    gallery = tmp_path / "gallery.png"
+    from PIL import Image
+    Image.new("RGB", (4, 3)).save(gallery)
+    mon = monitor.Monitor(tmp_path / "run", _config(wandb=True, wandb_project="p", tensorboard=False))
+    (tmp_path / "run").mkdir()
+    mon.resume_at(None)
+    mon.log_sft(3, {"loss": 2.0})
+    mon.log_step(1, {"loss": 1.5, "time/update_s": 0.25, "update/remat": "full"})
+    mon.log_eval("grpo", 1, {"acc@0.5": 0.5}, gallery=gallery)
+    mon.close()
+    assert len(fake.inits) == 1 and fake.inits[0]["project"] == "p" and fake.inits[0]["name"] == "run"
+    assert fake.inits[0]["config"]["task"] == "grounding" and fake.finished == 1
+    assert fake.logged[:2] == [{"sft/loss": 2.0, "step": 0}, {"grpo/loss": 1.5, "time/update_s": 0.25, "step": 1}]
+    assert fake.logged[2]["eval/acc@0.5"] == 0.5 and fake.logged[2]["step"] == 1
+    assert fake.logged[2]["eval/gallery"].path == str(gallery)
+    # Not installed: one warning, and the run's own logs go on.
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb → ImportError
+    with caplog.at_level(logging.WARNING, logger="pr1_jax.monitor"):
+        mon = monitor.Monitor(tmp_path, _config(wandb=True, tensorboard=False))
+        mon.resume_at(None)
+        mon.log_step(1, {"loss": 1.0})
+        mon.close()
+    assert [r.getMessage() for r in caplog.records].count(
+        "monitor.wandb=True but wandb is not installed (pip install wandb): TensorBoard only") == 1
+    assert [r["step"] for r in _jsonl(tmp_path / "metrics.jsonl")] == [1]
+
+
 def test_only_an_enabled_monitor_writes(tmp_path):
     mon = monitor.Monitor(tmp_path, _config(), enabled=False)  # a process other than 0
     mon.resume_at(None)
@@ -222,6 +285,21 @@ def test_logged_learning_rate_is_the_optimizers(schedule):
             assert float(-updates["w"][0]) == pytest.approx(rates[-1], rel=1e-4), step  # float32 Adam
     if schedule == "linear":  # the values compared above do change
         assert rates[-1] < rates[0]
+
+
+def test_verbose_keeps_third_party_info_logs():
+    loggers = [logging.getLogger(name) for name in monitor.THIRD_PARTY_LOGGERS]
+    before = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.NOTSET)
+        monitor.quiet_console(verbose=True)  # --config.verbose=True
+        assert all(lg.level == logging.NOTSET for lg in loggers)
+        monitor.quiet_console(verbose=False)
+        assert all(lg.level == logging.WARNING for lg in loggers)
+    finally:
+        for lg, level in zip(loggers, before):
+            lg.setLevel(level)
 
 
 def test_log_lines_go_above_the_progress_bar(monkeypatch):

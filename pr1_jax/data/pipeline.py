@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
+from pr1_jax.errors import ConfigError
 from pr1_jax.processing import image as image_lib
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,10 @@ class DataIterator:
                 self._count_skip(element)
                 self._skips_in_a_row += 1
                 if self._epoch_size and self._skips_in_a_row >= self._epoch_size:
-                    raise RuntimeError(f"{self._skips_in_a_row} examples in a row were skipped, a "
-                                       f"whole epoch: no usable example is left ({self.report})")
+                    # Every row failed to load (typically a wrong data.image_dir): a mistake to fix.
+                    raise ConfigError(f"{self._skips_in_a_row} examples in a row were skipped, a whole epoch: "
+                                      f"no usable example is left ({self.report}); check data.image_dir and "
+                                      f"the data file's image paths")
                 continue
             self._skips_in_a_row = 0
             self.report.yielded += 1

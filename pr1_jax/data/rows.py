@@ -14,6 +14,7 @@ bad row never costs the file. The reasons:
 | `bad_type:K`           | has a column K of the wrong type (e.g. a number for `problem`)      |
 | `empty_problem`        | has an empty question where the prompt shows it (grounding, counting) |
 | `bad_<column>`         | has a ground truth that does not parse or has the wrong shape       |
+|                        | (also an OCR answer that is another task's box, points or detection) |
 | `not_finite`           | has a coordinate or id that is NaN, ±inf or too large for a float   |
 | `bad_box`              | has a box with x2 < x1 or y2 < y1, or outside the image: negative,  |
 |                        | beyond 1000 (Qwen2-VL space), beyond the width/height (pixels)      |
@@ -281,6 +282,34 @@ def _solution_ocr(v: Any) -> tuple[str, str]:
     return _text(_get(v[0], "value"), "conversations"), _text(_get(v[1], "value"), "conversations")
 
 
+def _ocr_text(v: Any, key: str) -> str:
+    """An OCR answer from a plain {image, problem, solution} row: text, and not another task's
+    structured ground truth (a grounding box "[x1, y1, x2, y2]", counting clicks, a detection
+    {target_id, target_box}), which would make a file of another task read as OCR rows."""
+    text = _text(v, key)
+    stripped = text.strip()
+    if stripped[:1] in ("[", "{") and len(stripped) < 100_000:
+        try:
+            parsed = json.loads(stripped)
+        except (ValueError, RecursionError):
+            parsed = None
+        if _structured_truth(parsed):
+            raise Malformed(f"bad_{key}", f"{stripped[:60]!r} is a box/point/detection ground truth, "
+                                          "not OCR text (a file of another task?)")
+    return text
+
+
+def _structured_truth(v: Any) -> bool:
+    """A list of numbers (a box), a list of such lists (points, boxes), or a detection dict."""
+    if isinstance(v, dict):
+        return "target_id" in v or "target_box" in v
+    if not isinstance(v, list) or not v:
+        return False
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    return all(number(x) for x in v) or all(
+        isinstance(p, list) and p and all(number(x) for x in p) for p in v)
+
+
 # ----------------------------------------------------------------------------- rows
 
 
@@ -352,7 +381,7 @@ def normalize(row: Any, task: str, *, image_dir=None, image_key: str | None = No
     elif task == "detection":
         out["solution"] = _solution_detection(raw, _image_size(row))
     else:  # ocr with an explicit answer column
-        out["solution"] = _text(raw, answer_key)
+        out["solution"] = _ocr_text(raw, answer_key)
     if answer_key == "solution" and not _same(raw, out["solution"]):
         out["solution_raw"] = raw  # e.g. grounding's "[x1, y1, x2, y2]" string
     return out
