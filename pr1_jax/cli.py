@@ -156,9 +156,9 @@ def check_training_config(c) -> None:
     loads: the training loop builds its `SamplingConfig` only after the SFT warm-up and the
     first evaluation, where a mistake would cost minutes and end in a traceback."""
     from pr1_jax import grpo, rewards
-    from pr1_jax.data import synthetic
+    from pr1_jax import tasks as tasks_lib
 
-    tasks = sorted(synthetic.WRITERS)
+    tasks = tasks_lib.names()
     if c.task not in tasks:
         raise ConfigError(f"--config.task={c.task!r} is not a task; the tasks: {', '.join(tasks)}"
                           + _closest(c.task, tasks))

@@ -64,7 +64,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from pr1_jax import cli, viz
+from pr1_jax import cli, tasks, viz
 from pr1_jax.errors import ConfigError
 from pr1_jax.eval_scoring import SCORERS, Scored
 from pr1_jax.evaluation import detection as detection_eval
@@ -75,8 +75,6 @@ from pr1_jax.processing import image as image_lib
 
 TASKS = ("grounding", "counting", "detection", "ocr")
 PROMPTS = {task: chat.EVAL_TEMPLATES[f"pr1_{task}"] for task in TASKS}
-MAX_NEW_TOKENS = {"grounding": 512, "counting": 512, "detection": 4096, "ocr": 2048}  # PR1's eval scripts
-SKIP_SPECIAL_TOKENS = {"grounding": False, "counting": False, "detection": True, "ocr": True}
 PAD_TEXT = "."  # the text-only prompt that fills the last batch
 
 
@@ -263,7 +261,7 @@ def make_decoder(pre, task: str, max_new_tokens: int) -> Decoder:
 
     sampler = Sampler(pre.model(), eos_ids=pre.special.eos_ids, pad_id=pre.special.pad_id)
     cfg = SamplingConfig(num_samples=1, max_new_tokens=int(max_new_tokens), temperature=0.0)
-    return Decoder(pre, sampler, cfg, SKIP_SPECIAL_TOKENS[task])
+    return Decoder(pre, sampler, cfg, tasks.get(task).skip_special_tokens)
 
 
 def greedy_decode(decoder: Decoder, batch, examples: Sequence[Example | None]) -> list[Completion]:
@@ -314,7 +312,7 @@ def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *
         raise EvalError(f"task must be one of {TASKS}, got {task!r}")
     if batch_size <= 0:
         raise EvalError(f"batch_size must be positive, got {batch_size}")
-    max_new_tokens = MAX_NEW_TOKENS[task] if max_new_tokens is None else int(max_new_tokens)
+    max_new_tokens = tasks.get(task).eval_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     if max_new_tokens <= 0:
         raise EvalError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if limit is not None and limit <= 0:
@@ -383,7 +381,7 @@ def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *
                    "limit": limit,
                    "min_pixels": pre.image_config.min_pixels, "max_pixels": pre.image_config.max_pixels,
                    "image_dir": None if image_dir is None else os.fspath(image_dir), "dtype": dtype,
-                   "skip_special_tokens": SKIP_SPECIAL_TOKENS[task],
+                   "skip_special_tokens": tasks.get(task).skip_special_tokens,
                    **({"backend": backend, "robust_parse": robust_parse, "pr1_exact": pr1_exact}
                       if task == "detection" else {})},
         "shapes": {"seq_len": plan.seq_len, "row_len": plan.row_len, "num_rows": plan.num_rows},

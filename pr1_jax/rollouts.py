@@ -22,15 +22,13 @@ import jax
 import numpy as np
 
 from pr1_jax import rewards as rewards_lib
+from pr1_jax import tasks
 from pr1_jax.model.qwen2_vl import ModelInputs
 from pr1_jax.processing import batch as batch_lib
 from pr1_jax.processing import chat
 from pr1_jax.processing import image as image_lib
 from pr1_jax.shapes import StepShapes, packing_cost
 from pr1_jax.train_step import Completions, Rollouts
-
-# What the prompt's {question} is filled with, per task (PR1_REFERENCE §4.1).
-_QUESTION_KEY = {"grounding": "problem", "counting": "problem", "detection": None, "ocr": None}
 
 
 @dataclasses.dataclass
@@ -73,7 +71,7 @@ def encode_examples(examples: Sequence[Mapping[str, Any]], task: str, special: c
                     image_config: image_lib.ImageProcessorConfig, system_prompt: str | None) -> list[EncodedPrompt]:
     """PR1's training prompt for each example (system + user[image, question]); images already resized."""
     out = []
-    key = _QUESTION_KEY[task]
+    key = tasks.get(task).question_key  # the column the prompt's {question} is filled with
     for ex in examples:
         pixels, grid = image_lib.patchify(ex["image_hwc"], image_config)
         question = chat.question_text(f"pr1_{task}", str(ex.get(key, "")) if key else "")
@@ -242,24 +240,7 @@ def rollouts_from_padded(prompts: ModelInputs, completions: np.ndarray, mask: np
                                                                                                   np.float32))
 
 
-# ------------------------------------------------------------------ SFT targets
-def sft_target(example: Mapping[str, Any], task: str, special: chat.SpecialTokens) -> str:
-    """The answer in the model's native format (PR1_REFERENCE §4.2–4.5), ending with <|im_end|>."""
-    if task == "grounding":
-        x1, y1, x2, y2 = (int(round(v)) for v in example["solution"])
-        return (f"<|object_ref_start|>{example['problem']}<|object_ref_end|>"
-                f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|><|im_end|>")
-    if task == "detection":
-        sol = example["solution"]
-        names = rewards_lib.COCO_ID_TO_NAME
-        items = [{"bbox_2d": [int(round(v)) for v in box], "label": names[int(i)]}
-                 for i, box in zip(sol["target_id"], sol["target_box"])]
-        return "```json\n" + json.dumps(items) + "\n```<|im_end|>"
-    if task == "ocr":
-        return f"{example['solution']}<|im_end|>"
-    raise ValueError(f"no SFT target format for task {task!r} (PR1's counting data holds points, not boxes)")
-
-
+# ------------------------------------------------------------------ SFT targets (`tasks.get(t).sft_target`)
 def encode_targets(tokenizer, texts: Sequence[str], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Target ids right-padded to `length`: [N, 1, length] ids and mask."""
     ids = np.full((len(texts), 1, length), pad_id, np.int32)

@@ -44,10 +44,9 @@ from absl import app
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from pr1_jax import checkpoint, grpo, monitor, multihost, rollouts, sharding, tiny, viz, workload
+from pr1_jax import checkpoint, grpo, monitor, multihost, rollouts, sharding, tasks, tiny, viz, workload
 from pr1_jax.accounting import StepAccount
-from pr1_jax.data import pipeline, readers, synthetic
-from pr1_jax.evaluation import grounding as grounding_eval
+from pr1_jax.data import pipeline, readers
 from pr1_jax.pretrained import Pretrained
 from pr1_jax.processing import chat
 from pr1_jax.errors import ConfigError
@@ -93,7 +92,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     # ---------------------------------------------------------------- data (each process reads its shard)
     train_path, eval_path, image_dir = c.data.train, c.data.eval, c.data.image_dir or None
     if c.data.synthetic:
-        writer = synthetic.WRITERS[c.task]
+        writer = tasks.get(c.task).write_synthetic
         kw = dict(c.data.get("synthetic_kwargs", {}))
         data_dir = multihost.process_path(workdir / "data")
         files = writer(data_dir, c.data.synthetic, seed=c.seed, name="train", **kw)
@@ -289,7 +288,7 @@ def sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, eval
         examples = [next(data) for _ in range(n)]
         prompts = rollouts.encode_examples(examples, c.task, pre.special, pre.tokenizer, pre.image_config,
                                            system_prompt)
-        targets = [rollouts.sft_target(ex, c.task, pre.special) for ex in examples]
+        targets = [tasks.get(c.task).target(ex) for ex in examples]
         ids, mask = rollouts.encode_targets(pre.tokenizer, targets, c.sampling.max_new_tokens, pre.special.pad_id)
         zeros = np.zeros(ids.shape, np.float32)
         pshape = global_prompt_size(prompts).padded(shapes)
@@ -309,7 +308,8 @@ def sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, eval
 
 def evaluate(params, *, c, pre, programs, mesh, examples, prepare, shapes, system_prompt, mon, step: int,
              tag: str) -> float:
-    """Greedy decoding of the held-out examples; grounding Acc@0.5 (else mean reward, `score_name`).
+    """Greedy decoding of the held-out examples, scored by the task's paper metrics (`pr1_jax/tasks`)
+    and the run's rewards; returns the paper's headline number (`score_name`).
     Logs to `mon`: an eval.jsonl row, the gallery (grounding) and a few completions.
 
     Batches of `data.eval_batch` prompts, the last one padded (padding is not scored); each
@@ -333,24 +333,16 @@ def evaluate(params, *, c, pre, programs, mesh, examples, prepare, shapes, syste
         tokens = multihost.gather(multihost.host_local(out.tokens))  # every process's block, in order
         texts += rollouts.decode_completions(pre.tokenizer, tokens, c.skip_special_tokens)[:n_real]
         prepared += chunk[:n_real]
-    if c.task == "grounding":
-        metrics = grounding_eval.evaluate_grounding(texts, [ex["solution"] for ex in prepared])["all"]
-        score = metrics["acc@0.5"]
-    else:
-        total, _ = rollouts.score(texts, prepared, c.rewards, 1, c.reward_kwargs.to_dict())
-        metrics, score = {"reward": float(total.mean())}, float(total.mean())
+    task = tasks.get(c.task)
+    total, _ = rollouts.score(texts, prepared, c.rewards, 1, c.reward_kwargs.to_dict())
+    metrics = {**task.metrics(texts, prepared), "reward": float(total.mean())}
+    score = metrics[task.headline]
     if not multihost.is_main_process():
         return score
     gallery = None
-    if c.task == "grounding":
-        items = []
-        for ex, text in list(zip(prepared, texts))[:16]:
-            h, w = ex["orig_hw"]
-            pred, ok = grounding_eval.parse_box(text)
-            items.append({"image": ex["image"], "pred": viz.qwen_norm_to_pixels([pred], w, h) if ok else [],
-                          "gt": viz.qwen_norm_to_pixels([ex["solution"]], w, h), "caption": ex["problem"]})
+    if task.gallery is not None:
         gallery = Path(c.workdir) / f"gallery_{tag}_{step}.png"
-        viz.gallery(items, gallery)
+        viz.gallery(task.gallery(prepared, texts), gallery)
     mon.log_eval(tag, step, metrics, samples=list(zip(prepared, texts)), gallery=gallery)
     tqdm.write(f"[eval {tag} step {step}] score={score:.3f}")
     return score
@@ -358,7 +350,7 @@ def evaluate(params, *, c, pre, programs, mesh, examples, prepare, shapes, syste
 
 def score_name(c) -> str:
     """What `evaluate` returns as the held-out score (eval.png's title names it)."""
-    return "Acc@0.5" if c.task == "grounding" else f"mean reward ({' + '.join(c.rewards)})"
+    return tasks.get(c.task).headline_label
 
 
 def eval_batch_size(c) -> int:

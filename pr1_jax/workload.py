@@ -8,7 +8,7 @@ empty (off) in every recipe:
 
     --config.sampling.end_lengths=geometric:40          # mean 40 tokens (grounding answers)
     --config.sampling.end_lengths=lognormal:150:0.9     # median 150, σ of log 0.9 (detection)
-    --config.sampling.end_lengths=task                  # the task's entry in TASK_LENGTHS
+    --config.sampling.end_lengths=task                  # the task's estimate (`Task.end_lengths`)
 
 Lengths are clipped to [1, max_new_tokens]; a completion forced at max_new_tokens counts
 as truncated, like a real one. The per-task defaults are estimates from the data sets'
@@ -24,14 +24,6 @@ import numpy as np
 
 from pr1_jax.errors import ConfigError
 
-TASK_LENGTHS = {
-    "grounding": "geometric:40",
-    "counting": "lognormal:120:0.8",
-    "detection": "lognormal:110:0.8",
-    "ocr": "lognormal:700:0.5",
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class EndLengths:
     """A distribution of completion lengths: "geometric:MEAN" or "lognormal:MEDIAN:SIGMA"."""
@@ -45,9 +37,9 @@ class EndLengths:
         if not spec:
             return None
         if spec == "task":
-            if task not in TASK_LENGTHS:
-                raise ConfigError(f"sampling.end_lengths=task: no length distribution for task {task!r}")
-            spec = TASK_LENGTHS[task]
+            from pr1_jax import tasks  # the task's own estimate
+
+            spec = tasks.get(task).end_lengths
         kind, *rest = spec.split(":")
         try:
             params = tuple(float(x) for x in rest)

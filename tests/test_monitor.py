@@ -257,7 +257,7 @@ def test_summary_is_strict_json_and_the_eval_plot_names_the_tasks_metric(tmp_pat
     titles = {}
     monkeypatch.setattr(viz, "plot_curves", lambda series, path, title="", **kw: titles.update({path.name: title}))
     mon.curves({"step": [1], "reward": [0.5], "eval_step": [0], "eval_score": [float("nan")]})
-    assert "counting: mean reward (pr1_counting" in titles["eval.png"] and "grounding" not in titles["eval.png"]
+    assert "counting: accuracy (%)" in titles["eval.png"] and "grounding" not in titles["eval.png"]
     assert train.score_name(demo.get_config()) == "Acc@0.5"  # grounding's plot: "grounding: Acc@0.5"
 
 

@@ -1,0 +1,73 @@
+"""What a task is: everything the rest of the package asks about one perception task.
+
+    from pr1_jax import tasks
+    task = tasks.get("grounding")
+    task.question_key, task.default_rewards, task.skip_special_tokens   # prompt column, rewards, decoding
+    task.sft_target(example)            # the answer in the model's native format (SFT warm-up)
+    task.metrics(texts, examples)       # the paper's metrics of greedy answers (training's evaluation)
+    task.headline                       # which of them the paper reports (eval.png, summary.json)
+
+One module per task (`grounding.py`, `counting.py`, `detection.py`, `ocr.py`) builds its `Task`
+and registers it; `train.py`, `rollouts.py`, `evaluate.py`, `data/stats.py` and `workload.py` ask
+the task instead of branching on its name. Examples are the normalised rows of
+`pr1_jax.data.readers` after `pipeline.load_and_resize` (`solution`, `problem`, `orig_hw`,
+`resized_hw`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable, Mapping, Sequence
+
+from pr1_jax.errors import ConfigError
+
+Example = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    question_key: str | None  # the example column the prompt's {question} is filled with (None: a fixed prompt)
+    default_rewards: tuple[str, ...]  # PR1's reward functions for this task (`pr1_jax.rewards`)
+    skip_special_tokens: bool  # how PR1's scripts decode the answers before scoring them
+    eval_max_new_tokens: int  # PR1's evaluation scripts' generation cap
+    end_lengths: str  # answer lengths for benchmarks on random weights (`pr1_jax.workload`)
+    headline: str  # the key of `metrics` the paper reports
+    headline_label: str  # ... as a person reads it (plot titles)
+    paper: str  # the paper's numbers for this task, for reports
+    metrics: Callable[[Sequence[str], Sequence[Example]], dict[str, float]]  # paper metrics of answers
+    num_objects: Callable[[Example], int]  # ground-truth objects of one example (data statistics)
+    write_synthetic: Callable[..., Any]  # `pr1_jax.data.synthetic` writer of this task's files
+    sft_target: Callable[[Example], str] | None = None  # None: no native-format answer (counting)
+    gallery: Callable[[Sequence[Example], Sequence[str]], list[dict]] | None = None  # viz.gallery items
+
+    def target(self, example: Example) -> str:
+        """`sft_target`, or a one-line error for a task without one."""
+        if self.sft_target is None:
+            raise ConfigError(f"task {self.name!r} has no SFT answer format (sft.steps must be 0)")
+        return self.sft_target(example)
+
+
+_REGISTRY: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    if task.name in _REGISTRY and _REGISTRY[task.name] is not task:
+        raise ValueError(f"task {task.name!r} is already registered")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def get(name: str) -> Task:
+    """The task registered as `name`; a one-line error naming the closest one otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown task {name!r}; the tasks: {', '.join(sorted(_REGISTRY))}{hint}") from None
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
