@@ -71,10 +71,10 @@ def encode_examples(examples: Sequence[Mapping[str, Any]], task: str, special: c
                     image_config: image_lib.ImageProcessorConfig, system_prompt: str | None) -> list[EncodedPrompt]:
     """PR1's training prompt for each example (system + user[image, question]); images already resized."""
     out = []
-    key = tasks.get(task).question_key  # the column the prompt's {question} is filled with
+    t = tasks.get(task)
     for ex in examples:
         pixels, grid = image_lib.patchify(ex["image_hwc"], image_config)
-        question = chat.question_text(f"pr1_{task}", str(ex.get(key, "")) if key else "")
+        question = t.question(ex)
         messages = chat.pr1_messages(question, system_prompt)
         ids = chat.encode_prompt(tokenizer, messages, [grid], special)
         out.append(EncodedPrompt(ids, (pixels, tuple(int(g) for g in grid)), ex))

@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 import pytest
 
+import pr1_jax.tasks  # noqa: F401  (tasks register rewards of their own: every one is fuzzed)
 from pr1_jax import rewards
 from pr1_jax.coco import COCO_ID_TO_NAME
 from pr1_jax.rewards import parsing
@@ -49,6 +50,8 @@ def number(rng) -> str:
 
 def answer(task: str, rng) -> str:
     """A well-formed answer of the task, its numbers drawn by `number`."""
+    if task == "pointing":
+        return f"({number(rng)},{number(rng)})" + "<|im_end|>" * int(rng.integers(2))
     if task == "grounding":
         nums = [number(rng) for _ in range(4)]
         if rng.random() < 0.8:
@@ -104,6 +107,11 @@ def echo(task: str, sol, rng) -> str | None:
             return None
         return (f"<|object_ref_start|>the dog<|object_ref_end|><|box_start|>({jit(b[0])},{jit(b[1])}),"
                 f"({jit(b[2])},{jit(b[3])})<|box_end|><|im_end|>")
+    if task == "pointing":
+        b = parsing.parse_box_value(sol)
+        if b is None or not (np.abs(b) < 1e6).all():
+            return None
+        return f"({jit((b[0] + b[2]) / 2)},{jit((b[1] + b[3]) / 2)})<|im_end|>"
     if task == "counting":
         p = parsing.parse_points(sol)
         if p is None or not len(p) or not (np.abs(p) < 1e6).all():
@@ -217,7 +225,7 @@ def ground_truth(task: str, rng):
     u = rng.random()
     if u < 0.1:
         return wrong_type(rng)
-    if task == "grounding":
+    if task in ("grounding", "pointing"):
         box = gt_box(rng)
         return str(box) if u < 0.5 else box
     if task == "counting":
@@ -256,6 +264,9 @@ CASES = {
                                (0.0, 3.5)),
     "pr1_ocr": ("ocr", {}, (0.0, 1.0)),
     "ocr_edit_distance": ("ocr", {}, (0.0, 1.0)),
+    # pr1_jax/tasks/pointing.py: grounding's boxes are its ground truths
+    "point_in_box": ("pointing", {}, (0.0, 1.0)),
+    "point_format": ("pointing", {}, (0.0, 1.0)),
 }
 
 

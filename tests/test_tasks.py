@@ -21,19 +21,19 @@ def _examples(task, tmp_path, n=6):
 
 
 def test_registry():
-    assert tasks.names() == ["counting", "detection", "grounding", "ocr"]
+    assert tasks.names() == ["counting", "detection", "grounding", "ocr", "pointing"]
     with pytest.raises(ConfigError, match="unknown task 'groundng'.*did you mean 'grounding'"):
         tasks.get("groundng")
     assert str(workload.EndLengths.parse("task", "ocr")) == tasks.get("ocr").end_lengths
 
 
-@pytest.mark.parametrize("task", ["grounding", "detection", "ocr"])
+@pytest.mark.parametrize("task", ["grounding", "detection", "ocr", "pointing"])
 def test_sft_answers_score_perfectly(task, tmp_path):
     t = tasks.get(task)
     examples = _examples(task, tmp_path)
     perfect = t.metrics([t.target(ex).removesuffix("<|im_end|>") for ex in examples], examples)  # decoded: no EOS
     wrong = t.metrics(["no answer"] * len(examples), examples)
-    best, sign = {"grounding": (100.0, 1), "detection": (1.0, 1), "ocr": (0.0, -1)}[task]  # OCR: edit distance
+    best, sign = {"grounding": (100.0, 1), "detection": (1.0, 1), "ocr": (0.0, -1), "pointing": (100.0, 1)}[task]
     assert perfect[t.headline] == pytest.approx(best), perfect
     assert sign * (perfect[t.headline] - wrong[t.headline]) > 0.5 * abs(best or 100.0), wrong
 
@@ -56,3 +56,37 @@ def test_statistics_ask_the_task(tmp_path):
     assert [stats.num_objects(ex, "detection") for ex in examples] == [len(ex["solution"]["target_id"])
                                                                         for ex in examples]
     assert stats.matchings(1, "grounding") == 1 and stats.matchings(3, "counting") == 6
+
+
+def test_pointing_rewards_and_metric():
+    """The fifth task (one file, pr1_jax/tasks/pointing.py): a point scores when it is in the box."""
+    from pr1_jax import rewards
+    from pr1_jax.tasks import pointing
+
+    box = [100, 200, 300, 400]
+    texts = ["(200,300)<|im_end|>", "( 100 , 400 )", "(99,300)", "(1e3,5)", "no point", "(200,300) and (0,0)", ""]
+    hit = rewards.get("point_in_box")(texts, solution=[box] * len(texts))
+    fmt = rewards.get("point_format")(texts)
+    np.testing.assert_array_equal(hit, [1, 1, 0, 0, 0, 1, 0])  # edges count; the first point is the answer
+    np.testing.assert_array_equal(fmt, [1, 1, 1, 0, 0, 0, 0])
+    # Malformed ground truths and non-strings never raise: they score 0.
+    bad = [None, [1, 2], ["a", "b", "c", "d"]]
+    assert rewards.get("point_in_box")(["(1,1)"] * 3, solution=bad).tolist() == [0, 0, 0]
+    assert pointing.parse_point("(nan,1)") is None and pointing.parse_point(None) is None
+    m = tasks.get("pointing").metrics(texts[:5], [{"solution": box}] * 5)
+    assert m == {"accuracy": 40.0, "parse_fail": 40.0, "n": 5}  # "(1e3,5)": exponents are not coordinates
+
+
+def test_a_task_of_its_own_is_read_through_its_columns(tmp_path):
+    """pointing's rows are read by the readers through the task's `columns` and `parse_solution`:
+    the same rows as grounding's, bad boxes skipped with a counted reason."""
+    import json
+
+    files = tasks.get("pointing").write_synthetic(tmp_path, 5, seed=0)
+    rows = json.loads(files.path.read_text())
+    rows[0]["solution"] = "[5, 5, 1, 1]"  # x2 < x1
+    files.path.write_text(json.dumps(rows))
+    examples, report = readers.read(files.path, "pointing", image_dir=files.image_dir)
+    same, _ = readers.read(files.path, "grounding", image_dir=files.image_dir)
+    assert [ex["solution"] for ex in examples] == [ex["solution"] for ex in same] and len(examples) == 4
+    assert report.reasons == {"bad_box": 1}

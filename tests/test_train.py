@@ -121,7 +121,7 @@ def test_config_mistake_is_one_line_and_exit_2(tmp_path, flag):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("task", ["counting", "detection", "ocr"])
+@pytest.mark.parametrize("task", ["counting", "detection", "ocr", "pointing"])
 def test_every_task_trains_and_evaluates_with_its_paper_metric(task, tmp_path):
     """One GRPO step of each other task through the real entry point; the held-out evaluation
     reports the task's paper metrics (`pr1_jax/tasks`) and the mean reward."""

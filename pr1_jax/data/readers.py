@@ -47,8 +47,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pr1_jax.data.files import load_rows
-from pr1_jax.data.rows import (DEFAULT_KEYS, TASKS, Malformed, ReadReport, check_image, count_row, log, normalize,
-                               normalize_rows, resolve_image)
+from pr1_jax.data.rows import (DEFAULT_KEYS, TASKS, Malformed, ReadReport, all_tasks, check_image, count_row, log,
+                               normalize, normalize_rows, resolve_image, task_keys)
 from pr1_jax.errors import ConfigError
 
 __all__ = ["TASKS", "DEFAULT_KEYS", "Malformed", "ReadReport", "MissingDataError", "read", "read_json",
@@ -311,7 +311,7 @@ class _TfdsConvert:
 
     def __call__(self, record: Any) -> dict:
         keys = dict(self.keys)
-        image_key = keys.get("image_key") or DEFAULT_KEYS[self.task][0]
+        image_key = keys.get("image_key") or task_keys(self.task)[0]
         if isinstance(record, dict):
             record = {k: _plain(v, is_image=(k == image_key)) for k, v in record.items()}
         return normalize(record, self.task, image_dir=self.image_dir, **keys)
@@ -384,8 +384,8 @@ def read(path, task: str, *, image_dir=None, train_sample_size: int | None = Non
     file and the fix) for a missing source (`MissingDataError`), one of no known format, and
     one without a usable row of `task`.
     """
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if task not in all_tasks():
+        raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(all_tasks())}")
     if train_sample_size is not None and train_sample_size < 1:
         raise ConfigError(f"train_sample_size={train_sample_size}: must be ≥ 1 (or None for every row)")
     keys = {k: v for k, v in (("image_key", image_key), ("problem_key", problem_key),

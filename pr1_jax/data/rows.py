@@ -220,6 +220,42 @@ def _solution_grounding(v: Any) -> list:
     return _box(_literal(v, "solution"), "solution", upper=(QWEN_MAX, QWEN_MAX))
 
 
+def solution_box(v: Any, row: Any = None) -> list:
+    """A ground-truth box [x1, y1, x2, y2] in Qwen2-VL's [0, 1000) space (a list, or its JSON or
+    Python string), checked as grounding's is; raises `Malformed`. For tasks of `pr1_jax/tasks`
+    whose rows hold grounding's box (`Task.parse_solution`)."""
+    del row
+    return _solution_grounding(v)
+
+
+def task_keys(task: str) -> tuple[str, str, str]:
+    """(image, problem, answer) columns of `task`: PR1's for the tasks read here (`DEFAULT_KEYS`),
+    else those a task of `pr1_jax/tasks` declares (`Task.columns`); ValueError for neither."""
+    if task in DEFAULT_KEYS:
+        return DEFAULT_KEYS[task]
+    own = _own_task(task)
+    if own is None:
+        raise ValueError(f"unknown task {task!r}; expected one of {all_tasks()}")
+    return own.columns
+
+
+def all_tasks() -> tuple[str, ...]:
+    """The reading formats here and every task of `pr1_jax/tasks` that brings its own reader."""
+    from pr1_jax import tasks
+
+    return TASKS + tuple(n for n in tasks.names() if n not in TASKS and tasks.get(n).columns is not None)
+
+
+def _own_task(task: str):
+    """The registered task `task` if it reads its rows itself (`columns` and `parse_solution`)."""
+    from pr1_jax import tasks  # lazy: pr1_jax.tasks imports pr1_jax.data
+
+    if task in DEFAULT_KEYS or task not in tasks.names():
+        return None
+    t = tasks.get(task)
+    return t if t.columns is not None and t.parse_solution is not None else None
+
+
 def _solution_counting(v: Any) -> list:
     v = _literal(v, "clicks")
     if isinstance(v, np.ndarray):
@@ -345,13 +381,14 @@ def resolve_image(value: Any, image_dir: str | os.PathLike | None) -> Any:
 def normalize(row: Any, task: str, *, image_dir=None, image_key: str | None = None,
               problem_key: str | None = None, answer_key: str | None = None) -> dict:
     """One raw row → a normalised example (see `readers`). Raises `Malformed`."""
-    if task not in DEFAULT_KEYS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    own = _own_task(task)  # a task of pr1_jax/tasks with its own columns and solution parser
+    if task not in DEFAULT_KEYS and own is None:
+        raise ValueError(f"unknown task {task!r}; expected one of {all_tasks()}")
     if isinstance(row, Malformed):  # a placeholder for a line / item that did not parse
         raise row
     if not isinstance(row, dict):
         raise Malformed("not_a_dict", type(row).__name__)
-    d_image, d_problem, d_answer = DEFAULT_KEYS[task]
+    d_image, d_problem, d_answer = task_keys(task)
     image_key, problem_key, answer_key = image_key or d_image, problem_key or d_problem, answer_key or d_answer
     out = dict(row)
     out["image"] = resolve_image(_get(row, image_key), image_dir)
@@ -365,10 +402,12 @@ def normalize(row: Any, task: str, *, image_dir=None, image_key: str | None = No
         out["problem"] = _text(row.get(problem_key) or "", problem_key)
     else:
         out["problem"] = _text(_get(row, problem_key), problem_key)
-    if task in NEEDS_PROBLEM and not out["problem"].strip():
+    if (task in NEEDS_PROBLEM or own is not None and own.question_key) and not out["problem"].strip():
         raise Malformed("empty_problem", f"column {problem_key!r} is empty")
     raw = _get(row, answer_key)
-    if task == "grounding":
+    if own is not None:
+        out["solution"] = own.parse_solution(raw, row)
+    elif task == "grounding":
         out["solution"] = _solution_grounding(raw)
     elif task == "counting":
         out["solution"] = _solution_counting(raw)

@@ -91,7 +91,7 @@ def _main(argv: Sequence[str] | None) -> None:
     from pr1_jax.data import readers
 
     parser = cli.ArgumentParser(NAME, description="Perceptual perplexity of a PR1 data set (paper Table 9).")
-    parser.add_argument("--task", required=True, choices=readers.TASKS)
+    parser.add_argument("--task", required=True, choices=readers.all_tasks())
     parser.add_argument("--data", required=True, help="a data file or directory that readers.read accepts")
     parser.add_argument("--image_dir", default=None)
     parser.add_argument("--train_sample_size", type=int, default=None, help="only the first N rows (≥ 1)")

@@ -35,6 +35,8 @@ def register(name: str) -> Callable[[RewardFn], RewardFn]:
 
 def get(name: str, **knobs) -> RewardFn:
     """The reward registered as `name`; `knobs` (e.g. `do_penalty=False`) are bound as defaults."""
+    if name not in _REGISTRY:
+        _task_rewards()
     try:
         fn = _REGISTRY[name]
     except KeyError:
@@ -47,5 +49,11 @@ def get(name: str, **knobs) -> RewardFn:
 
 
 def names() -> list[str]:
-    """Registered reward names, sorted."""
+    """Registered reward names, sorted (PR1's and those of the tasks in `pr1_jax/tasks`)."""
+    _task_rewards()
     return sorted(_REGISTRY)
+
+
+def _task_rewards() -> None:
+    """Registers the rewards that task modules define (e.g. pointing's), by importing them."""
+    import pr1_jax.tasks  # noqa: F401  (lazy: the tasks import this package)

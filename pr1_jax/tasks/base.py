@@ -28,6 +28,7 @@ Example = Mapping[str, Any]
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str
+    prompt: str  # the training user text; "{question}" is filled with the example's `question_key` column
     question_key: str | None  # the example column the prompt's {question} is filled with (None: a fixed prompt)
     default_rewards: tuple[str, ...]  # PR1's reward functions for this task (`pr1_jax.rewards`)
     skip_special_tokens: bool  # how PR1's scripts decode the answers before scoring them
@@ -41,6 +42,15 @@ class Task:
     write_synthetic: Callable[..., Any]  # `pr1_jax.data.synthetic` writer of this task's files
     sft_target: Callable[[Example], str] | None = None  # None: no native-format answer (counting)
     gallery: Callable[[Sequence[Example], Sequence[str]], list[dict]] | None = None  # viz.gallery items
+    # A task whose rows the readers do not know (PR1's four are read by `data/rows.py`, quirks and
+    # all) declares its (image, problem, answer) columns and parses the answer column itself:
+    # `parse_solution(value, row)` → the example's `solution`, raising `data.rows.Malformed`.
+    columns: tuple[str, str, str] | None = None
+    parse_solution: Callable[[Any, Mapping[str, Any]], Any] | None = None
+
+    def question(self, example: Example) -> str:
+        """The training user text for one example."""
+        return self.prompt.format(question=str(example.get(self.question_key, "")) if self.question_key else "")
 
     def target(self, example: Example) -> str:
         """`sft_target`, or a one-line error for a task without one."""

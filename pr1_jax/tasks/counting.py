@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pr1_jax.data import synthetic
 from pr1_jax.evaluation import counting as counting_eval
+from pr1_jax.processing import chat
 from pr1_jax.tasks.base import Task, register
 
 
@@ -23,7 +24,8 @@ def metrics(texts, examples) -> dict[str, float]:
 
 
 TASK = register(Task(
-    name="counting", question_key="problem", default_rewards=("pr1_counting",), skip_special_tokens=False,
+    name="counting", prompt=chat.QUESTION_TEMPLATES["pr1_counting"],
+    question_key="problem", default_rewards=("pr1_counting",), skip_special_tokens=False,
     eval_max_new_tokens=512, end_lengths="lognormal:120:0.8", headline="accuracy", headline_label="accuracy (%)",
     paper="PixMo-Count val/test accuracy 78.1/75.6 (Qwen2-VL-2B base 60.2/50.5)",
     metrics=metrics, num_objects=num_objects, write_synthetic=synthetic.write_counting))

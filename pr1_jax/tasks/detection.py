@@ -11,6 +11,7 @@ import json
 from pr1_jax import coco
 from pr1_jax.data import synthetic
 from pr1_jax.evaluation import detection as detection_eval
+from pr1_jax.processing import chat
 from pr1_jax.tasks.base import Task, register
 
 
@@ -40,7 +41,8 @@ def metrics(texts, examples) -> dict[str, float]:
 
 
 TASK = register(Task(
-    name="detection", question_key=None, default_rewards=("pr1_detection",), skip_special_tokens=True,
+    name="detection", prompt=chat.QUESTION_TEMPLATES["pr1_detection"],
+    question_key=None, default_rewards=("pr1_detection",), skip_special_tokens=True,
     eval_max_new_tokens=4096, end_lengths="lognormal:110:0.8", headline="AP", headline_label="COCO AP",
     paper="COCO val2017 AP/AP50/AP75 31.9/46.7/33.4 (Qwen2.5-VL-3B base 16.1/23.7/16.7)",
     metrics=metrics, num_objects=lambda example: len(example["solution"]["target_id"]),

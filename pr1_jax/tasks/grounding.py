@@ -11,6 +11,7 @@ from __future__ import annotations
 from pr1_jax import viz
 from pr1_jax.data import synthetic
 from pr1_jax.evaluation import grounding as grounding_eval
+from pr1_jax.processing import chat
 from pr1_jax.tasks.base import Task, register
 
 
@@ -37,7 +38,8 @@ def gallery(examples, texts) -> list[dict]:
 
 
 TASK = register(Task(
-    name="grounding", question_key="problem", default_rewards=("pr1_grounding", "pr1_grounding_format"),
+    name="grounding", prompt=chat.QUESTION_TEMPLATES["pr1_grounding"],
+    question_key="problem", default_rewards=("pr1_grounding", "pr1_grounding_format"),
     skip_special_tokens=False, eval_max_new_tokens=512, end_lengths="geometric:40",
     headline="acc@0.5", headline_label="Acc@0.5",
     paper="RefCOCO val/testA/testB Acc@0.5 89.1/91.4/84.5 (Qwen2-VL-2B base 86.8/89.6/82.0)",
