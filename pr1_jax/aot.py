@@ -32,9 +32,9 @@ import jax.numpy as jnp
 from pr1_jax import cli, sharding, train_step
 from pr1_jax.errors import ConfigError
 from pr1_jax.model.config import PRESETS, ModelConfig
-from pr1_jax.model.qwen2_vl import ModelInputs
+from pr1_jax.structs import ModelInputs
 from pr1_jax.programs import Programs
-from pr1_jax.sampler import SamplingConfig
+from pr1_jax.structs import SamplingConfig
 
 # name → (get_topology_desc name, its options, HBM GiB per JAX device). v4/v5p: one device
 # per chip (megacore); v5e/v6e single-host slices have 8 chips on one host.

@@ -59,7 +59,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pr1_jax.errors import ConfigError
-from pr1_jax.train_step import TrainState
+from pr1_jax.structs import TrainState
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from pr1_jax.errors import ConfigError
 from pr1_jax.model import layers
 from pr1_jax.model.config import ModelConfig
 from pr1_jax.model.qwen2_vl import Qwen2VL
-from pr1_jax.sampler import SampleOutput, SamplingConfig
+from pr1_jax.structs import SampleOutput, SamplingConfig
 from pr1_jax.sharded_sampler import ShardedSampler
 
 log = logging.getLogger("pr1_jax.programs")

@@ -15,7 +15,6 @@ come from the step's real sizes on the ladders of `pr1_jax.shapes`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -23,12 +22,11 @@ import numpy as np
 
 from pr1_jax import rewards as rewards_lib
 from pr1_jax import tasks
-from pr1_jax.model.qwen2_vl import ModelInputs
+from pr1_jax.structs import Completions, ModelInputs, Rollouts
 from pr1_jax.processing import batch as batch_lib
 from pr1_jax.processing import chat
 from pr1_jax.processing import image as image_lib
 from pr1_jax.shapes import StepShapes, packing_cost
-from pr1_jax.train_step import Completions, Rollouts
 
 
 @dataclasses.dataclass

@@ -28,7 +28,6 @@ distribution. Shape letters: B prompts, G samples, Tc new tokens, P prompt token
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from typing import Sequence
@@ -39,45 +38,10 @@ import jax.numpy as jnp
 
 from pr1_jax.model.decoder import (DecoderContext, decode_layer_by_layer, fuse_layer_params, mrope,
                                    unstack_layers)
-from pr1_jax.model.qwen2_vl import ModelInputs, Qwen2VL
+from pr1_jax.model.qwen2_vl import Qwen2VL
+from pr1_jax.structs import ModelInputs, SampleOutput, SamplingConfig  # noqa: F401  (re-exported)
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """PR1 samples with temperature 0.9–1.0, top_p 0.9, top_k 50 (PR1_REFERENCE §0.5)."""
-
-    num_samples: int = 1  # G, completions per prompt
-    max_new_tokens: int = 768
-    temperature: float = 1.0  # 0 → greedy
-    top_p: float = 1.0  # 1 → off
-    top_k: int = 0  # 0 → off
-    ignore_eos: bool = False  # benchmarks: fixed lengths
-
-    def __post_init__(self):
-        if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if self.num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {self.num_samples}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(f"invalid sampling parameters: temperature={self.temperature}, "
-                             f"top_p={self.top_p}, top_k={self.top_k}")
-
-
-@flax.struct.dataclass
-class SampleOutput:
-    tokens: Array  # [B, G, Tc] int32; pad_id after the first EOS (which is kept)
-    logp: Array  # [B, G, Tc] float32 log π(token) at temperature 1, full vocabulary; 0 on padding
-    logp_sample: Array  # [B, G, Tc] float32 log-prob under the sampling distribution; 0 greedy/padding
-    lengths: Array  # [B, G] int32 generated tokens, EOS included
-    decode_steps: Array | None = None  # [] int32: tokens decoded per row (the loop's steps, chunks whole)
-    logits: Array | None = None  # [B, G, Tc, V] float32, only with return_logits (tests)
-
-    @property
-    def mask(self) -> Array:
-        """[B, G, Tc] bool: generated tokens up to and including the first EOS."""
-        return jnp.arange(self.tokens.shape[-1]) < self.lengths[..., None]
 
 
 @flax.struct.dataclass

@@ -51,9 +51,9 @@ from pr1_jax.pretrained import Pretrained
 from pr1_jax.processing import chat
 from pr1_jax.errors import ConfigError
 from pr1_jax.programs import Programs, resolve_kernels
-from pr1_jax.sampler import SamplingConfig
+from pr1_jax.structs import SamplingConfig, TrainState
 from pr1_jax.shapes import StepShapes, attention_weight
-from pr1_jax.train_step import OptimConfig, TrainState, make_optimizer
+from pr1_jax.train_step import OptimConfig, make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 log = logging.getLogger("pr1_jax.train")

@@ -24,47 +24,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
 from pr1_jax import grpo
-from pr1_jax.model.qwen2_vl import ModelInputs, Qwen2VL
+from pr1_jax.model.qwen2_vl import Qwen2VL
+from pr1_jax.structs import Completions, ModelInputs, Rollouts, TrainState  # noqa: F401  (re-exported)
 
 Array = jax.Array
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: Array  # [] int32, optimizer steps taken
-    params: Any
-    opt_state: Any
-
-
-@flax.struct.dataclass
-class Completions:
-    """A prompt's G completions packed whole into R ≤ G rows of T tokens (`rollouts.pack_completions`)."""
-
-    tokens: Array  # [..., B, R, T] int32: completions back to back in each row; pad after
-    sample: Array  # [..., B, R, T] int32: which of the G completions a token belongs to; -1 = padding
-    offset: Array  # [..., B, R, T] int32: the token's index inside its completion
-    unpack: Array  # [..., B, G, L] int32: where token t of completion g sits in the flat R·T (0 off the mask)
-
-
-@flax.struct.dataclass
-class Rollouts:
-    """One optimizer step's data, split into M micro-batches of B prompts × G completions."""
-
-    prompts: ModelInputs  # every field with a leading [M] axis
-    completions: Completions  # [M, B, R, T] packed, unpack [M, B, G, L]
-    mask: Array  # [M, B, G, L] bool: tokens that count in the loss
-    advantages: Array  # [M, B, G] float32
-    old_logp: Array  # [M, B, G, L] float32 (sampler's log-probs; used when μ > 1)
-    group_weight: Array  # [M, B, G] float32 (0 drops a group: skip_zero_std_groups)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -24,6 +23,7 @@ from pr1_jax.model import layers
 from pr1_jax.model.config import ModelConfig
 from pr1_jax.model.decoder import KV, Decoder, DecoderContext, mrope
 from pr1_jax.model.vision import VisionTower
+from pr1_jax.structs import ModelInputs  # noqa: F401  (the model's input; defined with the shared types)
 
 Array = jax.Array
 
@@ -57,22 +57,6 @@ def _remat(remat: bool, policy: str) -> dict[str, Any]:
     if policy not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {policy!r} (one of {sorted(REMAT_POLICIES)})")
     return dict(remat=remat and policy != "none", remat_policy=REMAT_POLICIES[policy])
-
-
-@flax.struct.dataclass
-class ModelInputs:
-    """One batch of prompts (+ completions) with their images, built on the host.
-
-    See `pr1_jax.processing.batch.build_inputs`.
-    """
-
-    input_ids: Array  # [B, T] int32 (left-padded)
-    attention_mask: Array  # [B, T] bool
-    positions: Array  # [3, B, T] int32 M-RoPE (t, h, w) positions
-    pixels: Array  # [R, N, F] float32 packed patch rows
-    segment_ids: Array  # [R, N] int32 image id of each patch, -1 = padding
-    pos_hw: Array  # [R, N, 2] int32 patch (row, column) inside its image
-    vision_index: Array  # [B, T] int32 row of the merged features each image token takes
 
 
 class Qwen2VL(nn.Module):

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pr1_jax.model.qwen2_vl import ModelInputs
+from pr1_jax.structs import ModelInputs
 
 Image = tuple[np.ndarray, Sequence[int]]  # (pixels [P, F], grid_thw (t, h, w))
 
