@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from benchmarks.bench_model import (NEW, SIDE, SMOKE_NEW, SMOKE_SIDE, host_rollouts, parse_shape,  # noqa: E402
                                     program_gb, smoke_config, time_updates, update_flops)
-from pr1_jax import grpo, sharding  # noqa: E402
+from pr1_jax import grpo, sharding, train_state  # noqa: E402
 from pr1_jax.model.config import PRESETS  # noqa: E402
 from pr1_jax.programs import Kernels, Programs  # noqa: E402
 from pr1_jax.train_step import OptimConfig, make_optimizer  # noqa: E402
@@ -75,7 +75,7 @@ def bench_mesh(cfg, spec: str, b_dev: int, g: int, new: int, side: int, micro: i
                         vision_remat_policy=vremat, scan_unroll=unroll, vision_scan_unroll=vunroll,
                         chunk_size=chunk, budget=None)
     params = sharding.init_params(cfg, mesh, dtype=jnp.bfloat16)  # also the frozen reference
-    state = sharding.init_train_state(params, programs.optimizer, mesh, cfg=cfg)  # a copy: donated step by step
+    state = train_state.init_train_state(params, programs.optimizer, mesh, cfg=cfg)  # a copy: donated step by step
     batch = sharding.shard_batch(host_rollouts(cfg, b, g, new, micro, side), mesh)
     t0 = time.perf_counter()
     compiled = programs.lower_update(state, params, batch).compile()

@@ -25,7 +25,7 @@ import numpy as np
 
 from benchmarks.bench_fsdp import parse_mesh  # noqa: E402
 from benchmarks.bench_model import SMOKE_NEW, SMOKE_SIDE, host_rollouts, parse_shape, smoke_config  # noqa: E402
-from pr1_jax import grpo, sharding  # noqa: E402
+from pr1_jax import grpo, sharding, train_state  # noqa: E402
 from pr1_jax.programs import Kernels, Programs  # noqa: E402
 from pr1_jax.train_step import OptimConfig, make_optimizer  # noqa: E402
 
@@ -61,7 +61,7 @@ def compile_update(mesh_spec: str, per_device: str = "2x2", new: int = SMOKE_NEW
     programs = Programs(cfg, mesh, dtype=dtype, optimizer=make_optimizer(OptimConfig()),
                         grpo_cfg=grpo.GRPOConfig(num_generations=g), eos_ids=(151645, 151643), pad_id=151643,
                         kernels=Kernels(attention="xla", decode_attention="xla"), chunk_size=chunk, budget=None)
-    state = sharding.abstract_train_state(cfg, programs.optimizer, mesh, dtype=dtype)
+    state = train_state.abstract_train_state(cfg, programs.optimizer, mesh, dtype=dtype)
     params = state.params
     host = host_rollouts(cfg, b, g, new, micro, side)
     bsh = sharding.batch_shardings(host, mesh)

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from pr1_jax import cli, sharding, train_step
+from pr1_jax import cli, sharding, train_state, train_step
 from pr1_jax.errors import ConfigError
 from pr1_jax.model.config import PRESETS, ModelConfig
 from pr1_jax.structs import ModelInputs
@@ -84,7 +84,7 @@ def program_shapes(cfg, mesh, *, prompts_per_step: int, prompts_per_micro: int, 
     (a step's shapes are rungs at most these: `pr1_jax.shapes`; T = max_new_tokens loss
     positions; every completion max_new_tokens long, one row each — the costliest packing)."""
     optimizer = optimizer or train_step.make_optimizer(train_step.OptimConfig())
-    state = sharding.abstract_train_state(cfg, optimizer, mesh, dtype=dtype)
+    state = train_state.abstract_train_state(cfg, optimizer, mesh, dtype=dtype)
     params = state.params
 
     def inputs(b: int, lead: tuple[int, ...] = ()) -> ModelInputs:

@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pr1_jax import sharding
 from pr1_jax.model import hf_io
 from pr1_jax.model.config import ModelConfig
-from pr1_jax.model.qwen2_vl import ModelInputs, Qwen2VL
+from pr1_jax.model.qwen2_vl import Qwen2VL
+from pr1_jax.structs import ModelInputs
 from pr1_jax.processing import batch as batch_lib
 from pr1_jax.processing import chat
 from pr1_jax.processing import image as image_lib
@@ -60,7 +62,6 @@ class Pretrained:
         d = Path(model_dir)
         config = ModelConfig.from_pretrained(d)
         if mesh is not None:
-            from pr1_jax import sharding  # sharding imports the sampler and model; import on use
             params = sharding.load_params(d, mesh, cfg=config, dtype=dtype)
         else:
             params = jax.tree.map(lambda x: jnp.asarray(x, dtype), hf_io.load_params(d, config))

@@ -24,15 +24,16 @@ mean; tests/test_programs.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from pr1_jax import grpo, sharding, train_step
+from pr1_jax import grpo, sharding, train_state, train_step
 from pr1_jax.errors import ConfigError
 from pr1_jax.model import layers
 from pr1_jax.model.config import ModelConfig
@@ -153,7 +154,7 @@ class Programs:
     def update_fn(self, remat_policy: str):
         """The jitted GRPO update for one remat policy (state donated; `sharding.shard_update_fn`)."""
         if remat_policy not in self._update_fns:
-            self._update_fns[remat_policy] = sharding.shard_update_fn(
+            self._update_fns[remat_policy] = shard_update_fn(
                 self.model(remat_policy), self.optimizer, self.grpo_cfg, self.mesh, chunk_size=self.chunk_size)
         return self._update_fns[remat_policy]
 
@@ -246,7 +247,7 @@ class Programs:
         if key not in self._compiled:
             t0 = time.perf_counter()
             if self._sft_fn is None:
-                self._sft_fn = sharding.shard_sft_fn(self.model(self.remat_policies[-1]), optimizer, self.mesh,
+                self._sft_fn = shard_sft_fn(self.model(self.remat_policies[-1]), optimizer, self.mesh,
                                                      chunk_size=self.chunk_size)
             self._compiled[key] = self._sft_fn.lower(state, batch).compile()
             self._event("sft", key[1:], time.perf_counter() - t0)
@@ -262,6 +263,36 @@ class Programs:
     def num_compiled(self) -> int:
         """Programs compiled so far: rollout (prefill, decode) and update/SFT shapes."""
         return self.sampler.num_compiled() + len(self._compiled)
+
+
+# ------------------------------------------------------------------ jitted programs on the mesh
+def shard_update_fn(model: Qwen2VL, optimizer: optax.GradientTransformation, grpo_cfg, mesh,
+                    rules: sharding.Rules = sharding.TRAIN_RULES, chunk_size: int = 128, batch_sharding: Any = None):
+    """`train_step.make_update_fn` on the mesh: `update(state, ref_params, batch) -> (state, metrics)`.
+
+    State and reference params in the training layout, metrics replicated, the state
+    donated. `batch_sharding` defaults to the batch's own (`shard_batch`).
+    """
+    psh = sharding.param_shardings(model.cfg, mesh, rules)
+    ssh = train_state.state_shardings(optimizer, psh, mesh)
+    fn = functools.partial(train_step.grpo_update, model, optimizer, grpo_cfg, chunk_size=chunk_size)
+    return jax.jit(sharding.with_rules(fn, mesh, rules), in_shardings=(ssh, psh, batch_sharding),
+                   out_shardings=(ssh, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def shard_sft_fn(model: Qwen2VL, optimizer: optax.GradientTransformation, mesh,
+                 rules: sharding.Rules = sharding.TRAIN_RULES, chunk_size: int = 128, batch_sharding: Any = None):
+    """`train_step.make_sft_fn` on the mesh: `sft(state, batch) -> (state, metrics)`."""
+    ssh = train_state.state_shardings(optimizer, sharding.param_shardings(model.cfg, mesh, rules), mesh)
+    fn = functools.partial(train_step.sft_update, model, optimizer, chunk_size=chunk_size)
+    return jax.jit(sharding.with_rules(fn, mesh, rules), in_shardings=(ssh, batch_sharding),
+                   out_shardings=(ssh, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def shard_apply(fn: Callable, mesh, rules: sharding.Rules = sharding.TRAIN_RULES, **jit_kwargs):
+    """Any function of (params, batch, ...) jitted on the mesh with the rules in context
+    (evaluation forward passes, parity tests). Shardings come from the arguments."""
+    return jax.jit(sharding.with_rules(fn, mesh, rules), **jit_kwargs)
 
 
 def _footprint(step_key: tuple[int, ...], prompts: int) -> tuple[int, int]:

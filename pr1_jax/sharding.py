@@ -1,12 +1,11 @@
-"""Sharding over a device mesh: the mesh, the logical-axis rules, sharded params, batches and
-programs (process-level helpers: `pr1_jax/multihost.py`; the rollout on the mesh:
-`pr1_jax/sharded_sampler.py`).
+"""Sharding over a device mesh: the mesh, the logical-axis rules, sharded parameters and
+batches (the train state on the mesh: `pr1_jax/train_state.py`; the jitted programs:
+`pr1_jax/programs.py`; process-level helpers: `pr1_jax/multihost.py`; the rollout on the
+mesh: `pr1_jax/sharded_sampler.py`).
 
     mesh = make_mesh(data=1, fsdp=-1, tensor=1)              # -1 takes the remaining devices
     params = load_params(model_dir, mesh)                     # each host reads only its slices
-    update = shard_update_fn(model, optimizer, grpo_cfg, mesh)
-    state = init_train_state(params, optimizer, mesh)
-    state, metrics = update(state, ref_params, shard_batch(batch, mesh))
+    batch = shard_batch(batch, mesh)                          # split over data × fsdp
 
 The training loop (`pr1_jax/train.py`) adds: `Pretrained.load(dir, mesh=mesh)`,
 `check_batch_sizes`, `replicate` (PRNG keys), `shard_batch(..., process_local=True)` (each
@@ -37,16 +36,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax.core import meta
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pr1_jax import train_step
 from pr1_jax.errors import ConfigError
 from pr1_jax.model import hf_io
 from pr1_jax.model.config import ModelConfig
-from pr1_jax.model.qwen2_vl import ModelInputs, Qwen2VL, init_params as _init_boxed
+from pr1_jax.model.qwen2_vl import init_params as _init_boxed
+from pr1_jax.structs import ModelInputs, Rollouts
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -197,160 +195,20 @@ def init_params(cfg: ModelConfig, mesh: Mesh, rules: Rules = TRAIN_RULES, rng: j
 
 def load_params(model_dir: str | os.PathLike, mesh: Mesh, rules: Rules = TRAIN_RULES, cfg: ModelConfig | None = None,
                 dtype: Any = np.float32) -> dict:
-    """`hf_io.load_params`, sharded: every device's block is read straight from the safetensors
-    files (`get_slice`), so a process reads only the rows/columns its devices hold and the
-    full model never exists in one place. Same checks and errors as the unsharded loader.
-    """
+    """`hf_io.load_params`, sharded by `rules` on `mesh` (`hf_io.load_params_sharded`): every
+    device's block is read straight from the safetensors files, so a process reads only the
+    rows/columns its devices hold and the full model never exists in one place."""
     cfg = cfg or ModelConfig.from_pretrained(model_dir)
     metas = _param_meta(cfg)
-    files = _open_checked(model_dir, cfg, {k: s for k, (s, _) in metas.items()})
-    flat = {}
-    for path, hf_key, rule in hf_io.param_table(cfg):
-        shape, names = metas[path]
-        sharding = logical_sharding(names, shape, mesh, rules)
-        flat[path] = jax.make_array_from_callback(shape, sharding, _block_reader(files, hf_key, rule, shape, dtype))
-    return hf_io.unflatten(flat)
-
-
-def _open_checked(model_dir, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> hf_io.SafetensorsDir:
-    """`hf_io.SafetensorsDir` after `hf_io.load_params`' checks: every missing, unexpected or
-    mis-shaped tensor reported in ONE error."""
-    files = hf_io.SafetensorsDir(model_dir)
-    expected: dict[str, tuple] = {}
-    for path, hf_key, rule in hf_io.param_table(cfg):
-        expected.update(hf_io._expected(cfg, path, hf_key, rule, shapes[path]))
-    present = files.keys()
-    ignorable = {"lm_head.weight"} if cfg.text.tie_word_embeddings else set()
-    problems = {"missing": sorted(set(expected) - present),
-                "unexpected": sorted(present - set(expected) - ignorable),
-                "wrong shape": [f"{k}: {files.shape(k)} (expected {s})" for k, s in expected.items()
-                                if k in present and files.shape(k) != tuple(s)]}
-    if any(problems.values()):
-        lines = [f"checkpoint {model_dir} does not match the {cfg.model_type} config:"]
-        lines += [f"  {t} ({len(v)}): " + ", ".join(v[:20]) + (" …" if len(v) > 20 else "")
-                  for t, v in problems.items() if v]
-        raise ValueError("\n".join(lines))
-    return files
-
-
-def _block_reader(files: hf_io.SafetensorsDir, hf_key: str, rule: str, shape: tuple[int, ...], dtype) -> Callable:
-    """The `make_array_from_callback` callback of one parameter: device index → its block.
-
-    Devices that hold the same block (replicas over data/tensor) share one read.
-    """
-    cache: dict[tuple, np.ndarray] = {}
-
-    def read(index: tuple[slice, ...]) -> np.ndarray:
-        bounds = tuple(s.indices(d)[:2] for s, d in zip(index, shape))
-        if bounds not in cache:
-            if "{i}" in hf_key:  # stacked on a leading layer axis: one HF tensor per layer
-                (l0, l1), rest = bounds[0], bounds[1:]
-                blocks = [read_hf_block(files, hf_key.format(i=i), rule, shape[1:], rest) for i in range(l0, l1)]
-                cache[bounds] = np.stack(blocks).astype(dtype)
-            else:
-                cache[bounds] = read_hf_block(files, hf_key, rule, shape, bounds).astype(dtype)
-        return cache[bounds]
-
-    return read
-
-
-def read_hf_block(files: hf_io.SafetensorsDir, hf_key: str, rule: str, shape: tuple[int, ...],
-                  bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
-    """Block `bounds` ((start, stop) per dimension of OUR layout `shape`) of one HF tensor.
-
-    Reads from the file only the HF rows and columns the block needs (the layout rules are
-    those of `hf_io`: HF [out, in] ↔ ours [*in, *out]); inner dimensions of a flattened
-    group (e.g. head_dim under heads) are read whole and cut in memory.
-    """
-    handle, key = files.key_to_file[hf_key]
-    tensor = handle.get_slice(key)
-    cut = lambda bs: tuple(slice(a, b) for a, b in bs)  # noqa: E731
-    if rule == "copy":
-        return tensor[cut(bounds)]
-    if rule == "vector":  # HF [prod(shape)] flat
-        (a, b), inner = bounds[0], math.prod(shape[1:])
-        flat = tensor[a * inner:b * inner].reshape((b - a,) + tuple(shape[1:]))
-        return flat[(slice(None),) + cut(bounds[1:])]
-    if not (rule.startswith("kernel") or rule == "patch"):
-        raise ValueError(rule)
-    n_in = 1 if rule == "patch" else int(rule[len("kernel"):])
-    (i0, i1), (o0, o1) = bounds[0], bounds[n_in]
-    in_inner, out_inner = math.prod(shape[1:n_in]), math.prod(shape[n_in + 1:])
-    rows, cols = slice(o0 * out_inner, o1 * out_inner), slice(i0 * in_inner, i1 * in_inner)
-    if len(tensor.get_shape()) == 2:
-        block = tensor[rows, cols]
-    else:  # patch: HF Conv3d [W, C, T, 14, 14]; the columns are the flattened rest
-        block = tensor[rows].reshape(rows.stop - rows.start, -1)[:, cols]
-    ours = block.T.reshape((i1 - i0,) + tuple(shape[1:n_in]) + (o1 - o0,) + tuple(shape[n_in + 1:]))
-    return ours[(slice(None),) + cut(bounds[1:n_in]) + (slice(None),) + cut(bounds[n_in + 1:])]
-
-
-# ------------------------------------------------------------------ train state and the update program
-def state_shardings(optimizer: optax.GradientTransformation, params_sharding: dict,
-                    mesh: Mesh) -> train_step.TrainState:
-    """TrainState shardings: optimizer moments like their params, counters replicated."""
-    shapes = jax.eval_shape(optimizer.init, jax.tree.map(lambda s: jax.ShapeDtypeStruct((1,), jnp.float32),
-                                                         params_sharding))
-    opt = optax.tree_map_params(optimizer, lambda _, s: s, shapes, params_sharding,
-                                transform_non_params=lambda _: replicated(mesh))
-    return train_step.TrainState(step=replicated(mesh), params=params_sharding, opt_state=opt)
-
-
-def abstract_train_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                         rules: Rules = TRAIN_RULES, dtype: Any = jnp.float32) -> train_step.TrainState:
-    """The TrainState as ShapeDtypeStructs carrying their shardings (nothing allocated): the
-    target to restore a checkpoint onto, or to compile the update ahead of time."""
-    psh = param_shardings(cfg, mesh, rules)
-    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
-                          hf_io.unflatten({k: jax.ShapeDtypeStruct(shape, dtype)
-                                           for k, (shape, _) in _param_meta(cfg).items()}), psh)
-    state = jax.eval_shape(lambda p: train_step.init_state(p, optimizer), params)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state,
-                        state_shardings(optimizer, psh, mesh))
-
-
-def init_train_state(params, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules = TRAIN_RULES,
-                     cfg: ModelConfig | None = None) -> train_step.TrainState:
-    """`train_step.init_state` with the state created in its shards (params copied, not aliased)."""
-    psh = param_shardings(cfg, mesh, rules) if cfg else jax.tree.map(lambda x: x.sharding, params)
-    ssh = state_shardings(optimizer, psh, mesh)
-    return jax.jit(lambda p: train_step.init_state(p, optimizer), in_shardings=(psh,), out_shardings=ssh)(params)
-
-
-def shard_update_fn(model: Qwen2VL, optimizer: optax.GradientTransformation, grpo_cfg, mesh: Mesh,
-                    rules: Rules = TRAIN_RULES, chunk_size: int = 128, batch_sharding: Any = None):
-    """`train_step.make_update_fn` on the mesh: `update(state, ref_params, batch) -> (state, metrics)`.
-
-    State and reference params in the training layout, metrics replicated, the state
-    donated. `batch_sharding` defaults to the batch's own (`shard_batch`).
-    """
-    psh = param_shardings(model.cfg, mesh, rules)
-    ssh = state_shardings(optimizer, psh, mesh)
-    fn = functools.partial(train_step.grpo_update, model, optimizer, grpo_cfg, chunk_size=chunk_size)
-    return jax.jit(with_rules(fn, mesh, rules), in_shardings=(ssh, psh, batch_sharding),
-                   out_shardings=(ssh, replicated(mesh)), donate_argnums=(0,))
-
-
-def shard_sft_fn(model: Qwen2VL, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules = TRAIN_RULES,
-                 chunk_size: int = 128, batch_sharding: Any = None):
-    """`train_step.make_sft_fn` on the mesh: `sft(state, batch) -> (state, metrics)`."""
-    ssh = state_shardings(optimizer, param_shardings(model.cfg, mesh, rules), mesh)
-    fn = functools.partial(train_step.sft_update, model, optimizer, chunk_size=chunk_size)
-    return jax.jit(with_rules(fn, mesh, rules), in_shardings=(ssh, batch_sharding),
-                   out_shardings=(ssh, replicated(mesh)), donate_argnums=(0,))
-
-
-def shard_apply(fn: Callable, mesh: Mesh, rules: Rules = TRAIN_RULES, **jit_kwargs):
-    """Any function of (params, batch, ...) jitted on the mesh with the rules in context
-    (evaluation forward passes, parity tests). Shardings come from the arguments."""
-    return jax.jit(with_rules(fn, mesh, rules), **jit_kwargs)
+    shardings = {path: logical_sharding(names, shape, mesh, rules) for path, (shape, names) in metas.items()}
+    return hf_io.load_params_sharded(model_dir, cfg, shardings, dtype)
 
 
 # ------------------------------------------------------------------ batches
 def _batch_dim(path, root) -> int:
     """Which dimension of a batch leaf is the batch: `Rollouts` lead with micro-batches [M],
     M-RoPE positions with their 3 axes [3, B, T]."""
-    at = 1 if isinstance(root, train_step.Rollouts) else 0
+    at = 1 if isinstance(root, Rollouts) else 0
     return at + any(getattr(k, "name", None) == "positions" for k in path)
 
 
@@ -428,7 +286,7 @@ def _offset_vision_index(tree, shardings, global_shapes, merge: int):
         vi = np.asarray(inputs.vision_index)
         return inputs.replace(vision_index=(global_row[vi // per_row] * per_row + vi % per_row).astype(vi.dtype))
 
-    if isinstance(tree, train_step.Rollouts):
+    if isinstance(tree, Rollouts):
         return tree.replace(prompts=fix(tree.prompts, shardings.prompts.pixels, global_shapes.prompts.pixels.shape))
     if isinstance(tree, ModelInputs):
         return fix(tree, shardings.pixels, global_shapes.pixels.shape)

@@ -44,7 +44,7 @@ from absl import app
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from pr1_jax import checkpoint, grpo, monitor, multihost, rollouts, sharding, tasks, tiny, viz, workload
+from pr1_jax import checkpoint, grpo, monitor, multihost, rollouts, sharding, tasks, tiny, train_state, viz, workload
 from pr1_jax.accounting import StepAccount
 from pr1_jax.data import pipeline, readers
 from pr1_jax.pretrained import Pretrained
@@ -127,7 +127,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     run_meta = {"reference": "step_0" if c.sft.steps > 0 else "base_model",
                 "model_dir": str(Path(model_dir).absolute()), "model_config": pre.config.to_hf_dict(),
                 "config": json.loads(c.to_json_best_effort())}
-    resumed = ckpt.restore_latest(sharding.abstract_train_state(pre.config, programs.optimizer, mesh, dtype=dtype), rng)
+    resumed = ckpt.restore_latest(train_state.abstract_train_state(pre.config, programs.optimizer, mesh, dtype=dtype), rng)
     start = resumed.step if resumed is not None else 0
     # The logs keep the steps done so far (a killed run may have logged past its last checkpoint).
     mon.resume_at(start if resumed is not None else None)
@@ -143,7 +143,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
                 params = sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, evaluator, history,
                                     mon)
         ref_params = params  # frozen initial policy, never synced (PR1)
-        state = sharding.init_train_state(params, programs.optimizer, mesh, cfg=pre.config)  # a copy: donated step by step
+        state = train_state.init_train_state(params, programs.optimizer, mesh, cfg=pre.config)  # a copy: donated step by step
         score0 = evaluator(state.params, step=0, tag="grpo")
         history["eval_step"].append(0)
         history["eval_score"].append(score0)
@@ -281,7 +281,7 @@ def sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, eval
     """Supervised warm-up on the task's ground-truth answers (same scoring path as GRPO)."""
     opt = make_optimizer(OptimConfig(learning_rate=c.sft.learning_rate, total_steps=c.sft.steps,
                                      schedule="constant", max_grad_norm=c.optim.max_grad_norm, eps=c.optim.eps))
-    state = sharding.init_train_state(params, opt, mesh, cfg=pre.config)
+    state = train_state.init_train_state(params, opt, mesh, cfg=pre.config)
     n = multihost.local_batch_size(c.sft.prompts_per_step)  # this process's prompts of a step
     bar = tqdm(range(c.sft.steps), desc="SFT", dynamic_ncols=True, disable=not multihost.is_main_process())
     for step in bar:

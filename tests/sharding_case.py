@@ -198,7 +198,7 @@ def worker(process: int, port: int, ckpt: str, out: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from jax.experimental import multihost_utils
 
-    from pr1_jax import multihost, sharding
+    from pr1_jax import multihost, programs, sharding, train_state
     from pr1_jax.model import hf_io
     from pr1_jax.model.qwen2_vl import Qwen2VL
 
@@ -221,7 +221,7 @@ def worker(process: int, port: int, ckpt: str, out: str) -> None:
     rows = mine(FWD_PROMPTS)
     results["rows"] = multihost_utils.process_allgather(np.asarray(rows))
     local = model_inputs(rows)
-    fwd = sharding.shard_apply(lambda p, x: model.apply({"params": p}, x), mesh)
+    fwd = programs.shard_apply(lambda p, x: model.apply({"params": p}, x), mesh)
     logits = run_fast(fwd, params, sharding.shard_batch(local, mesh, process_local=True))
     results["logits"] = multihost.fetch(logits)
     results["local_logits"] = multihost_utils.process_allgather(multihost.host_local(logits))
@@ -235,8 +235,8 @@ def worker(process: int, port: int, ckpt: str, out: str) -> None:
     # GRPO step: each micro-batch's 4 prompts split 2 + 2 between the processes.
     micro = [[mb[i] for i in mine(len(mb))] for mb in MICRO]
     opt = optimizer()
-    update = sharding.shard_update_fn(model, opt, grpo_config(), mesh, chunk_size=CHUNK)
-    state = sharding.init_train_state(params, opt, mesh, cfg=model.cfg)
+    update = programs.shard_update_fn(model, opt, grpo_config(), mesh, chunk_size=CHUNK)
+    state = train_state.init_train_state(params, opt, mesh, cfg=model.cfg)
     state, metrics = run_fast(update, state, params, sharding.shard_batch(rollouts(micro), mesh, process_local=True))
     for k, v in jax.device_get(metrics).items():  # replicated: readable on every process
         results[f"metric/{k}"] = np.asarray(v)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pr1_jax import grpo, rollouts, sharding
+from pr1_jax import grpo, rollouts, sharding, train_state
 from pr1_jax.model import hf_io
 from pr1_jax.model.config import ModelConfig
 from pr1_jax.processing.chat import SpecialTokens
@@ -73,7 +73,7 @@ def test_micro_batch_from_memory_and_equal_updates(step):
     cfg, params = step[:2]
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     make_batch = _make_batch(step, mesh)
-    new_state = lambda p: sharding.init_train_state(params, p.optimizer, mesh, cfg=cfg)  # noqa: E731
+    new_state = lambda p: train_state.init_train_state(params, p.optimizer, mesh, cfg=cfg)  # noqa: E731
 
     free = _programs(cfg, mesh, budget=None)
     assert free.update_batch(new_state(free), params, make_batch, 4, 1).advantages.shape[:2] == (1, 4)

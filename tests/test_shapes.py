@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pr1_jax import rollouts, sharding
+from pr1_jax import rollouts, sharding, train_state
 from pr1_jax.model import hf_io
 from pr1_jax.model.config import PRESETS, ModelConfig
 from pr1_jax.processing import chat, image
@@ -70,7 +70,7 @@ def test_sizes_within_a_rung_compile_nothing_new(tiny):
     programs = Programs(cfg, mesh, dtype=jnp.float32, optimizer=make_optimizer(OptimConfig()),
                         grpo_cfg=grpo.GRPOConfig(num_generations=G), eos_ids=special.eos_ids, pad_id=special.pad_id,
                         kernels=resolve_kernels("auto", "auto", mesh), chunk_size=4, prompts_per_micro=2, budget=None)
-    state = sharding.init_train_state(params, programs.optimizer, mesh, cfg=cfg)
+    state = train_state.init_train_state(params, programs.optimizer, mesh, cfg=cfg)
     counts, keys = [], []
     for step, (sides, lengths) in enumerate([(((56, 84), (84, 56)), [[3, 5], [2, 4]]),
                                              (((56, 56), (84, 84)), [[5, 1], [4, 4]])]):

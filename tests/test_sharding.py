@@ -13,7 +13,7 @@ import pytest
 from flax.core import meta
 from jax.sharding import PartitionSpec as P
 
-from pr1_jax import aot, sharding
+from pr1_jax import aot, programs, sharding, train_state
 from pr1_jax.programs import Programs, resolve_kernels
 from pr1_jax.model import hf_io
 from pr1_jax.model.config import ModelConfig
@@ -71,8 +71,8 @@ def test_load_params_sharded(ckpt, mesh_shape, monkeypatch):
     files is one device's block (the model is never whole in one place)."""
     mesh = sharding.make_mesh(*mesh_shape)
     reads = []
-    real = sharding.read_hf_block
-    monkeypatch.setattr(sharding, "read_hf_block", lambda *a: reads.append((a[1], real(*a).shape)) or real(*a))
+    real = hf_io.read_hf_block
+    monkeypatch.setattr(hf_io, "read_hf_block", lambda *a: reads.append((a[1], real(*a).shape)) or real(*a))
     cfg = ModelConfig.from_pretrained(ckpt)
     want = hf_io.flatten(hf_io.load_params(ckpt, cfg))
     got = hf_io.flatten(sharding.load_params(ckpt, mesh, cfg=cfg))
@@ -113,7 +113,7 @@ def test_init_params_sharded():
 def test_sharded_forward_equals_unsharded(ckpt, mesh_shape):
     mesh = sharding.make_mesh(*mesh_shape)
     model = Qwen2VL(case.model_config())
-    fwd = sharding.shard_apply(lambda p, x: model.apply({"params": p}, x), mesh)
+    fwd = programs.shard_apply(lambda p, x: model.apply({"params": p}, x), mesh)
     args = sharding.load_params(ckpt, mesh), sharding.shard_batch(case.model_inputs(range(case.FWD_PROMPTS)), mesh)
     if mesh_shape == (2, 4, 1):  # the decoder's activation constraint reaches the compiler
         assert "sharding_constraint" in fwd.lower(*args).as_text()
@@ -142,7 +142,7 @@ def test_aot_programs_on_fake_mesh_equal_unsharded(ckpt):
 
     # The update: params after the step and every metric.
     params = sharding.load_params(ckpt, mesh)
-    state = sharding.init_train_state(params, opt, mesh, cfg=cfg)
+    state = train_state.init_train_state(params, opt, mesh, cfg=cfg)
     state, metrics = compiled["update"](state, params, sharding.shard_batch(case.rollouts(case.MICRO), mesh))
     want_params, want_metrics = case.reference_update(ckpt)
     assert set(metrics) == set(want_metrics)
@@ -223,6 +223,6 @@ def test_aot_lowers_the_update_train_builds(ckpt):
     aot_text = aot.lower_programs(programs, sampling=case.greedy(), prompts_per_step=8, prompts_per_micro=4,
                                   seq_len=case.SEQ_LEN, patch_row_len=case.ROW_LEN)["update"].as_text()
     params = sharding.load_params(ckpt, mesh)
-    state = sharding.init_train_state(params, opt, mesh, cfg=cfg)
+    state = train_state.init_train_state(params, opt, mesh, cfg=cfg)
     batch = sharding.shard_batch(case.rollouts(case.MICRO), mesh)
     assert programs.lower_update(state, params, batch).as_text() == aot_text

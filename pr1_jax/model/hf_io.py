@@ -19,10 +19,11 @@ and transformers' in-memory one (`model.language_model.*`, `model.visual.*`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -259,3 +260,94 @@ def unflatten(flat: dict[str, Any]) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = v
     return tree
+
+
+# ------------------------------------------------------------------ sharded loading
+def load_params_sharded(model_dir: str | os.PathLike, cfg: ModelConfig, shardings: dict[str, Any],
+                        dtype: Any = np.float32) -> dict:
+    """`load_params` with every parameter created in its shards (`shardings`: flat path →
+    jax.sharding.Sharding, e.g. `sharding.load_params`'): each device's block is read straight
+    from the safetensors files (`get_slice`), so a process reads only the rows/columns its
+    devices hold and the full model never exists in one place. Same checks and errors as
+    `load_params`."""
+    shapes = param_shapes(cfg)
+    files = _open_checked(model_dir, cfg, shapes)
+    flat = {}
+    for path, hf_key, rule in param_table(cfg):
+        shape = tuple(shapes[path])
+        flat[path] = jax.make_array_from_callback(shape, shardings[path], _block_reader(files, hf_key, rule, shape,
+                                                                                        dtype))
+    return unflatten(flat)
+
+
+def _open_checked(model_dir, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> SafetensorsDir:
+    """`SafetensorsDir` after `load_params`' checks: every missing, unexpected or
+    mis-shaped tensor reported in ONE error."""
+    files = SafetensorsDir(model_dir)
+    expected: dict[str, tuple] = {}
+    for path, hf_key, rule in param_table(cfg):
+        expected.update(_expected(cfg, path, hf_key, rule, shapes[path]))
+    present = files.keys()
+    ignorable = {"lm_head.weight"} if cfg.text.tie_word_embeddings else set()
+    problems = {"missing": sorted(set(expected) - present),
+                "unexpected": sorted(present - set(expected) - ignorable),
+                "wrong shape": [f"{k}: {files.shape(k)} (expected {s})" for k, s in expected.items()
+                                if k in present and files.shape(k) != tuple(s)]}
+    if any(problems.values()):
+        lines = [f"checkpoint {model_dir} does not match the {cfg.model_type} config:"]
+        lines += [f"  {t} ({len(v)}): " + ", ".join(v[:20]) + (" …" if len(v) > 20 else "")
+                  for t, v in problems.items() if v]
+        raise ValueError("\n".join(lines))
+    return files
+
+
+def _block_reader(files: SafetensorsDir, hf_key: str, rule: str, shape: tuple[int, ...], dtype) -> Callable:
+    """The `make_array_from_callback` callback of one parameter: device index → its block.
+
+    Devices that hold the same block (replicas over data/tensor) share one read.
+    """
+    cache: dict[tuple, np.ndarray] = {}
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        bounds = tuple(s.indices(d)[:2] for s, d in zip(index, shape))
+        if bounds not in cache:
+            if "{i}" in hf_key:  # stacked on a leading layer axis: one HF tensor per layer
+                (l0, l1), rest = bounds[0], bounds[1:]
+                blocks = [read_hf_block(files, hf_key.format(i=i), rule, shape[1:], rest) for i in range(l0, l1)]
+                cache[bounds] = np.stack(blocks).astype(dtype)
+            else:
+                cache[bounds] = read_hf_block(files, hf_key, rule, shape, bounds).astype(dtype)
+        return cache[bounds]
+
+    return read
+
+
+def read_hf_block(files: SafetensorsDir, hf_key: str, rule: str, shape: tuple[int, ...],
+                  bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """Block `bounds` ((start, stop) per dimension of OUR layout `shape`) of one HF tensor.
+
+    Reads from the file only the HF rows and columns the block needs (the layout rules are
+    those of `hf_io`: HF [out, in] ↔ ours [*in, *out]); inner dimensions of a flattened
+    group (e.g. head_dim under heads) are read whole and cut in memory.
+    """
+    handle, key = files.key_to_file[hf_key]
+    tensor = handle.get_slice(key)
+    cut = lambda bs: tuple(slice(a, b) for a, b in bs)  # noqa: E731
+    if rule == "copy":
+        return tensor[cut(bounds)]
+    if rule == "vector":  # HF [prod(shape)] flat
+        (a, b), inner = bounds[0], math.prod(shape[1:])
+        flat = tensor[a * inner:b * inner].reshape((b - a,) + tuple(shape[1:]))
+        return flat[(slice(None),) + cut(bounds[1:])]
+    if not (rule.startswith("kernel") or rule == "patch"):
+        raise ValueError(rule)
+    n_in = 1 if rule == "patch" else int(rule[len("kernel"):])
+    (i0, i1), (o0, o1) = bounds[0], bounds[n_in]
+    in_inner, out_inner = math.prod(shape[1:n_in]), math.prod(shape[n_in + 1:])
+    rows, cols = slice(o0 * out_inner, o1 * out_inner), slice(i0 * in_inner, i1 * in_inner)
+    if len(tensor.get_shape()) == 2:
+        block = tensor[rows, cols]
+    else:  # patch: HF Conv3d [W, C, T, 14, 14]; the columns are the flattened rest
+        block = tensor[rows].reshape(rows.stop - rows.start, -1)[:, cols]
+    ours = block.T.reshape((i1 - i0,) + tuple(shape[1:n_in]) + (o1 - o0,) + tuple(shape[n_in + 1:]))
+    return ours[(slice(None),) + cut(bounds[1:n_in]) + (slice(None),) + cut(bounds[n_in + 1:])]
