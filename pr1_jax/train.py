@@ -387,6 +387,7 @@ def main(argv) -> None:
         raise ConfigError("--config is required, e.g. --config=configs/grounding.py (configs/demo.py: the CPU demo)")
     multihost.initialize_distributed()  # joins the other processes of a multi-host run; no-op on one
     logging.basicConfig(level=logging.INFO)
+    monitor.quiet_console(verbose=c.get("verbose", False))  # before jax's backend probe logs its INFO lines
     # Mistakes that would otherwise surface minutes in, or as tracebacks from deep inside.
     if not c.model_dir.startswith("tiny"):
         cli.model_dir(c.model_dir, "--config.model_dir")
