@@ -103,5 +103,8 @@ def base() -> ml_collections.ConfigDict:
     c.monitor.wandb_project = "pr1_jax"
     c.monitor.eval_texts = 4  # greedy completions per evaluation shown as text
     c.monitor.no_signal_steps = 10  # warn after N GRPO steps in a row with all group rewards equal; 0 = never
+    # JAX's persistent compile cache for `python -m pr1_jax.train` (pr1_jax/programs.py
+    # enable_compile_cache): reruns and resumes load their programs instead of compiling; "" = off.
+    c.compile_cache = "~/.cache/pr1_jax/xla"
     c.verbose = False  # True: third-party INFO logs (orbax, absl, jax) on the console too
     return c

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -68,6 +69,21 @@ def resolve_kernels(attention: str, decode_attention: str, mesh) -> Kernels:
     if decode_attention == "auto":
         decode_attention = "pallas" if _nvidia_gpu(mesh) and mesh.size == 1 else "xla"
     return Kernels(attention=attention, decode_attention=decode_attention)
+
+
+def enable_compile_cache(path: str) -> str | None:
+    """JAX's persistent compilation cache in `path` ("" = off): a rerun, a resume after
+    preemption or a run of the same shapes loads its programs instead of compiling them again
+    (the update of a 2B model compiles in 10–75 s on an H200). A cache set already (e.g. by
+    JAX_COMPILATION_CACHE_DIR) is kept. Returns the directory in use, or None."""
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    if not path:
+        return None
+    path = os.path.expanduser(path)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # small programs: not worth a file
+    return path
 
 
 def memory_budget(mesh, fraction: float = 0.92) -> float | None:

@@ -50,7 +50,7 @@ from pr1_jax.data import pipeline, readers
 from pr1_jax.pretrained import Pretrained
 from pr1_jax.processing import chat
 from pr1_jax.errors import ConfigError
-from pr1_jax.programs import Programs, resolve_kernels
+from pr1_jax.programs import Programs, enable_compile_cache, resolve_kernels
 from pr1_jax.structs import SamplingConfig, TrainState
 from pr1_jax.shapes import StepShapes, attention_weight
 from pr1_jax.train_step import OptimConfig, make_optimizer
@@ -397,9 +397,11 @@ def main(argv) -> None:
     cli.writable_dir(c.workdir, "--config.workdir")
     cli.as_config_error("--config.mesh", sharding.mesh_from_config, c.mesh)
     cli.check_training_config(c)
+    cache = enable_compile_cache(c.get("compile_cache", ""))
+    log.info("compile cache: %s", cache or "off")
     summary = train_and_evaluate(c)
     if multihost.is_main_process():
-        print(json.dumps(summary, indent=2, default=str))
+        print(json.dumps(monitor.finite_or_none(summary), indent=2, default=str))  # strict JSON, as summary.json
 
 
 if __name__ == "__main__":

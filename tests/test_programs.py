@@ -105,3 +105,21 @@ def test_micro_batch_from_memory_and_equal_updates(step):
                 np.testing.assert_allclose(results[micro][0][k], v, rtol=1e-5, atol=1e-6, err_msg=f"{micro}: {k}")
         for a, b in zip(jax.tree.leaves(results[micro][1]), jax.tree.leaves(results[4][1])):
             np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+def test_compile_cache_from_the_config_unless_one_is_set(tmp_path):
+    """`python -m pr1_jax.train` turns on JAX's persistent cache at `compile_cache`; a cache
+    already set (here the test session's, or JAX_COMPILATION_CACHE_DIR) is kept; "" is off."""
+    from pr1_jax.programs import enable_compile_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    assert before and enable_compile_cache(str(tmp_path / "other")) == before
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert enable_compile_cache("") is None and not jax.config.jax_compilation_cache_dir
+        assert enable_compile_cache(str(tmp_path / "xla")) == str(tmp_path / "xla")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
