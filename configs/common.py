@@ -1,4 +1,4 @@
-"""Shared defaults of every pr1_jax training config: PR1's recipe (PR1_REFERENCE §3.11–3.12).
+"""Shared defaults of every pr1_jax training config: PR1's recipe (docs/method.md §1).
 
 A task config calls `base()` and changes what its PR1 script changes. Override anything on
 the command line: `--config=configs/grounding.py --config.optim.learning_rate=2e-6`.

@@ -9,7 +9,7 @@
     report = evaluate("grounding", "ckpt", "refcoco_val.json", image_dir="/data/coco", out_dir="eval")
     report["metrics"]["acc@0.5"]
 
-What each task sends and reads (PR1_REFERENCE §4.2–4.5; user message only, so the chat
+What each task sends and reads (docs/method.md §4.2–4.5; user message only, so the chat
 template adds its default system prompt, as PR1's eval scripts):
 
 * grounding — data: JSON {image, problem, solution[, normalized_solution]}; user text

@@ -1,4 +1,4 @@
-"""GRPO as Perception-R1 implements it (PR1_REFERENCE §3.4–3.10): pure jax.numpy functions.
+"""GRPO as Perception-R1 implements it (docs/method.md §3.4–3.10): pure jax.numpy functions.
 
     cfg = GRPOConfig()                                        # PR1's defaults
     adv_n, stats = group_advantages(rewards_n, cfg)           # rewards in gathered order
@@ -37,7 +37,7 @@ TEMPERATURE_FUNCS = ("constant", "linear")
 class GRPOConfig:
     """GRPO hyper-parameters with the paper's symbols; defaults are PR1's (§3.7–3.10).
 
-    Objective (paper Eq. 1, §2.1), per completion o_i of a group of G:
+    Objective (paper Eq. 1; §2), per completion o_i of a group of G:
         J = mean_i (1/|o_i|) Σ_t [ min(ρ_{i,t} Â_i, clip(ρ_{i,t}, 1−ε, 1+ε_high) Â_i) − β D_KL ]
     with ρ = π_θ/π_old. PR1 takes one gradient step per rollout (μ = 1), so ρ ≡ 1.
     """

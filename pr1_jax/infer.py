@@ -14,7 +14,7 @@ assistant."), as PR1's eval scripts send it. Pixel limits come from the checkpoi
 with max_pixels 1,000,000). Temperature 0 decodes greedily (equal to transformers'
 `generate(do_sample=False)`); otherwise temperature → top-k → top-p sampling with `--seed`.
 
-Output conventions (PR1_REFERENCE §4.2–4.3, vLLM's): `text` is the completion decoded with
+Output conventions (docs/method.md §4.2–4.3, vLLM's): `text` is the completion decoded with
 special tokens KEPT, up to but excluding the stop token; `token_ids` are the generated ids
 with the stop token (`<|im_end|>` or `<|endoftext|>`) included when one was produced, and
 `stopped` says whether it was.

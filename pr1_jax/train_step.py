@@ -113,7 +113,7 @@ def completion_log_probs(model: Qwen2VL, params, prompts: ModelInputs, comp: Com
 
 def grpo_update(model: Qwen2VL, optimizer: optax.GradientTransformation, cfg: grpo.GRPOConfig,
                 state: TrainState, ref_params, batch: Rollouts, chunk_size: int = 128):
-    """One PR1 optimizer step over M micro-batches (the GRPO objective of PR1_REFERENCE §3.8).
+    """One PR1 optimizer step over M micro-batches (the GRPO objective of docs/method.md §3.8).
 
     1. For each micro-batch: reference log-probs (frozen initial parameters, no gradient).
     2. Policy log-probs with gradient, PR1's per-token loss, gradients.

@@ -1,4 +1,4 @@
-"""GRPO against an independent PyTorch re-derivation of PR1's trainer (PR1_REFERENCE §3.4–3.10).
+"""GRPO against an independent PyTorch re-derivation of PR1's trainer (docs/method.md §3.4–3.10).
 
 The torch side is written from the spec, not from pr1_jax.grpo: torch's unbiased `.std()`,
 the first-<|im_end|> mask, per-sequence token mean then batch mean, autograd gradients.

@@ -8,7 +8,7 @@ array), `problem` (str) and `solution` (the task's ground truth, parsed and type
 the row's other columns unchanged. A value the reader replaced keeps its original under
 `<key>_raw` when it differs (e.g. grounding's "[1, 2, 3, 4]" string).
 
-| task            | file (PR1 §4)                         | solution                               |
+| task            | file (docs/method.md §4)                         | solution                               |
 |-----------------|---------------------------------------|----------------------------------------|
 | `grounding`     | JSON list {image, problem, solution}  | [x1, y1, x2, y2] in Qwen2-VL [0, 1000] |
 | `counting`      | JSONL {image, problem, clicks[, count]} | [[x, y], ...] in [0, 1000]; + `count` |

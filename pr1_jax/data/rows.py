@@ -51,7 +51,7 @@ log = logging.getLogger("pr1_jax.data.readers")  # one logger for the readers an
 
 TASKS = ("grounding", "counting", "counting_eval", "detection", "ocr")
 
-# Default column names per task (PR1's problem_key / answer_key / image_key; §3.12, §4).
+# Default column names per task (PR1's problem_key / answer_key / image_key; docs/method.md §4.1).
 DEFAULT_KEYS = {
     "grounding": ("image", "problem", "solution"),
     "counting": ("image", "problem", "clicks"),

@@ -1,4 +1,4 @@
-"""Perceptual perplexity of a data set (PR1 §5.2, Appendix A.2, Table 9; PR1_REFERENCE §2.5b).
+"""Perceptual perplexity of a data set (the paper's §5.2, Appendix A.2, Table 9; docs/method.md §5.2).
 
     python -m pr1_jax.data.stats --task=counting --data=pixmo_count.jsonl
     # counting: 10000 images, 6.4 objects on average (max 45); perceptual perplexity 2.29e+05

@@ -1,4 +1,4 @@
-"""Synthetic perception data sets in PR1's file formats (PR1_REFERENCE §4.2–§4.5).
+"""Synthetic perception data sets in PR1's file formats (docs/method.md §4.2–4.5).
 
     files = write_grounding("/tmp/syn", n=256, seed=0)   # -> SyntheticFiles
     examples, report = readers.read(files.path, "grounding", image_dir=files.image_dir)

@@ -1,4 +1,4 @@
-"""The paper's evaluation metrics, host-side NumPy (PR1_REFERENCE §4.2–4.5, §0 item 11).
+"""The paper's evaluation metrics, host-side NumPy (docs/method.md §4.2–4.5).
 
     grounding  parse_box, evaluate_grounding   mean IoU, Acc@{0.1,0.3,0.5,0.75,0.95}, centre acc, Avg
     counting   parse_count, evaluate_counting  exact-match accuracy of the number of boxes

@@ -1,6 +1,6 @@
 """Counting evaluation (PixMo-Count val540 / test540) with PR1's rule: count the boxes.
 
-PR1_REFERENCE §4.3 "Eval". The model is asked "Output all the bounding boxes of the {label}" and
+docs/method.md §4.3. The model is asked "Output all the bounding boxes of the {label}" and
 answers, special tokens kept, e.g.
 
     <|object_ref_start|>bird<|object_ref_end|><|box_start|>(10,20),(30,40)<|box_end|><|box_start|>(50,60),(70,80)<|box_end|><|im_end|>

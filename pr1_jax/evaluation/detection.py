@@ -1,6 +1,6 @@
 """COCO detection evaluation (Qwen2.5-VL JSON boxes → COCO bbox mAP), PR1's rules.
 
-PR1_REFERENCE §4.4 "Eval". The model (decoded without special tokens) answers e.g.
+docs/method.md §4.4. The model (decoded without special tokens) answers e.g.
 
     ```json
     [{"bbox_2d": [12, 30, 200, 310], "label": "person"}, {"bbox_2d": [5, 5, 40, 40], "label": "cup"}]

@@ -1,6 +1,6 @@
 """Grounding evaluation (RefCOCO / RefCOCO+ / RefCOCOg) with PR1's parsing and metrics.
 
-PR1_REFERENCE §4.2 "Eval". A completion is decoded with special tokens kept, e.g.
+docs/method.md §4.2. A completion is decoded with special tokens kept, e.g.
 
     <|object_ref_start|>the man<|object_ref_end|><|box_start|>(102,47),(380,996)<|box_end|><|im_end|>
 

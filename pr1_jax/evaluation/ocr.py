@@ -1,6 +1,6 @@
 """Page-OCR evaluation (PageOCR en / zh) with PR1's metrics, without NLTK.
 
-PR1_REFERENCE §4.5 "Eval": every metric is computed per sample, then averaged (reported ×100).
+docs/method.md §4.5: every metric is computed per sample, then averaged (reported ×100).
   * edit_distance: character Levenshtein(pred, gt) / max(len(pred), len(gt)) (lower is better;
     0 when both are empty). `levenshtein` is a NumPy row DP.
   * precision / recall / f1: on token *sets* (NLTK `metrics.precision/recall/f_measure`); NLTK's

@@ -6,7 +6,7 @@
     ids_t = encode_prompt(tok, messages, [grid_thw], special)    # int32 [T]
     texts = decode_batch(tok, completion_rows, skip_special_tokens=False)
 
-`render_chat` writes Qwen2-VL's chat template in plain Python (PR1_REFERENCE §4.1, §7.2);
+`render_chat` writes Qwen2-VL's chat template in plain Python (docs/method.md §4.1);
 tests/test_chat.py checks it against the jinja template run by transformers. Special
 token *ids* are always read from the checkpoint (tokenizer vocabulary, config.json,
 generation_config.json); only the token *strings* are constants here.

@@ -4,7 +4,7 @@
     pixels_pf, grid_thw = preprocess("cat.jpg", cfg)    # [P, 1176] float32, [3] int32
     n_tokens = num_image_tokens(grid_thw)               # P / 4 <|image_pad|> tokens
 
-Equal to transformers' `Qwen2VLImageProcessorPil` (PR1_REFERENCE §7.3), checked in
+Equal to transformers' `Qwen2VLImageProcessorPil` (docs/method.md §7.3), checked in
 tests/test_image.py. How that processor computes, and how we reproduce it bit for bit:
   1. PIL bicubic resize of the *uint8* RGB image to `smart_resize(h, w)` (the image is
      never resized as floats), so `resize` below hands PIL the same uint8 image.
@@ -130,7 +130,7 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
       elif h̄·w̄ < min: β = √(min/(h·w)), h̄ = ⌈h·β/f⌉·f, w̄ likewise.
     A side under f/2 rounds to 0, so the image then goes through the min branch.
     `qwen_vl_utils=True`: qwen_vl_utils' rule that PR1's data loader applies before the
-    processor (§4.1): h̄ = max(f, round(h/f)·f) and no max(f, ·) in the max branch. Both
+    processor (§7.3): h̄ = max(f, round(h/f)·f) and no max(f, ·) in the max branch. Both
     agree except for sides below f/2 (tiny images) or extreme aspect ratios.
     Aspect ratios above 200 raise `ImageError`.
 
