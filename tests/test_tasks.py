@@ -64,7 +64,8 @@ def test_pointing_rewards_and_metric():
     from pr1_jax.tasks import pointing
 
     box = [100, 200, 300, 400]
-    texts = ["(200,300)<|im_end|>", "( 100 , 400 )", "(99,300)", "(1e3,5)", "no point", "(200,300) and (0,0)", ""]
+    texts = ["(200,300)<|im_end|><|endoftext|>", "( 100 , 400 )", "(99,300)", "(1e3,5)", "no point",
+             "(200,300) and (0,0)", ""]
     hit = rewards.get("point_in_box")(texts, solution=[box] * len(texts))
     fmt = rewards.get("point_format")(texts)
     np.testing.assert_array_equal(hit, [1, 1, 0, 0, 0, 1, 0])  # edges count; the first point is the answer

@@ -19,7 +19,7 @@ import numpy as np
 
 from pr1_jax import rewards, viz
 from pr1_jax.data import rows, synthetic
-from pr1_jax.rewards.parsing import parse_box_value
+from pr1_jax.rewards.parsing import ENDOFTEXT, as_text, parse_box_value
 from pr1_jax.tasks.base import Task, register
 
 # "(x,y)" with integer or decimal coordinates, spaces allowed.
@@ -46,14 +46,15 @@ def inside(point: tuple[float, float] | None, box) -> bool:
 @rewards.register("point_in_box")
 def point_in_box(completions, solution, **_) -> np.ndarray:
     """1 when the answer's first point falls in the ground-truth box, else 0 (never raises)."""
-    return np.array([float(inside(parse_point(t), box)) for t, box in zip(completions, solution)], np.float32)
+    return np.array([float(inside(parse_point(as_text(t)), box)) for t, box in zip(completions, solution)], np.float32)
 
 
 @rewards.register("point_format")
 def point_format(completions, **_) -> np.ndarray:
-    """1 when the answer is exactly one point (then <|im_end|>), else 0."""
-    return np.array([float(isinstance(t, str) and _ONLY_A_POINT.fullmatch(t) is not None) for t in completions],
-                    np.float32)
+    """1 when the answer is exactly one point (then <|im_end|>), else 0; `<|endoftext|>`
+    padding (kept by the decoding, as grounding's) is removed first, as PR1's rewards do."""
+    texts = [as_text(c).replace(ENDOFTEXT, "") for c in completions]
+    return np.array([float(_ONLY_A_POINT.fullmatch(t) is not None) for t in texts], np.float32)
 
 
 def sft_target(example) -> str:
