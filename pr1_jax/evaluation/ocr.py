@@ -2,7 +2,7 @@
 
 docs/method.md §4.5: every metric is computed per sample, then averaged (reported ×100).
   * edit_distance: character Levenshtein(pred, gt) / max(len(pred), len(gt)) (lower is better;
-    0 when both are empty). `levenshtein` is a NumPy row DP.
+    0 when both are empty). `levenshtein` is the OCR reward's (bit-parallel, equal to NLTK's).
   * precision / recall / f1: on token *sets* (NLTK `metrics.precision/recall/f_measure`); NLTK's
     None (an empty set) counts as 0.
   * bleu: NLTK `sentence_bleu([ref], hyp)` semantics — uniform 4-gram weights, clipped n-gram
@@ -35,41 +35,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from pr1_jax.rewards.ocr import levenshtein  # one edit distance for the reward and the metric (= nltk's)
+
 _CJK = re.compile(r"[\u4e00-\u9fa5]")
 _CJK_OR_RUN = re.compile(r"[\u4e00-\u9fff\u3400-\u4dbf]|[^\s\u4e00-\u9fff\u3400-\u4dbf]+")
 
 
 # ----------------------------------------------------------------------------- edit distance
-def _codes(s: str) -> np.ndarray:
-    return np.frombuffer(s.encode("utf-32-le"), np.uint32)
-
-
-def levenshtein(a: str, b: str) -> int:
-    """Unit-cost Levenshtein distance (NLTK `edit_distance` defaults), one NumPy op per row.
-
-    Row i of the DP is built in two vectorised passes: deletion/substitution from row i-1, then
-    insertions as a running minimum, D[i, j] = min_k≤j (T[k] + j − k) = cummin(T − j) + j.
-    Rows run over the shorter string, so a page of 3k characters is ~3k NumPy steps.
-    """
-    if len(a) < len(b):
-        a, b = b, a
-    if not b:
-        return len(a)
-    cols = _codes(a)  # [m], the longer string
-    m = len(cols)
-    ramp = np.arange(m + 1, dtype=np.int64)
-    prev = ramp.copy()
-    cur = np.empty(m + 1, np.int64)
-    for i, ch in enumerate(_codes(b), 1):
-        cur[0] = i
-        np.minimum(prev[1:] + 1, prev[:-1] + (cols != ch), out=cur[1:])
-        cur -= ramp
-        np.minimum.accumulate(cur, out=cur)
-        cur += ramp
-        prev, cur = cur, prev
-    return int(prev[-1])
-
-
 def normalized_edit_distance(pred: str, gt: str) -> float:
     """levenshtein / max(len); 0.0 for two empty strings."""
     denom = max(len(pred), len(gt))
