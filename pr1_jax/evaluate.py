@@ -100,9 +100,10 @@ class Completion(NamedTuple):
 @dataclasses.dataclass
 class Decoder:
     pre: Any  # pretrained.Pretrained
-    sampler: Any  # sampler.Sampler
+    sampler: Any  # sampler.Sampler, or sharded_sampler.ShardedSampler on a mesh of several devices
     cfg: Any  # sampler.SamplingConfig (greedy, one sample)
     skip_special_tokens: bool
+    mesh: Any = None  # jax.sharding.Mesh of the ShardedSampler (prompts split over its devices)
 
 
 # ----------------------------------------------------------------------------- data
@@ -256,12 +257,18 @@ def plan_batches(pre, examples: Sequence[Example], batch_size: int) -> Plan:
 
 
 # ----------------------------------------------------------------------------- decoding
-def make_decoder(pre, task: str, max_new_tokens: int) -> Decoder:
+def make_decoder(pre, task: str, max_new_tokens: int, mesh=None) -> Decoder:
+    """Greedy decoding on one device, or with `mesh` (several devices) the training rollout's
+    sampler on the mesh: each batch's prompts are split over the devices (`ShardedSampler`)."""
     from pr1_jax.sampler import Sampler, SamplingConfig
+    from pr1_jax.sharded_sampler import ShardedSampler
 
-    sampler = Sampler(pre.model(), eos_ids=pre.special.eos_ids, pad_id=pre.special.pad_id)
+    eos, pad = pre.special.eos_ids, pre.special.pad_id
+    sampler = (ShardedSampler(pre.model(), eos, pad, mesh) if mesh is not None and mesh.size > 1
+               else Sampler(pre.model(), eos_ids=eos, pad_id=pad))
     cfg = SamplingConfig(num_samples=1, max_new_tokens=int(max_new_tokens), temperature=0.0)
-    return Decoder(pre, sampler, cfg, tasks.get(task).skip_special_tokens)
+    return Decoder(pre, sampler, cfg, tasks.get(task).skip_special_tokens, mesh if mesh is not None and mesh.size > 1
+                   else None)
 
 
 def greedy_decode(decoder: Decoder, batch, examples: Sequence[Example | None]) -> list[Completion]:
@@ -270,8 +277,13 @@ def greedy_decode(decoder: Decoder, batch, examples: Sequence[Example | None]) -
     import jax
     import jax.numpy as jnp
 
-    out = decoder.sampler(decoder.pre.params, jax.tree.map(jnp.asarray, batch.inputs), jax.random.PRNGKey(0),
-                          decoder.cfg)
+    if decoder.mesh is not None:
+        from pr1_jax import sharding
+
+        inputs = sharding.shard_batch(batch.inputs, decoder.mesh)  # this (single) process's whole batch
+    else:
+        inputs = jax.tree.map(jnp.asarray, batch.inputs)
+    out = decoder.sampler(decoder.pre.params, inputs, jax.random.PRNGKey(0), decoder.cfg)
     tokens, lengths = np.asarray(out.tokens[:, 0]), np.asarray(out.lengths[:, 0])
     eos = set(decoder.pre.special.eos_ids)
     rows, stopped = [], []
@@ -290,7 +302,7 @@ def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *
              limit: int | None = None, out_dir: str | os.PathLike | None = None, backend: str = "pycocotools",
              min_pixels: int | None = None, max_pixels: int | None = None, dtype: str = "float32",
              robust_parse: bool = False, pr1_exact: bool = False, gallery_size: int = 16,
-             progress: bool = True, pretrained=None) -> dict:
+             progress: bool = True, pretrained=None, devices: int = 1) -> dict:
     """Runs the evaluation; returns the report dict (also written to `out_dir` when given):
 
         task, model_dir, data, split, config, shapes {seq_len, row_len, num_rows}, num_compiled,
@@ -300,6 +312,8 @@ def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *
         predictions [{index, image, [problem,] completion, num_tokens, stopped, ...task fields}],
         skipped [{index, image, reason, message}], files {report, gallery}
 
+    `devices`: how many of this process's devices decode (each batch's prompts split over them
+    with the training rollout's sharded sampler; 0 = all; `batch_size` must be a multiple).
     `counts`: rows = rows in the data; malformed = rows the reader rejected; examples =
     rows read (after `limit`) = evaluated + skipped. `pretrained`: an already loaded
     `Pretrained` to use instead of loading `model_dir`. Raises `EvalError` / `InferError`
@@ -325,18 +339,20 @@ def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *
         raise EvalError(f"{data}: no such data file or directory")
     if out_dir is not None:  # before the model loads and decodes
         cli.writable_dir(out_dir, "--out_dir", EvalError)
+    mesh = _mesh(devices, batch_size)
 
     examples, reader_report, coco_gt = read_examples(task, data, image_dir=image_dir, split=split)
     if limit is not None:
         examples = examples[:limit]
-    pre = pretrained or load_pretrained(model_dir, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
+    pre = pretrained or load_pretrained(model_dir, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels,
+                                        mesh=mesh)
     plan = plan_batches(pre, examples, batch_size)
     if not plan.batches:
         reasons = dict(collections.Counter(reason for _, reason, _ in plan.skipped))
         first = plan.skipped[0][2] if plan.skipped else ""
         raise EvalError(f"{data}: none of its {len(examples)} {task} rows has a usable image ({reasons}; first: "
                         f"{first}): check --image_dir")
-    decoder = make_decoder(pre, task, max_new_tokens)
+    decoder = make_decoder(pre, task, max_new_tokens, mesh)
     skipped = list(plan.skipped)
 
     done: list[Scored] = []
@@ -378,7 +394,7 @@ def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *
     report = {
         "task": task, "model_dir": os.fspath(model_dir), "data": os.fspath(data), "split": split,
         "config": {"prompt_template": PROMPTS[task], "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                   "limit": limit,
+                   "limit": limit, "devices": 1 if mesh is None else mesh.size,
                    "min_pixels": pre.image_config.min_pixels, "max_pixels": pre.image_config.max_pixels,
                    "image_dir": None if image_dir is None else os.fspath(image_dir), "dtype": dtype,
                    "skip_special_tokens": tasks.get(task).skip_special_tokens,
@@ -401,6 +417,24 @@ def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *
     if out_dir is not None:
         _write(report, done, gallery_items, Path(out_dir), gallery_size)
     return report
+
+
+def _mesh(devices: int, batch_size: int):
+    """The mesh `devices` asks for (all of this process's devices on the batch), None for one."""
+    import jax
+
+    from pr1_jax import sharding
+
+    local = jax.local_devices()
+    if devices < 0 or devices > len(local):
+        raise EvalError(f"devices must be in 0..{len(local)} (0 = all {len(local)} of this process), got {devices}")
+    n = devices or len(local)
+    if n == 1:
+        return None
+    if batch_size % n:
+        raise EvalError(f"batch_size={batch_size} must be a multiple of the {n} devices that decode it "
+                        f"(--batch_size={-(-batch_size // n) * n}, or --devices=1)")
+    return sharding.make_mesh(fsdp=n, devices=local[:n])
 
 
 def _write(report: dict, done: Sequence[Scored], gallery_items: list[dict], out_dir: Path, gallery_size: int) -> None:
@@ -451,6 +485,8 @@ def build_parser() -> cli.ArgumentParser:
                    help="detection: PR1's quirks (no rescaling to original pixels, last image not inferred)")
     p.add_argument("--gallery_size", type=int, default=16)
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--devices", type=int, default=0,
+                   help="devices that decode each batch, its prompts split over them (0: all of them)")
     return p
 
 
@@ -460,7 +496,8 @@ def _main(argv: Sequence[str] | None) -> int:
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                       out_dir=args.out_dir, backend=args.backend, min_pixels=args.min_pixels,
                       max_pixels=args.max_pixels, dtype=args.dtype, robust_parse=args.robust_parse,
-                      pr1_exact=args.pr1_exact, gallery_size=args.gallery_size, progress=not args.no_progress)
+                      pr1_exact=args.pr1_exact, gallery_size=args.gallery_size, progress=not args.no_progress,
+                      devices=args.devices)
     print(json.dumps({"task": report["task"], "metrics": report["metrics"], "counts": report["counts"],
                       "files": report["files"]}, indent=1))
     return 0

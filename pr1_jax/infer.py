@@ -149,8 +149,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def load_pretrained(model_dir: str | os.PathLike, *, dtype: str = "float32", min_pixels: int | None = None,
-                    max_pixels: int | None = None):
-    """`Pretrained.load` with one-line `InferError`s for a missing or unloadable directory."""
+                    max_pixels: int | None = None, mesh=None):
+    """`Pretrained.load` with one-line `InferError`s for a missing or unloadable directory
+    (`mesh`: the parameters sharded on it, as training lays them out)."""
     d = Path(os.path.expanduser(os.fspath(model_dir)))
     if not d.is_dir():
         raise InferError(f"{d}: model directory not found (--model_dir: a Hugging Face Qwen2-VL checkpoint directory)")
@@ -166,7 +167,7 @@ def load_pretrained(model_dir: str | os.PathLike, *, dtype: str = "float32", min
     overrides = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     _check_pixel_limits(d, overrides)
     try:
-        return Pretrained.load(d, dtype=getattr(jnp, dtype), **overrides)
+        return Pretrained.load(d, dtype=getattr(jnp, dtype), mesh=mesh, **overrides)
     except Exception as e:  # noqa: BLE001 - any failure here means an unusable checkpoint or override
         raise InferError(f"{d}: cannot load the checkpoint ({_one_line(e)})") from e
 

@@ -398,7 +398,7 @@ def main(argv) -> None:
     cli.as_config_error("--config.mesh", sharding.mesh_from_config, c.mesh)
     cli.check_training_config(c)
     cache = enable_compile_cache(c.get("compile_cache", ""))
-    log.info("compile cache: %s", cache or "off")
+    log.debug("compile cache: %s", cache or "off")
     summary = train_and_evaluate(c)
     if multihost.is_main_process():
         print(json.dumps(monitor.finite_or_none(summary), indent=2, default=str))  # strict JSON, as summary.json

@@ -180,3 +180,18 @@ def test_command_line_error(tmp_path):
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"pr1_jax.evaluate: error: {tmp_path / 'none.json'}: no such data file or directory"
+
+
+@pytest.mark.parametrize("task", ["grounding", "detection"])
+def test_sharded_over_8_devices_equals_one(task, datasets, tiny_dir):
+    """--devices: each batch's prompts split over the 8 fake CPU devices by the training
+    rollout's sharded sampler; the same completions and metrics as on one device."""
+    data, image_dir = datasets[task]
+    kw = dict(image_dir=image_dir, batch_size=8, max_new_tokens=6, progress=False)
+    one = ev.evaluate(task, tiny_dir, data, devices=1, **kw)
+    eight = ev.evaluate(task, tiny_dir, data, devices=8, **kw)
+    assert (one["config"]["devices"], eight["config"]["devices"]) == (1, 8)
+    assert [p["completion"] for p in eight["predictions"]] == [p["completion"] for p in one["predictions"]]
+    assert eight["metrics"] == one["metrics"] and eight["counts"] == one["counts"]
+    with pytest.raises(ev.EvalError, match="batch_size=2 must be a multiple of the 8 devices"):
+        ev.evaluate(task, tiny_dir, data, devices=8, **dict(kw, batch_size=2))
