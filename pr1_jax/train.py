@@ -127,7 +127,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     run_meta = {"reference": "step_0" if c.sft.steps > 0 else "base_model",
                 "model_dir": str(Path(model_dir).absolute()), "model_config": pre.config.to_hf_dict(),
                 "config": json.loads(c.to_json_best_effort())}
-    resumed = ckpt.restore_latest(train_state.abstract_train_state(pre.config, programs.optimizer, mesh, dtype=dtype), rng)
+    target = train_state.abstract_train_state(pre.config, programs.optimizer, mesh, dtype=dtype)
+    resumed = ckpt.restore_latest(target, rng)
     start = resumed.step if resumed is not None else 0
     # The logs keep the steps done so far (a killed run may have logged past its last checkpoint).
     mon.resume_at(start if resumed is not None else None)
@@ -143,7 +144,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
                 params = sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, evaluator, history,
                                     mon)
         ref_params = params  # frozen initial policy, never synced (PR1)
-        state = train_state.init_train_state(params, programs.optimizer, mesh, cfg=pre.config)  # a copy: donated step by step
+        # a copy: donated step by step
+        state = train_state.init_train_state(params, programs.optimizer, mesh, cfg=pre.config)
         score0 = evaluator(state.params, step=0, tag="grpo")
         history["eval_step"].append(0)
         history["eval_score"].append(score0)

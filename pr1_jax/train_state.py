@@ -46,8 +46,8 @@ def abstract_train_state(cfg: ModelConfig, optimizer: optax.GradientTransformati
                         state_shardings(optimizer, psh, mesh))
 
 
-def init_train_state(params, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules: sharding.Rules = sharding.TRAIN_RULES,
-                     cfg: ModelConfig | None = None) -> TrainState:
+def init_train_state(params, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                     rules: sharding.Rules = sharding.TRAIN_RULES, cfg: ModelConfig | None = None) -> TrainState:
     """`init_state` with the state created in its shards (params copied, not aliased)."""
     psh = sharding.param_shardings(cfg, mesh, rules) if cfg else jax.tree.map(lambda x: x.sharding, params)
     ssh = state_shardings(optimizer, psh, mesh)
