@@ -4,7 +4,11 @@ point-in-box and format rewards. Held-out score: point accuracy (% of points ins
 
     python -m pr1_jax.train --config=configs/pointing.py
 
-A task added as one file plus this config; not one of Perception-R1's recipes.
+A task added as one file plus this config; not one of Perception-R1's recipes. Recorded run
+(2026-12-02, 2-core CPU, 2 min 16 s): held-out point accuracy 35.9% after SFT, then 21.9 / 28.1
+/ 39.1% after 10 / 20 / 30 GRPO steps — at this size GRPO does not clearly improve it (a binary
+reward on a tiny model; with learning_rate 3e-4 and 60 steps it fell to 26.6%). It shows the
+task's plumbing end to end, not learning.
 """
 
 from configs import demo
