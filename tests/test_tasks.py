@@ -74,6 +74,8 @@ def test_pointing_rewards_and_metric():
     bad = [None, [1, 2], ["a", "b", "c", "d"]]
     assert rewards.get("point_in_box")(["(1,1)"] * 3, solution=bad).tolist() == [0, 0, 0]
     assert pointing.parse_point("(nan,1)") is None and pointing.parse_point(None) is None
+    with pytest.raises(ValueError, match="entries for 2 completions"):
+        rewards.get("point_in_box")(["(1,1)"] * 2, solution=[box])
     m = tasks.get("pointing").metrics(texts[:5], [{"solution": box}] * 5)
     assert m == {"accuracy": 40.0, "parse_fail": 40.0, "n": 5}  # "(1e3,5)": exponents are not coordinates
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from pr1_jax import rewards, viz
 from pr1_jax.data import rows, synthetic
-from pr1_jax.rewards.parsing import ENDOFTEXT, as_text, parse_box_value
+from pr1_jax.rewards.parsing import ENDOFTEXT, as_text, parse_box_value, solution_column
 from pr1_jax.tasks.base import Task, register
 
 # "(x,y)" with integer or decimal coordinates, spaces allowed.
@@ -44,9 +44,12 @@ def inside(point: tuple[float, float] | None, box) -> bool:
 
 
 @rewards.register("point_in_box")
-def point_in_box(completions, solution, **_) -> np.ndarray:
-    """1 when the answer's first point falls in the ground-truth box, else 0 (never raises)."""
-    return np.array([float(inside(parse_point(as_text(t)), box)) for t, box in zip(completions, solution)], np.float32)
+def point_in_box(completions, solution=None, **columns) -> np.ndarray:
+    """1 when the answer's first point falls in the ground-truth box, else 0. A bad answer or
+    box scores 0; a `solution` column of another length than the completions is a caller's
+    mistake and raises, as for PR1's rewards."""
+    boxes = solution_column({"solution": solution, **columns}, len(completions), "solution")
+    return np.array([float(inside(parse_point(as_text(t)), box)) for t, box in zip(completions, boxes)], np.float32)
 
 
 @rewards.register("point_format")
