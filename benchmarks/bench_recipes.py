@@ -118,7 +118,10 @@ def ideal_seconds(row: dict, m: dict, prompts: int, g: int, flops_per_s: float, 
     return {"update": update / flops_per_s, "prefill": prefill / flops_per_s, "decode": decode}
 
 
-def run_recipe(name: str, steps: int, workdir: Path, model_dirs: dict, overrides: list[str], smoke: bool = False):
+def run_recipe(name: str, steps: int, workdir: Path, model_dirs: dict, overrides: list[str], smoke: bool = False,
+               devices=None, configure=None):
+    """`pr1_jax.train` on recipe `name` (on `devices`, default all); `configure(c)` edits the
+    config after the benchmark's settings and before `overrides` (bench_scaling: batch, mesh)."""
     from pr1_jax import train
 
     module, preset, synth = RECIPES[name]
@@ -136,6 +139,8 @@ def run_recipe(name: str, steps: int, workdir: Path, model_dirs: dict, overrides
     c.data.train_sample_size = -1
     c.sampling.end_lengths = "task"
     c.checkpoint_every = 10**9  # the last step still saves one
+    if configure is not None:
+        configure(c)
     for item in overrides:
         key, value = item.split("=", 1)
         node = c
@@ -143,7 +148,7 @@ def run_recipe(name: str, steps: int, workdir: Path, model_dirs: dict, overrides
         for part in parents:
             node = node[part]
         node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value.lower() == "true"
-    train.train_and_evaluate(c)
+    train.train_and_evaluate(c, devices=devices)
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     return rows, c
 
