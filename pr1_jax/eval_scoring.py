@@ -17,7 +17,8 @@ from pr1_jax.evaluation import ocr as ocr_eval
 from pr1_jax.rewards.parsing import parse_qwen_boxes
 
 if TYPE_CHECKING:
-    from pr1_jax.evaluate import Completion, Example
+    from pr1_jax.eval_decoding import Completion
+    from pr1_jax.evaluate import Example
 
 
 @dataclasses.dataclass

@@ -59,13 +59,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from pr1_jax import cli, tasks, viz
 from pr1_jax.errors import ConfigError
+from pr1_jax.eval_decoding import Completion, Decoder, eval_mesh, greedy_decode, make_decoder  # noqa: F401
 from pr1_jax.eval_scoring import SCORERS, Scored
 from pr1_jax.evaluation import detection as detection_eval
 from pr1_jax.infer import DTYPES, load_pretrained
@@ -89,21 +90,6 @@ class Example:
     prompt: str  # the user text
     gt: Any  # grounding (solution, normalized_solution); counting int; detection image id; ocr str
     problem: str = ""  # the question the prompt was built from
-
-
-class Completion(NamedTuple):
-    text: str  # decoded without the stop token
-    num_tokens: int  # generated tokens, stop token included
-    stopped: bool  # a stop token was produced (else max_new_tokens was reached)
-
-
-@dataclasses.dataclass
-class Decoder:
-    pre: Any  # pretrained.Pretrained
-    sampler: Any  # sampler.Sampler, or sharded_sampler.ShardedSampler on a mesh of several devices
-    cfg: Any  # sampler.SamplingConfig (greedy, one sample)
-    skip_special_tokens: bool
-    mesh: Any = None  # jax.sharding.Mesh of the ShardedSampler (prompts split over its devices)
 
 
 # ----------------------------------------------------------------------------- data
@@ -256,46 +242,6 @@ def plan_batches(pre, examples: Sequence[Example], batch_size: int) -> Plan:
     return Plan(seq_len, row_len, num_rows, batches, skipped)
 
 
-# ----------------------------------------------------------------------------- decoding
-def make_decoder(pre, task: str, max_new_tokens: int, mesh=None) -> Decoder:
-    """Greedy decoding on one device, or with `mesh` (several devices) the training rollout's
-    sampler on the mesh: each batch's prompts are split over the devices (`ShardedSampler`)."""
-    from pr1_jax.sampler import Sampler, SamplingConfig
-    from pr1_jax.sharded_sampler import ShardedSampler
-
-    eos, pad = pre.special.eos_ids, pre.special.pad_id
-    sampler = (ShardedSampler(pre.model(), eos, pad, mesh) if mesh is not None and mesh.size > 1
-               else Sampler(pre.model(), eos_ids=eos, pad_id=pad))
-    cfg = SamplingConfig(num_samples=1, max_new_tokens=int(max_new_tokens), temperature=0.0)
-    return Decoder(pre, sampler, cfg, tasks.get(task).skip_special_tokens, mesh if mesh is not None and mesh.size > 1
-                   else None)
-
-
-def greedy_decode(decoder: Decoder, batch, examples: Sequence[Example | None]) -> list[Completion]:
-    """Greedy completions of a prompt batch, one per row (`examples`: the batch's rows, None
-    for padding; not needed to decode, there so that tests can substitute known answers)."""
-    import jax
-    import jax.numpy as jnp
-
-    if decoder.mesh is not None:
-        from pr1_jax import sharding
-
-        inputs = sharding.shard_batch(batch.inputs, decoder.mesh)  # this (single) process's whole batch
-    else:
-        inputs = jax.tree.map(jnp.asarray, batch.inputs)
-    out = decoder.sampler(decoder.pre.params, inputs, jax.random.PRNGKey(0), decoder.cfg)
-    tokens, lengths = np.asarray(out.tokens[:, 0]), np.asarray(out.lengths[:, 0])
-    eos = set(decoder.pre.special.eos_ids)
-    rows, stopped = [], []
-    for t, n in zip(tokens, lengths):
-        ids = t[:int(n)]
-        stop = len(ids) > 0 and int(ids[-1]) in eos
-        rows.append(ids[:-1] if stop else ids)
-        stopped.append(stop)
-    texts = chat.decode_batch(decoder.pre.tokenizer, rows, skip_special_tokens=decoder.skip_special_tokens)
-    return [Completion(text, int(n), s) for text, n, s in zip(texts, lengths, stopped)]
-
-
 # ----------------------------------------------------------------------------- evaluate
 def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *, image_dir=None,
              split: str | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
@@ -339,7 +285,10 @@ def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *
         raise EvalError(f"{data}: no such data file or directory")
     if out_dir is not None:  # before the model loads and decodes
         cli.writable_dir(out_dir, "--out_dir", EvalError)
-    mesh = _mesh(devices, batch_size)
+    try:
+        mesh = eval_mesh(devices, batch_size)
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
 
     examples, reader_report, coco_gt = read_examples(task, data, image_dir=image_dir, split=split)
     if limit is not None:
@@ -417,24 +366,6 @@ def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *
     if out_dir is not None:
         _write(report, done, gallery_items, Path(out_dir), gallery_size)
     return report
-
-
-def _mesh(devices: int, batch_size: int):
-    """The mesh `devices` asks for (all of this process's devices on the batch), None for one."""
-    import jax
-
-    from pr1_jax import sharding
-
-    local = jax.local_devices()
-    if devices < 0 or devices > len(local):
-        raise EvalError(f"devices must be in 0..{len(local)} (0 = all {len(local)} of this process), got {devices}")
-    n = devices or len(local)
-    if n == 1:
-        return None
-    if batch_size % n:
-        raise EvalError(f"batch_size={batch_size} must be a multiple of the {n} devices that decode it "
-                        f"(--batch_size={-(-batch_size // n) * n}, or --devices=1)")
-    return sharding.make_mesh(fsdp=n, devices=local[:n])
 
 
 def _write(report: dict, done: Sequence[Scored], gallery_items: list[dict], out_dir: Path, gallery_size: int) -> None:
