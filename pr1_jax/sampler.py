@@ -36,8 +36,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from pr1_jax.model.decoder import (DecoderContext, decode_layer_by_layer, fuse_layer_params, mrope,
-                                   unstack_layers)
+from pr1_jax.model.decoder import DecoderContext, mrope, unstack_layers
 from pr1_jax.model.qwen2_vl import Qwen2VL
 from pr1_jax.structs import ModelInputs, SampleOutput, SamplingConfig  # noqa: F401  (re-exported)
 
@@ -172,16 +171,7 @@ class Prefix:
 
 def prefill(model: Qwen2VL, params, prompts: ModelInputs) -> Prefix:
     """Vision once per prompt, the prompt prefilled once per prompt → the group's shared prefix."""
-    p = prompts.input_ids.shape[1]
-
-    def run(m: Qwen2VL):
-        vision = m.encode_images(prompts.pixels, prompts.segment_ids, prompts.pos_hw)
-        x = m.embed(prompts.input_ids, vision, prompts.vision_index)[:, None]
-        causal = jnp.tril(jnp.ones((p, p), bool))[None, None] & prompts.attention_mask[:, None, None, :]
-        hidden, kv = m.decode(x, prompts.positions[:, :, None], causal, return_kv=True)
-        return m.logits(hidden[:, 0, -1]).astype(jnp.float32), kv  # left padding: last column is real
-
-    logits, (k, v) = model.apply({"params": params}, method=run)
+    logits, (k, v) = model.apply({"params": params}, prompts, method=Qwen2VL.prefill)
     # Text after the prompt continues at max position + 1 on all three M-RoPE axes.
     next_pos = jnp.max(jnp.where(prompts.attention_mask[None], prompts.positions, 0), axis=(0, 2)) + 1
     return Prefix(logits=logits, k=k, v=v, mask=prompts.attention_mask, next_pos=next_pos)
@@ -216,7 +206,6 @@ def decode(model: Qwen2VL, params, prefix: Prefix, rng: Array, temperature: Arra
     end_at [B, G] int32 (benchmarks only, `Sampler.__call__`): completion lengths at which
     EOS is forced.
     """
-    apply = functools.partial(model.apply, {"params": params})
     b, p = prefix.mask.shape
     g, tc = num_samples, max_new_tokens
     # Token 0 comes from the prefill, tokens 1..Tc-1 from decode steps run in whole chunks.
@@ -227,7 +216,7 @@ def decode(model: Qwen2VL, params, prefix: Prefix, rng: Array, temperature: Arra
     # decode_layer_by_layer and layers.cached_attention).
     prefixes = unstack_layers((jnp.swapaxes(prefix.k[:, :, 0], 2, 3), jnp.swapaxes(prefix.v[:, :, 0], 2, 3)),
                               num_layers)  # each [B, K, P, Dh]
-    layer_params = [fuse_layer_params(lp) for lp in unstack_layers(params["decoder"]["layers"], num_layers)]
+    weights = model.decoding_weights(params)  # per layer, fused: read in place at every step
     next_pos = prefix.next_pos
 
     eos = jnp.asarray(eos_ids, jnp.int32)
@@ -275,11 +264,8 @@ def decode(model: Qwen2VL, params, prefix: Prefix, rng: Array, temperature: Arra
         mask = jnp.broadcast_to(jnp.arange(window) <= t - 1, (b, g, 1, window))
         cos, sin = mrope(pos, model.cfg.text)
         ctx = DecoderContext(cos=cos, sin=sin, mask=mask, prefix_mask=prefix.mask, cache_index=t - 1)
-        x = apply(state.last, method=Qwen2VL.embed)[:, :, None]
-        hidden, cache = decode_layer_by_layer(model.cfg.text, layer_params, params["decoder"]["norm"], x, ctx,
-                                              state.cache, prefixes, model.dtype, decode_attention,
-                                              decode_splits)
-        logits = apply(hidden[:, :, 0], method=Qwen2VL.logits).astype(jnp.float32)
+        logits, cache = model.decode_step(params, weights, state.last, ctx, state.cache, prefixes,
+                                          decode_attention, decode_splits)
         return record(state.replace(cache=cache), logits, jax.random.fold_in(rng, t))
 
     # One while loop per window; a chunk runs only if all its steps fit the window (the last

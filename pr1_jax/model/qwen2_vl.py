@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from pr1_jax.model import layers
 from pr1_jax.model.config import ModelConfig
-from pr1_jax.model.decoder import KV, Decoder, DecoderContext, mrope
+from pr1_jax.model.decoder import (KV, Decoder, DecoderContext, decode_layer_by_layer, fuse_layer_params, mrope,
+                                   unstack_layers)
 from pr1_jax.model.vision import VisionTower
 from pr1_jax.structs import ModelInputs  # noqa: F401  (the model's input; defined with the shared types)
 
@@ -150,6 +151,42 @@ class Qwen2VL(nn.Module):
     def __call__(self, inputs: ModelInputs) -> Array:
         """Logits [B, T, V] of the full forward pass (parity tests, evaluation)."""
         return self.logits(self.hidden_states(inputs))
+
+    # ------------------------------------------------------------------ sampling (`pr1_jax/sampler.py`)
+    def prefill(self, inputs: ModelInputs) -> tuple[Array, KV]:
+        """Vision once per prompt, then the prompt: (float32 next-token logits [B, V] after its last
+        column — left padding, so the last column is real —, the prompt's K/V [L, B, 1, K, P, Dh])."""
+        p = inputs.input_ids.shape[1]
+        vision = self.encode_images(inputs.pixels, inputs.segment_ids, inputs.pos_hw)
+        x = self.embed(inputs.input_ids, vision, inputs.vision_index)[:, None]
+        causal = jnp.tril(jnp.ones((p, p), bool))[None, None] & inputs.attention_mask[:, None, None, :]
+        hidden, kv = self.decode(x, inputs.positions[:, :, None], causal, return_kv=True)
+        return self.logits(hidden[:, 0, -1]).astype(jnp.float32), kv
+
+    @nn.nowrap  # plain Python on `params`, called outside `apply`
+    def decoding_weights(self, params) -> tuple[list[Any], Any]:
+        """The decoder's weights as `decode_step` reads them, made once before a decode loop:
+        per layer (not stacked: a loop would copy each layer out of the stack at every step),
+        q/k/v and gate/up fused (`decoder.fuse_layer_params`); and the final norm's. A plain
+        method on `params` (no `apply`): the one place outside Flax that knows their tree."""
+        stacked = params["decoder"]["layers"]
+        layers = [fuse_layer_params(lp) for lp in unstack_layers(stacked, self.cfg.text.num_layers)]
+        return layers, params["decoder"]["norm"]
+
+    @nn.nowrap  # applies the model itself; builds the decoder layer outside any module
+    def decode_step(self, params, weights: tuple[list[Any], Any], tokens: Array, ctx: DecoderContext,
+                    caches: list[KV], prefixes: list[KV], decode_attention: str = "xla",
+                    decode_splits: int = 0) -> tuple[Array, list[KV]]:
+        """One token per row [B, G] → (float32 logits [B, G, V], the caches with its K/V written
+        at `ctx.cache_index`). `weights`: `decoding_weights(params)`; `prefixes`: the prompt's
+        K/V per layer in the decode layout; a plain method (it applies the embedding and head
+        itself), called inside the sampler's jitted loop."""
+        x = self.apply({"params": params}, tokens, method=Qwen2VL.embed)[:, :, None]
+        layer_weights, norm = weights
+        hidden, caches = decode_layer_by_layer(self.cfg.text, layer_weights, norm, x, ctx, caches, prefixes,
+                                               self.dtype, decode_attention, decode_splits)
+        logits = self.apply({"params": params}, hidden[:, :, 0], method=Qwen2VL.logits).astype(jnp.float32)
+        return logits, caches
 
 
 def init_params(cfg: ModelConfig, rng: Array | None = None, dtype: Any = jnp.float32):
