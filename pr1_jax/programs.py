@@ -168,7 +168,7 @@ class Programs:
 
     # ------------------------------------------------------------------ GRPO update
     def update_fn(self, remat_policy: str):
-        """The jitted GRPO update for one remat policy (state donated; `sharding.shard_update_fn`)."""
+        """The jitted GRPO update for one remat policy (state donated; `shard_update_fn` below)."""
         if remat_policy not in self._update_fns:
             self._update_fns[remat_policy] = shard_update_fn(
                 self.model(remat_policy), self.optimizer, self.grpo_cfg, self.mesh, chunk_size=self.chunk_size)
