@@ -36,6 +36,9 @@ def base() -> ml_collections.ConfigDict:
     c.data.train_sample_size = -1  # first N rows (PR1's train_sample_size); -1 = all
     c.data.eval_examples = 64
     c.data.eval_batch = 0  # prompts per greedy evaluation batch; 0 = batch.prompts_per_step
+    # The held-out evaluation's prompt: "training" (the training prompt and system prompt) or "paper"
+    # (PR1's evaluation scripts' prompt, as `python -m pr1_jax.evaluate` sends by default).
+    c.data.eval_prompt = "training"
     c.data.min_pixels = 3136
     c.data.max_pixels = 1_000_000  # PR1 trains at max_pixels 1e6
     c.data.synthetic = 0  # > 0: generate this many synthetic training rows (demo/tests)

@@ -18,15 +18,21 @@ template adds its default system prompt, as PR1's eval scripts):
 * counting — data: JSONL {image_path, question, ground_truth} (PR1's val540/test540), or
   training rows {image, problem, clicks}; user text "Output all the bounding boxes of the
   {question}"; special tokens kept; metrics ×100: accuracy (exact count), no_answer.
-* detection — data: a COCO instances JSON, images at image_dir/file_name; user text PR1's
+* detection — data: a COCO instances JSON, images at image_dir/file_name (or training rows,
+  scored against their own boxes); user text PR1's
   eval prompt ("Locate every item from the category list in the image and output the
   coordinates in JSON format. ..."); special tokens skipped; metrics: COCO bbox AP, AP50,
   AP75, APs/m/l, AR1/10/100, ARs/m/l as fractions in [0, 1].
 * ocr — data: JSON {image, conversations: [{value: question}, {value: text}]}; user text
   "<image>\\nOCR this image: " (PR1's literal "<image>" plus the real image); special tokens
   skipped; metrics ×100: edit_distance (lower is better), precision, recall, f1, bleu, meteor.
+* any other registered task (pointing: grounding rows, "Point to the {problem} in the image.",
+  point accuracy %) — its training rows, its `eval_prompt`, its `score` (`pr1_jax/tasks/`).
 
-Decoding is greedy through `sampler.Sampler`, `batch_size` prompts at a time. Every batch
+The predict-and-score loop is `pr1_jax.evaluator.Evaluator`, the one a training run's periodic
+evaluation uses (so both report the same metrics for the same checkpoint, data and prompt;
+`--prompt=training` sends the training prompt a run evaluates with). Decoding is greedy,
+`batch_size` prompts at a time, on one device or split over `--devices`. Every batch
 has the same shapes — prompt length, packed image row length and row count are fixed from
 the largest example of the data set (image headers and prompt token counts are read
 before any decoding) and the last batch is padded with text-only rows — so the rollout
@@ -42,7 +48,7 @@ unless `robust_parse=True`.
 Rows that cannot be used never stop the run: malformed rows (the reader's count), and
 images that are missing, not images, truncated or of an impossible aspect ratio are
 skipped, counted by reason and listed in the report; metrics cover the evaluated rows
-(scoring per task: `pr1_jax/eval_scoring.py`). A file with no usable row of the task (one
+(scoring: each task's `score`, `pr1_jax/tasks/`). A file with no usable row of the task (one
 of another task, a wrong --image_dir) is refused: one line, exit status 2 (pr1_jax/cli.py).
 With `out_dir` the report (metrics, counts, per-sample predictions) is written as JSON, and
 for grounding / counting / detection a PNG gallery of the first predictions (red) over the
@@ -52,8 +58,6 @@ ground truth (green).
 from __future__ import annotations
 
 import collections
-import dataclasses
-import io
 import json
 import os
 import sys
@@ -62,74 +66,44 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
 
-from pr1_jax import cli, tasks, viz
+from pr1_jax import cli, evaluator, tasks, viz
 from pr1_jax.errors import ConfigError
-from pr1_jax.eval_decoding import Completion, Decoder, eval_mesh, greedy_decode, make_decoder  # noqa: F401
-from pr1_jax.eval_scoring import SCORERS, Scored
 from pr1_jax.evaluation import detection as detection_eval
+from pr1_jax.evaluator import PROMPT_STYLES, Example, image_name
 from pr1_jax.infer import DTYPES, load_pretrained
-from pr1_jax.processing import batch as batch_lib
-from pr1_jax.processing import chat
-from pr1_jax.processing import image as image_lib
 
-TASKS = ("grounding", "counting", "detection", "ocr")
-PROMPTS = {task: chat.EVAL_TEMPLATES[f"pr1_{task}"] for task in TASKS}
-PAD_TEXT = "."  # the text-only prompt that fills the last batch
 
 
 class EvalError(ConfigError):
     """Bad arguments or data files; the message is one line meant for the user."""
 
 
-@dataclasses.dataclass
-class Example:
-    index: int  # position among the examples read (after --limit)
-    image: Any  # anything processing.image.load_image accepts
-    prompt: str  # the user text
-    gt: Any  # grounding (solution, normalized_solution); counting int; detection image id; ocr str
-    problem: str = ""  # the question the prompt was built from
-
-
 # ----------------------------------------------------------------------------- data
-def _image_name(src: Any) -> str:
-    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"<{type(src).__name__}>"
-
-
 def read_examples(task: str, data: str | os.PathLike, *, image_dir=None, split: str | None = None
                   ) -> tuple[list[Example], dict, dict | None]:
-    """The task's evaluation rows → (examples, reader report dict, COCO GT dict for detection)."""
+    """The task's evaluation rows → (examples, reader report dict, COCO GT dict for detection).
+
+    The formats of `Task.eval_formats` are tried in turn (default: the task's training rows);
+    "coco" is a COCO instances JSON. A file none of them reads is refused with the first's reason.
+    """
     from pr1_jax.data import readers
 
-    if task == "detection":
-        return _read_coco(data, image_dir)
-    kw = dict(image_dir=image_dir, split=split or "train")
-    # The reader refuses a file without a usable row of the task (one line, no per-row warnings).
-    eval_format = None  # counting: why the file is not PR1's eval JSONL, if it is not
-    try:
-        if task == "counting":  # PR1's eval JSONL; else training rows (count = number of clicks)
-            try:
-                rows, report = readers.read(data, "counting_eval", **kw)
-            except ConfigError as e:
-                eval_format = cli.one_line(e)
-                rows, report = readers.read(data, "counting", **kw)
-        else:
-            rows, report = readers.read(data, task, **kw)
-    except (OSError, ValueError) as e:  # neither format: the eval one is named first
-        raise EvalError(f"{eval_format} (or training rows {readers.ROW_FORMATS['counting']})" if eval_format
-                        else cli.one_line(e)) from e
-    examples = []
-    for i, row in enumerate(rows):
-        problem = row["problem"]
-        if task == "grounding":
-            gt = (row["solution"], row.get("normalized_solution", row["solution"]))
-        elif task == "counting":
-            gt = int(row["count"])
-        else:
-            gt = row["solution"]
-        examples.append(Example(i, row["image"], PROMPTS[task].format(question=problem), gt, problem))
-    return examples, report.as_dict(), None
+    formats = tasks.get(task).eval_formats or (task,)
+    first_error = None
+    for fmt in formats:
+        try:
+            if fmt == "coco":
+                examples, report, gt = _read_coco(data, image_dir)
+                return examples, report, gt
+            # The reader refuses a file without a usable row of the task (one line, no per-row warnings).
+            rows, report = readers.read(data, fmt, image_dir=image_dir, split=split or "train")
+            return [Example(i, row) for i, row in enumerate(rows)], report.as_dict(), None
+        except (OSError, ValueError) as e:  # ConfigError is a ValueError
+            first_error = first_error or cli.one_line(e)
+    others = ", ".join(f"{'training' if f == task else f} rows {readers.ROW_FORMATS.get(f, '')}".strip()
+                       for f in formats[1:] if f != "coco")
+    raise EvalError(first_error + (f" (or {others})" if others else ""))
 
 
 def _read_coco(path, image_dir) -> tuple[list[Example], dict, dict]:
@@ -151,95 +125,11 @@ def _read_coco(path, image_dir) -> tuple[list[Example], dict, dict]:
             report["reasons"]["bad_image_entry"] = report["reasons"].get("bad_image_entry", 0) + 1
             continue
         src = img["file_name"] if image_dir is None else os.path.join(os.fspath(image_dir), img["file_name"])
-        examples.append(Example(len(examples), src, PROMPTS["detection"], int(img["id"])))
+        examples.append(Example(len(examples), {"image": src, "image_id": int(img["id"])}))
         report["read"] += 1
     if not examples:
         raise EvalError(f"{path}: none of its {report['rows']} image entries has an id and a file_name")
     return examples, report, gt
-
-
-# ----------------------------------------------------------------------------- shapes
-class _Skip(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-def _peek_hw(src: Any) -> tuple[int, int]:
-    """(height, width) from the image header only; `_Skip` for a missing or unreadable file."""
-    if isinstance(src, np.ndarray):
-        return int(src.shape[0]), int(src.shape[1])
-    if isinstance(src, Image.Image):
-        return src.height, src.width
-    if isinstance(src, (str, os.PathLike)):
-        if not os.path.isfile(src):
-            raise _Skip("missing_image", f"{os.fspath(src)}: image file not found")
-        opener = src
-    elif isinstance(src, (bytes, bytearray, memoryview)):
-        opener = io.BytesIO(bytes(src))
-    else:
-        raise _Skip("bad_image", f"cannot load an image from {type(src).__name__}")
-    try:
-        with Image.open(opener) as im:
-            return im.height, im.width
-    except Exception as e:  # noqa: BLE001 - any failure to identify the image skips the row
-        raise _Skip("bad_image", f"{_image_name(src)}: not an image file ({type(e).__name__})") from e
-
-
-@dataclasses.dataclass
-class Plan:
-    seq_len: int  # prompt tokens per row (left padded)
-    row_len: int  # patches per packed image row
-    num_rows: int  # packed image rows per batch
-    batches: list[list[Example]]
-    skipped: list[tuple[Example, str, str]]  # (example, reason, message)
-
-
-def _first_fit_rows(sizes: Sequence[int], row_len: int) -> int:
-    """Packed rows that `batch.pack_images` needs for these image sizes (same first-fit rule)."""
-    fill: list[int] = []
-    for n in sizes:
-        row = next((r for r, used in enumerate(fill) if used + n <= row_len), None)
-        if row is None:
-            fill.append(n)
-        else:
-            fill[row] += n
-    return len(fill)
-
-
-def plan_batches(pre, examples: Sequence[Example], batch_size: int) -> Plan:
-    """Reads every image header, skips unusable images, and fixes one set of batch shapes."""
-    cfg = pre.image_config
-    unit = cfg.merge_size ** 2
-    good, patches, skipped = [], [], []
-    for ex in examples:
-        try:
-            h, w = _peek_hw(ex.image)
-            rh, rw = image_lib.smart_resize(h, w, cfg.factor, cfg.min_pixels, cfg.max_pixels,
-                                            qwen_vl_utils=cfg.qwen_vl_utils_resize)
-        except _Skip as e:
-            skipped.append((ex, e.reason, str(e)))
-            continue
-        except image_lib.ImageError as e:
-            skipped.append((ex, "bad_image", f"{_image_name(ex.image)}: {' '.join(str(e).split())}"))
-            continue
-        good.append(ex)
-        patches.append((rh // cfg.patch_size) * (rw // cfg.patch_size))
-    # Prompt length = the prompt with one image token + the image's tokens − 1.
-    one_token_grid = [1, cfg.merge_size, cfg.merge_size]
-    base = {}
-    for text in {ex.prompt for ex in good}:
-        base[text] = len(chat.encode_prompt(pre.tokenizer, chat.eval_messages(text), [one_token_grid], pre.special,
-                                            merge_size=cfg.merge_size))
-    pad_len = len(chat.encode_prompt(pre.tokenizer, [{"role": "user", "content": [{"type": "text", "text": PAD_TEXT}]}],
-                                     [], pre.special))
-    lengths = [base[ex.prompt] + p // unit - 1 for ex, p in zip(good, patches)]
-    seq_len = batch_lib.bucket(max(lengths + [pad_len]))
-    row_len = batch_lib.bucket(max(patches, default=unit), minimum=64)
-    batches = [good[i:i + batch_size] for i in range(0, len(good), batch_size)]
-    sizes = [patches[i:i + batch_size] for i in range(0, len(good), batch_size)]
-    num_rows = max([_first_fit_rows(s, row_len) for s in sizes] + [1])
-    return Plan(seq_len, row_len, num_rows, batches, skipped)
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -248,7 +138,8 @@ def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *
              limit: int | None = None, out_dir: str | os.PathLike | None = None, backend: str = "pycocotools",
              min_pixels: int | None = None, max_pixels: int | None = None, dtype: str = "float32",
              robust_parse: bool = False, pr1_exact: bool = False, gallery_size: int = 16,
-             progress: bool = True, pretrained=None, devices: int = 1) -> dict:
+             progress: bool = True, pretrained=None, devices: int = 1, prompt: str = "paper",
+             system_prompt: str | None = None) -> dict:
     """Runs the evaluation; returns the report dict (also written to `out_dir` when given):
 
         task, model_dir, data, split, config, shapes {seq_len, row_len, num_rows}, num_compiled,
@@ -260,16 +151,16 @@ def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *
 
     `devices`: how many of this process's devices decode (each batch's prompts split over them
     with the training rollout's sharded sampler; 0 = all; `batch_size` must be a multiple).
+    `prompt`: "paper" (PR1's evaluation scripts) or "training" (the training prompt, with
+    `system_prompt`, default PR1's; what a training run's evaluation sends by default).
     `counts`: rows = rows in the data; malformed = rows the reader rejected; examples =
     rows read (after `limit`) = evaluated + skipped. `pretrained`: an already loaded
     `Pretrained` to use instead of loading `model_dir`. Raises `EvalError` / `InferError`
     for bad arguments, data files or checkpoints.
     """
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
-    if task not in TASKS:
-        raise EvalError(f"task must be one of {TASKS}, got {task!r}")
+    if task not in tasks.names():
+        raise EvalError(f"task must be one of {tasks.names()}, got {task!r}")
     if batch_size <= 0:
         raise EvalError(f"batch_size must be positive, got {batch_size}")
     max_new_tokens = tasks.get(task).eval_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
@@ -281,12 +172,14 @@ def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *
         raise EvalError(f"gallery_size must be ≥ 0 (0: no gallery), got {gallery_size}")
     if backend not in detection_eval.BACKENDS:
         raise EvalError(f"backend must be one of {detection_eval.BACKENDS}, got {backend!r}")
+    if prompt not in PROMPT_STYLES:
+        raise EvalError(f"prompt must be one of {PROMPT_STYLES}, got {prompt!r}")
     if not os.path.exists(os.fspath(data)) and not os.fspath(data).startswith("tfds:"):
         raise EvalError(f"{data}: no such data file or directory")
     if out_dir is not None:  # before the model loads and decodes
         cli.writable_dir(out_dir, "--out_dir", EvalError)
     try:
-        mesh = eval_mesh(devices, batch_size)
+        mesh = evaluator.local_mesh(devices, batch_size)
     except ConfigError as e:
         raise EvalError(str(e)) from None
 
@@ -295,93 +188,61 @@ def evaluate(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, *
         examples = examples[:limit]
     pre = pretrained or load_pretrained(model_dir, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels,
                                         mesh=mesh)
-    plan = plan_batches(pre, examples, batch_size)
+    ev = evaluator.Evaluator(pre, task, sample=evaluator.local_sampler(pre, mesh), mesh=mesh, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, prompt=prompt, system_prompt=system_prompt)
+    plan = ev.plan(examples)
     if not plan.batches:
         reasons = dict(collections.Counter(reason for _, reason, _ in plan.skipped))
         first = plan.skipped[0][2] if plan.skipped else ""
         raise EvalError(f"{data}: none of its {len(examples)} {task} rows has a usable image ({reasons}; first: "
                         f"{first}): check --image_dir")
-    decoder = make_decoder(pre, task, max_new_tokens, mesh)
-    skipped = list(plan.skipped)
+    options = dict(coco_gt=coco_gt, backend=backend, robust=robust_parse, rescale=not pr1_exact,
+                   pr1_exact=pr1_exact) if task == "detection" else {}
+    result = ev(pre.params, examples, score_options=options, progress=progress, desc=f"eval {task}")
 
-    done: list[Scored] = []
-    decode_seconds, tokens = 0.0, 0
-    bar = tqdm(total=sum(len(b) for b in plan.batches), desc=f"eval {task}", unit="ex", disable=not progress)
-    for chunk in plan.batches:
-        live, images = [], []
-        for ex in chunk:
-            try:
-                images.append(image_lib.load_image(ex.image))
-                live.append(ex)
-            except image_lib.ImageError as e:  # e.g. truncated: only a full decode tells
-                skipped.append((ex, "bad_image", " ".join(str(e).split())))
-        if live:
-            pad = batch_size - len(live)
-            batch = pre.prompt_batch(images + [None] * pad, [ex.prompt for ex in live] + [PAD_TEXT] * pad,
-                                     seq_len=plan.seq_len, row_len=plan.row_len, num_rows=plan.num_rows)
-            t = time.perf_counter()
-            completions = greedy_decode(decoder, batch, live + [None] * pad)[:len(live)]
-            decode_seconds += time.perf_counter() - t
-            for k, (ex, c) in enumerate(zip(live, completions)):
-                tokens += c.num_tokens
-                done.append(Scored(ex, c, tuple(batch.original_hw[k]), tuple(batch.resized_hw[k])))
-        bar.update(len(chunk))
-        bar.set_postfix(skipped=len(skipped))
-    bar.close()
-
-    metrics, records, gallery_items = {}, [], []
-    if done:  # empty only when every image failed to decode
-        kw = dict(coco_gt=coco_gt, backend=backend, robust=robust_parse, rescale=not pr1_exact,
-                  pr1_exact=pr1_exact) if task == "detection" else {}
-        metrics, records, gallery_items = SCORERS[task](done, **kw)
-
-    predictions = [{"index": d.example.index, "image": _image_name(d.example.image),
-                    **({"problem": d.example.problem} if task in ("grounding", "counting") else {}),
-                    "completion": d.completion.text, "num_tokens": d.completion.num_tokens,
-                    "stopped": d.completion.stopped, **r} for d, r in zip(done, records)]
-    reasons = collections.Counter(reason for _, reason, _ in skipped)
+    predictions = [{"index": ex.index, "image": image_name(ex.image),
+                    **({"problem": ex.row["problem"]} if "problem" in ex.row else {}),
+                    "completion": c.text, "num_tokens": c.num_tokens, "stopped": c.stopped, **r}
+                   for ex, c, r in zip(result.evaluated, result.completions, result.scores.records)]
+    reasons = collections.Counter(reason for _, reason, _ in result.skipped)
+    seconds = result.decode_seconds
     report = {
         "task": task, "model_dir": os.fspath(model_dir), "data": os.fspath(data), "split": split,
-        "config": {"prompt_template": PROMPTS[task], "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+        "config": {"prompt": prompt, "prompt_template": ev.task.eval_prompt if prompt == "paper" else ev.task.prompt,
+                   "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                    "limit": limit, "devices": 1 if mesh is None else mesh.size,
                    "min_pixels": pre.image_config.min_pixels, "max_pixels": pre.image_config.max_pixels,
                    "image_dir": None if image_dir is None else os.fspath(image_dir), "dtype": dtype,
-                   "skip_special_tokens": tasks.get(task).skip_special_tokens,
+                   "skip_special_tokens": ev.task.skip_special_tokens,
                    **({"backend": backend, "robust_parse": robust_parse, "pr1_exact": pr1_exact}
                       if task == "detection" else {})},
         "shapes": {"seq_len": plan.seq_len, "row_len": plan.row_len, "num_rows": plan.num_rows},
-        "num_compiled": decoder.sampler.num_compiled(),
+        "num_compiled": ev.sample.num_compiled(),
         "counts": {"rows": reader_report["rows"], "malformed": reader_report["skipped_malformed"],
                    "malformed_reasons": dict(reader_report.get("reasons", {})), "examples": len(examples),
-                   "evaluated": len(done), "skipped": len(skipped), "skip_reasons": dict(reasons)},
-        "metrics": metrics,
-        "timing": {"seconds": round(time.perf_counter() - t0, 3), "decode_seconds": round(decode_seconds, 3),
-                   "generated_tokens": tokens,
-                   "tokens_per_second": round(tokens / decode_seconds, 1) if decode_seconds else None},
+                   "evaluated": len(result.answers), "skipped": len(result.skipped), "skip_reasons": dict(reasons)},
+        "metrics": result.scores.metrics,
+        "timing": {"seconds": round(time.perf_counter() - t0, 3), "decode_seconds": round(seconds, 3),
+                   "generated_tokens": result.generated_tokens,
+                   "tokens_per_second": round(result.generated_tokens / seconds, 1) if seconds else None},
         "predictions": predictions,
-        "skipped": [{"index": ex.index, "image": _image_name(ex.image), "reason": reason, "message": msg}
-                    for ex, reason, msg in sorted(skipped, key=lambda s: s[0].index)],
+        "skipped": [{"index": ex.index, "image": image_name(ex.image), "reason": reason, "message": msg}
+                    for ex, reason, msg in result.skipped],
         "files": {},
     }
     if out_dir is not None:
-        _write(report, done, gallery_items, Path(out_dir), gallery_size)
+        _write(report, result, Path(out_dir), gallery_size)
     return report
 
 
-def _write(report: dict, done: Sequence[Scored], gallery_items: list[dict], out_dir: Path, gallery_size: int) -> None:
+def _write(report: dict, result: evaluator.EvalResult, out_dir: Path, gallery_size: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = report["task"] + (f"_{report['split']}" if report["split"] else "")
-    if gallery_items and gallery_size > 0:
-        items = []
-        for d, item in zip(done[:gallery_size], gallery_items):
-            try:
-                items.append({**item, "image": image_lib.load_image(d.example.image)})
-            except image_lib.ImageError:  # changed on disk since: leave it out of the picture
-                continue
-        if items:
-            path = out_dir / f"{stem}_gallery.png"
-            viz.gallery(items, path)
-            report["files"]["gallery"] = os.fspath(path)
+    items = evaluator.gallery_items(result, gallery_size) if gallery_size > 0 else []
+    if items:
+        path = out_dir / f"{stem}_gallery.png"
+        viz.gallery(items, path)
+        report["files"]["gallery"] = os.fspath(path)
     path = out_dir / f"{stem}.json"
     report["files"]["report"] = os.fspath(path)
     path.write_text(json.dumps(report, indent=1, ensure_ascii=False, default=_jsonable) + "\n")
@@ -398,7 +259,7 @@ def _jsonable(v: Any) -> Any:
 # ----------------------------------------------------------------------------- command line
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser("pr1_jax.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--task", required=True, choices=tasks.names())
     p.add_argument("--model_dir", required=True, help="HF Qwen2-VL / Qwen2.5-VL checkpoint directory")
     p.add_argument("--data", required=True, help="evaluation file (COCO instances JSON for detection)")
     p.add_argument("--image_dir", default=None, help="root that relative image paths are joined with")
@@ -416,6 +277,9 @@ def build_parser() -> cli.ArgumentParser:
                    help="detection: PR1's quirks (no rescaling to original pixels, last image not inferred)")
     p.add_argument("--gallery_size", type=int, default=16)
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--prompt", choices=PROMPT_STYLES, default="paper",
+                   help="paper: PR1's evaluation prompts; training: the training prompt and system prompt")
+    p.add_argument("--system_prompt", default=None, help="with --prompt=training: the system prompt (default PR1's)")
     p.add_argument("--devices", type=int, default=0,
                    help="devices that decode each batch, its prompts split over them (0: all of them)")
     return p
@@ -428,7 +292,7 @@ def _main(argv: Sequence[str] | None) -> int:
                       out_dir=args.out_dir, backend=args.backend, min_pixels=args.min_pixels,
                       max_pixels=args.max_pixels, dtype=args.dtype, robust_parse=args.robust_parse,
                       pr1_exact=args.pr1_exact, gallery_size=args.gallery_size, progress=not args.no_progress,
-                      devices=args.devices)
+                      devices=args.devices, prompt=args.prompt, system_prompt=args.system_prompt)
     print(json.dumps({"task": report["task"], "metrics": report["metrics"], "counts": report["counts"],
                       "files": report["files"]}, indent=1))
     return 0

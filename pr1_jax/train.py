@@ -45,11 +45,13 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from pr1_jax import checkpoint, grpo, monitor, multihost, rollouts, sharding, tasks, tiny, train_state, viz, workload
+from pr1_jax import evaluator as evaluator_lib
 from pr1_jax.accounting import StepAccount
 from pr1_jax.data import pipeline, readers
 from pr1_jax.pretrained import Pretrained
 from pr1_jax.processing import chat
 from pr1_jax.errors import ConfigError
+from pr1_jax.evaluator import Evaluator, Example
 from pr1_jax.programs import Programs, enable_compile_cache, resolve_kernels
 from pr1_jax.structs import SamplingConfig, TrainState
 from pr1_jax.shapes import StepShapes, attention_weight
@@ -116,8 +118,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     shapes = StepShapes.from_config(c)  # per-step shapes on a ladder, the config's sizes as caps
     attn_weight = attention_weight(pre.config.text)  # how completions are packed (shapes.packing_cost)
     params = pre.params
-    evaluator = functools.partial(evaluate, c=c, pre=pre, programs=programs, mesh=mesh, examples=eval_examples,
-                                  prepare=prepare, shapes=shapes, system_prompt=system_prompt, mon=mon)
+    # ---------------------------------------------------------------- held-out evaluation (pr1_jax/evaluator.py)
+    greedy = Evaluator(pre, c.task, sample=programs.rollout, mesh=mesh, batch_size=eval_batch_size(c),
+                       max_new_tokens=c.sampling.max_new_tokens, prompt=c.data.get("eval_prompt", "training"),
+                       system_prompt=system_prompt)
+    evaluator = functools.partial(evaluate, greedy=greedy, examples=[Example(i, row) for i, row in
+                                                                     enumerate(eval_examples)], c=c, mon=mon)
     lr_schedule = grpo_learning_rate(c, total_steps)  # for the logs
     history: dict[str, list] = {"step": [], "reward": [], "eval_step": [], "eval_score": []}
 
@@ -308,44 +314,30 @@ def sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, eval
     return state.params
 
 
-def evaluate(params, *, c, pre, programs, mesh, examples, prepare, shapes, system_prompt, mon, step: int,
-             tag: str) -> float:
-    """Greedy decoding of the held-out examples, scored by the task's paper metrics (`pr1_jax/tasks`)
-    and the run's rewards; returns the paper's headline number (`score_name`).
-    Logs to `mon`: an eval.jsonl row, the gallery (grounding) and a few completions.
-
-    Batches of `data.eval_batch` prompts, the last one padded (padding is not scored); each
-    process decodes its block of a batch and every process scores the gathered whole.
+def evaluate(params, *, greedy: Evaluator, examples: Sequence[Example], c, mon, step: int, tag: str) -> float:
+    """Greedy answers to the held-out examples (`pr1_jax.evaluator`, the loop `python -m
+    pr1_jax.evaluate` runs), scored by the task's paper metrics and the run's rewards; returns
+    the paper's headline number (`score_name`). Logs to `mon`: an eval.jsonl row, the gallery
+    and a few completions.
     """
     if not examples:
         return float("nan")
-    bs = eval_batch_size(c)
-    key = sharding.replicate(jax.random.PRNGKey(0), mesh)  # greedy: unused
-    texts, prepared = [], []
-    for i in range(0, len(examples), bs):
-        chunk = [prepare(ex) for ex in examples[i:i + bs]]
-        n_real = len(chunk)
-        chunk = chunk + [chunk[-1]] * (bs - n_real)  # pad the last batch: one compiled shape
-        prompts = rollouts.encode_examples(chunk[multihost.local_slice(bs)], c.task, pre.special, pre.tokenizer,
-                                           pre.image_config, system_prompt)
-        shape = global_prompt_size(prompts).padded(shapes)
-        inputs = sharding.shard_batch(rollouts.prompt_inputs(prompts, pre.special, shape), mesh, process_local=True)
-        out = programs.rollout(params, inputs, key, SamplingConfig(max_new_tokens=c.sampling.max_new_tokens,
-                                                                   temperature=0))
-        tokens = multihost.gather(multihost.host_local(out.tokens))  # every process's block, in order
-        texts += rollouts.decode_completions(pre.tokenizer, tokens, c.skip_special_tokens)[:n_real]
-        prepared += chunk[:n_real]
-    task = tasks.get(c.task)
-    total, _ = rollouts.score(texts, prepared, c.rewards, 1, c.reward_kwargs.to_dict())
-    metrics = {**task.metrics(texts, prepared), "reward": float(total.mean())}
+    result = greedy(params, examples)
+    task = greedy.task
+    if not result.answers:  # every held-out image failed to load
+        return float("nan")
+    rows = [a.row() for a in result.answers]
+    total, _ = rollouts.score([a.text for a in result.answers], rows, c.rewards, 1, c.reward_kwargs.to_dict())
+    metrics = {**result.scores.metrics, "reward": float(total.mean()), "skipped": len(result.skipped)}
     score = metrics[task.headline]
     if not multihost.is_main_process():
         return score
     gallery = None
-    if task.gallery is not None:
+    items = evaluator_lib.gallery_items(result, 16)
+    if items:
         gallery = Path(c.workdir) / f"gallery_{tag}_{step}.png"
-        viz.gallery(task.gallery(prepared, texts), gallery)
-    mon.log_eval(tag, step, metrics, samples=list(zip(prepared, texts)), gallery=gallery)
+        viz.gallery(items, gallery)
+    mon.log_eval(tag, step, metrics, samples=[(a.row(), a.text) for a in result.answers], gallery=gallery)
     tqdm.write(f"[eval {tag} step {step}] score={score:.3f}")
     return score
 

@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 from pr1_jax import evaluate as ev
+from pr1_jax import evaluator
 from pr1_jax.data import synthetic
 
 N = 5
+TASKS = ("grounding", "counting", "detection", "ocr")  # PR1's four, with their own evaluation files
 METRIC_KEYS = {
     "grounding": {"n", "iou", "acc@0.1", "acc@0.3", "acc@0.5", "acc@0.75", "acc@0.95", "center_acc", "avg",
                   "parse_fail"},
@@ -30,7 +32,7 @@ def datasets(tmp_path_factory):
     image (found only when decoded) and a malformed row; counting a missing image file."""
     root = tmp_path_factory.mktemp("eval_data")
     out = {}
-    for task in ev.TASKS:
+    for task in TASKS:
         files = synthetic.WRITERS[task](root / task, N, seed=7)
         data = files.eval_path
         (root / task / "images" / f"{task}_000002.png").write_bytes(b"definitely not a PNG")
@@ -50,7 +52,7 @@ EXPECTED_SKIPS = {"grounding": {"bad_image": 2}, "counting": {"bad_image": 1, "m
                   "detection": {"bad_image": 1}, "ocr": {"bad_image": 1}}
 
 
-@pytest.mark.parametrize("task", ev.TASKS)
+@pytest.mark.parametrize("task", TASKS)
 def test_end_to_end(task, datasets, tiny_dir, tmp_path):
     data, image_dir = datasets[task]
     report = ev.evaluate(task, tiny_dir, data, image_dir=image_dir, batch_size=2, max_new_tokens=4,
@@ -86,35 +88,36 @@ def _truth(task, coco):
         for a in coco["annotations"]:
             anns.setdefault(a["image_id"], []).append((names[a["category_id"]], a["bbox"]))
 
-    def decode(decoder, batch, examples):
+    def decode(_evaluator, _params, batch, examples):
         texts = []
         for k, ex in enumerate(examples):
+            row = None if ex is None else ex.row
             if ex is None:
                 texts.append("")
             elif task == "grounding":
-                x1, y1, x2, y2 = ex.gt[1]
-                texts.append(f"<|object_ref_start|>{ex.problem}<|object_ref_end|>"
+                x1, y1, x2, y2 = row.get("normalized_solution", row["solution"])
+                texts.append(f"<|object_ref_start|>{row['problem']}<|object_ref_end|>"
                              f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>")
             elif task == "counting":
-                texts.append(f"<|object_ref_start|>{ex.problem}<|object_ref_end|>"
-                             + "<|box_start|>(10,10),(20,20)<|box_end|>" * ex.gt)
+                texts.append(f"<|object_ref_start|>{row['problem']}<|object_ref_end|>"
+                             + "<|box_start|>(10,10),(20,20)<|box_end|>" * row["count"])
             elif task == "detection":  # Qwen2.5-VL style: pixels of the resized image
                 (oh, ow), (rh, rw) = batch.original_hw[k], batch.resized_hw[k]
                 items = [{"bbox_2d": [x * rw / ow, y * rh / oh, (x + w) * rw / ow, (y + h) * rh / oh], "label": name}
-                         for name, (x, y, w, h) in anns[ex.gt]]
+                         for name, (x, y, w, h) in anns[row["image_id"]]]
                 texts.append("```json\n" + json.dumps(items) + "\n```")
             else:
-                texts.append(ex.gt)
-        return [ev.Completion(t, 1, True) for t in texts]
+                texts.append(row["solution"])
+        return [evaluator.Completion(t, 1, True) for t in texts]
 
     return decode
 
 
-@pytest.mark.parametrize("task", ev.TASKS)
+@pytest.mark.parametrize("task", TASKS)
 def test_ground_truth_answers_score_perfectly(task, datasets, tiny_dir, monkeypatch):
     data, image_dir = datasets[task]
     coco = json.loads(data.read_text()) if task == "detection" else None
-    monkeypatch.setattr(ev, "greedy_decode", _truth(task, coco))
+    monkeypatch.setattr(evaluator, "greedy_decode", _truth(task, coco))
     report = ev.evaluate(task, tiny_dir, data, image_dir=image_dir, batch_size=3, progress=False)
     m = report["metrics"]
     assert report["counts"]["evaluated"] == N - sum(EXPECTED_SKIPS[task].values())
@@ -134,7 +137,7 @@ def test_ground_truth_answers_score_perfectly(task, datasets, tiny_dir, monkeypa
 
 def test_limit_and_bad_arguments(datasets, tiny_dir, monkeypatch):
     data, image_dir = datasets["ocr"]
-    monkeypatch.setattr(ev, "greedy_decode", _truth("ocr", None))
+    monkeypatch.setattr(evaluator, "greedy_decode", _truth("ocr", None))
     report = ev.evaluate("ocr", tiny_dir, data, image_dir=image_dir, limit=2, progress=False)
     assert report["counts"]["examples"] == 2 and report["counts"]["evaluated"] == 2
     for kwargs, message in [(dict(task="nope"), "task must be one of"), (dict(batch_size=0), "batch_size"),
@@ -146,13 +149,19 @@ def test_limit_and_bad_arguments(datasets, tiny_dir, monkeypatch):
             ev.evaluate(kw.pop("task"), kw.pop("model_dir"), kw.pop("data"), progress=False, **kw)
     # Counting also reads PR1's training rows (count = number of clicks).
     counting_data, counting_dir = datasets["counting"]
-    monkeypatch.setattr(ev, "greedy_decode", _truth("counting", None))
+    monkeypatch.setattr(evaluator, "greedy_decode", _truth("counting", None))
     report = ev.evaluate("counting", tiny_dir, counting_data.parent / "counting.jsonl", image_dir=counting_dir,
                          progress=False)
     assert report["counts"]["evaluated"] == N - 2 and report["metrics"]["accuracy"] == 100.0
-    coco_data, _ = datasets["detection"]  # PR1's training rows are not a COCO file
-    with pytest.raises(ev.EvalError, match="COCO instances JSON"):
-        ev.evaluate("detection", tiny_dir, coco_data.parent / "detection.json", progress=False)
+    # Detection also reads PR1's training rows, scored against their own boxes (the ground-truth
+    # stand-in answers a COCO image id, which training rows do not have: the model decodes here).
+    coco_data, coco_dir = datasets["detection"]
+    monkeypatch.undo()
+    rows = ev.evaluate("detection", tiny_dir, coco_data.parent / "detection.json", image_dir=coco_dir,
+                       max_new_tokens=2, progress=False)
+    assert rows["counts"]["evaluated"] == N - 1 and set(rows["metrics"]) == METRIC_KEYS["detection"]
+    with pytest.raises(ev.EvalError, match="COCO instances JSON.*or training rows"):
+        ev.evaluate("detection", tiny_dir, datasets["ocr"][0], progress=False)
 
 
 def test_no_usable_row_is_refused(datasets, tiny_dir, caplog, tmp_path):
@@ -182,7 +191,7 @@ def test_command_line_error(tmp_path):
     assert proc.stderr.strip() == f"pr1_jax.evaluate: error: {tmp_path / 'none.json'}: no such data file or directory"
 
 
-@pytest.mark.parametrize("task", ["grounding", "detection"])
+@pytest.mark.parametrize("task", TASKS)
 def test_sharded_over_8_devices_equals_one(task, datasets, tiny_dir):
     """--devices: each batch's prompts split over the 8 fake CPU devices by the training
     rollout's sharded sampler; the same completions and metrics as on one device."""

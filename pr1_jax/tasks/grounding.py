@@ -12,7 +12,7 @@ from pr1_jax import viz
 from pr1_jax.data import synthetic
 from pr1_jax.evaluation import grounding as grounding_eval
 from pr1_jax.processing import chat
-from pr1_jax.tasks.base import Task, register
+from pr1_jax.tasks.base import Scores, Task, register
 
 
 def sft_target(example) -> str:
@@ -21,27 +21,32 @@ def sft_target(example) -> str:
             f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|><|im_end|>")
 
 
-def metrics(texts, examples) -> dict[str, float]:
-    """Acc@0.5 / 0.75 / 0.9, mean IoU, parse failures (%), `n` (`evaluation.grounding`)."""
-    return grounding_eval.evaluate_grounding(texts, [ex["solution"] for ex in examples])["all"]
-
-
-def gallery(examples, texts) -> list[dict]:
-    """The first 16: predicted box (red) and ground truth (green) in pixels of the image."""
-    items = []
-    for ex, text in list(zip(examples, texts))[:16]:
-        h, w = ex["orig_hw"]
-        pred, ok = grounding_eval.parse_box(text)
-        items.append({"image": ex["image"], "pred": viz.qwen_norm_to_pixels([pred], w, h) if ok else [],
-                      "gt": viz.qwen_norm_to_pixels([ex["solution"]], w, h), "caption": ex["problem"]})
-    return items
+def score(answers, **_options) -> Scores:
+    """Acc@0.1/0.3/0.5/0.75/0.95, center_acc, avg, mean IoU (×100), parse_fail (%), n
+    (`evaluation.grounding`); per row the parsed box and its IoU; the gallery shows the
+    predicted box (red) over the ground truth (green), in pixels of the image as given."""
+    texts = [a.text for a in answers]
+    sols = [a.example["solution"] for a in answers]
+    norms = [a.example.get("normalized_solution", a.example["solution"]) for a in answers]
+    metrics = grounding_eval.evaluate_grounding(texts, sols, norms)["all"]
+    pred, gt, parsed = grounding_eval.eval_boxes(texts, sols, norms)
+    iou = grounding_eval.box_iou(pred, gt)
+    records, gallery = [], []
+    for a, p, g, ok, v in zip(answers, pred, gt, parsed, iou):
+        records.append({"pred_box": p.tolist(), "gt_box": g.tolist(), "parsed": bool(ok), "iou": float(v)})
+        h, w = a.original_hw  # both boxes are in Qwen2-VL's [0, 1000) space of the image
+        gallery.append({"pred": viz.qwen_norm_to_pixels(p, w, h)[None] if ok else None,
+                        "gt": viz.qwen_norm_to_pixels(g, w, h)[None],
+                        "caption": f"IoU {v:.2f} {a.example.get('problem', '')}"})
+    return Scores(metrics, records, gallery)
 
 
 TASK = register(Task(
     name="grounding", prompt=chat.QUESTION_TEMPLATES["pr1_grounding"],
-    question_key="problem", default_rewards=("pr1_grounding", "pr1_grounding_format"),
+    question_key="problem", eval_prompt=chat.EVAL_TEMPLATES["pr1_grounding"],
+    default_rewards=("pr1_grounding", "pr1_grounding_format"),
     skip_special_tokens=False, eval_max_new_tokens=512, end_lengths="geometric:40",
     headline="acc@0.5", headline_label="Acc@0.5",
     paper="RefCOCO val/testA/testB Acc@0.5 89.1/91.4/84.5 (Qwen2-VL-2B base 86.8/89.6/82.0)",
-    metrics=metrics, num_objects=lambda example: 1, write_synthetic=synthetic.write_grounding,
-    sft_target=sft_target, gallery=gallery))
+    score=score, num_objects=lambda example: 1, write_synthetic=synthetic.write_grounding,
+    sft_target=sft_target))

@@ -20,7 +20,7 @@ import numpy as np
 from pr1_jax import rewards, viz
 from pr1_jax.data import rows, synthetic
 from pr1_jax.rewards.parsing import ENDOFTEXT, as_text, parse_box_value, solution_column
-from pr1_jax.tasks.base import Task, register
+from pr1_jax.tasks.base import Scores, Task, register
 
 # "(x,y)" with integer or decimal coordinates, spaces allowed.
 _POINT = re.compile(r"\(\s*([-+]?\d+(?:\.\d+)?)\s*,\s*([-+]?\d+(?:\.\d+)?)\s*\)")
@@ -65,31 +65,30 @@ def sft_target(example) -> str:
     return f"({int(round((x1 + x2) / 2))},{int(round((y1 + y2) / 2))})<|im_end|>"
 
 
-def metrics(texts, examples) -> dict[str, float]:
-    """accuracy: % of answers whose point is in the box; parse_fail: % with no point; n."""
-    points = [parse_point(t) for t in texts]
-    hits = [inside(p, ex["solution"]) for p, ex in zip(points, examples)]
+def score(answers, **_options) -> Scores:
+    """accuracy: % of answers whose point is in the box; parse_fail: % with no point; n. Per row
+    the point and whether it hit; the gallery shows the point as a small red square, the box in green."""
+    points = [parse_point(a.text) for a in answers]
+    hits = [inside(p, a.example["solution"]) for p, a in zip(points, answers)]
     n = len(hits)
-    return {"accuracy": 100.0 * sum(hits) / max(n, 1), "parse_fail": 100.0 * sum(p is None for p in points) / max(n, 1),
-            "n": n}
-
-
-def gallery(examples, texts) -> list[dict]:
-    """The first 16: the answer's point as a small red square, the box in green."""
-    items = []
-    for ex, text in list(zip(examples, texts))[:16]:
-        h, w = ex["orig_hw"]
-        p = parse_point(text)
-        pred = [] if p is None else viz.qwen_norm_to_pixels([[p[0] - 8, p[1] - 8, p[0] + 8, p[1] + 8]], w, h)
-        items.append({"image": ex["image"], "pred": pred, "gt": viz.qwen_norm_to_pixels([ex["solution"]], w, h),
-                      "caption": ex["problem"]})
-    return items
+    metrics = {"accuracy": 100.0 * sum(hits) / max(n, 1),
+               "parse_fail": 100.0 * sum(p is None for p in points) / max(n, 1), "n": n}
+    records, gallery = [], []
+    for a, p, hit in zip(answers, points, hits):
+        records.append({"point": p, "hit": hit})
+        h, w = a.original_hw
+        pred = None if p is None else viz.qwen_norm_to_pixels([[p[0] - 8, p[1] - 8, p[0] + 8, p[1] + 8]], w, h)
+        box = parse_box_value(a.example["solution"])
+        gallery.append({"pred": pred, "gt": None if box is None else viz.qwen_norm_to_pixels([box], w, h),
+                        "caption": a.example.get("problem", "")})
+    return Scores(metrics, records, gallery)
 
 
 TASK = register(Task(
     name="pointing", prompt="Point to the {question} in the image.", question_key="problem",
+    eval_prompt="Point to the {question} in the image.",
     default_rewards=("point_in_box", "point_format"), skip_special_tokens=False, eval_max_new_tokens=32,
     end_lengths="geometric:10", headline="accuracy", headline_label="point accuracy (%)",
-    paper="not a Perception-R1 task (no paper number)", metrics=metrics, num_objects=lambda example: 1,
-    write_synthetic=synthetic.write_grounding, sft_target=sft_target, gallery=gallery,
+    paper="not a Perception-R1 task (no paper number)", score=score, num_objects=lambda example: 1,
+    write_synthetic=synthetic.write_grounding, sft_target=sft_target,
     columns=("image", "problem", "solution"), parse_solution=rows.solution_box))
