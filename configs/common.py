@@ -39,6 +39,9 @@ def base() -> ml_collections.ConfigDict:
     # The held-out evaluation's prompt: "training" (the training prompt and system prompt) or "paper"
     # (PR1's evaluation scripts' prompt, as `python -m pr1_jax.evaluate` sends by default).
     c.data.eval_prompt = "training"
+    # The detection curriculum (pr1_jax/data/schedule.py): stages of harder data and more rollouts,
+    # from the difficulty order of `python -m pr1_jax.data.curriculum`. "" = off (PR1's released code).
+    c.data.curriculum = ml_collections.ConfigDict(dict(difficulty="", stage_steps=(0,), num_generations=(), mix=()))
     c.data.min_pixels = 3136
     c.data.max_pixels = 1_000_000  # PR1 trains at max_pixels 1e6
     c.data.synthetic = 0  # > 0: generate this many synthetic training rows (demo/tests)

@@ -97,9 +97,11 @@ class StepShapes:
                    rows=Ladder(num_samples, quantum=1, minimum=1, steps=(1.0, 1.5)))
 
     @classmethod
-    def from_config(cls, c) -> "StepShapes":
+    def from_config(cls, c, num_samples: int | None = None) -> "StepShapes":
+        """The config's caps; `num_samples`: the largest G of the run (a curriculum may raise it)."""
         return cls.from_caps(seq_len=c.batch.seq_len, patch_row_len=c.batch.patch_row_len,
-                             max_new_tokens=c.sampling.max_new_tokens, num_samples=c.grpo.num_generations)
+                             max_new_tokens=c.sampling.max_new_tokens,
+                             num_samples=num_samples or c.grpo.num_generations)
 
 
 def attention_weight(cfg) -> float:

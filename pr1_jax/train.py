@@ -28,6 +28,7 @@ the end of the current GRPO step and exit with status 0; a second Ctrl-C exits a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -48,6 +49,7 @@ from pr1_jax import checkpoint, grpo, monitor, multihost, rollouts, sharding, ta
 from pr1_jax import evaluator as evaluator_lib
 from pr1_jax.accounting import StepAccount
 from pr1_jax.data import pipeline, readers
+from pr1_jax.data.schedule import Curriculum
 from pr1_jax.pretrained import Pretrained
 from pr1_jax.processing import chat
 from pr1_jax.errors import ConfigError
@@ -110,12 +112,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     prepare = functools.partial(pipeline.load_and_resize, cfg=pre.image_config)
     p_step = c.batch.prompts_per_step
     total_steps = c.total_steps if c.total_steps > 0 else max(1, c.num_epochs * len(train_examples) // p_step)
-    data = pipeline.make_iterator(train_examples, prepare=prepare, seed=c.seed, num_epochs=None)  # this process's shard
+    # The curriculum's stages (data/schedule.py; one plain stage without data.curriculum): this process's shard.
+    curriculum = Curriculum.from_config(c, len(train_examples))
+    data = curriculum.iterator(train_examples, prepare=prepare, seed=c.seed)
 
     # ---------------------------------------------------------------- programs (pr1_jax/programs.py)
     programs = Programs.from_config(c, pre.config, mesh, special.eos_ids, special.pad_id, total_steps=total_steps)
     grpo_cfg = programs.grpo_cfg
-    shapes = StepShapes.from_config(c)  # per-step shapes on a ladder, the config's sizes as caps
+    shapes = StepShapes.from_config(c, num_samples=curriculum.max_generations)  # per-step ladders, the config's caps
     attn_weight = attention_weight(pre.config.text)  # how completions are packed (shapes.packing_cost)
     params = pre.params
     # ---------------------------------------------------------------- held-out evaluation (pr1_jax/evaluator.py)
@@ -163,7 +167,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     p_local = multihost.local_batch_size(p_step)
     shards = sharding.batch_shards(mesh)
 
-    def next_prompts():
+    def next_prompts(step: int):
+        curriculum.advance(data, step)  # the step's curriculum stage
         examples = [next(data) for _ in range(p_local)]
         return examples, rollouts.encode_examples(examples, c.task, special, pre.tokenizer, pre.image_config,
                                                   system_prompt)
@@ -175,17 +180,18 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     for step in bar:
         acct = StepAccount(programs)
         with acct.phase("data"):  # this process's prompts of the step (read during the last update)
-            examples, prompts = upcoming or next_prompts()
+            examples, prompts = upcoming or next_prompts(step)
             upcoming = None
             pshape = global_prompt_size(prompts).padded(shapes)  # the same shapes on every process
             inputs = sharding.shard_batch(rollouts.prompt_inputs(prompts, special, pshape), mesh, process_local=True)
         temperature = grpo.temperature_at(step, grpo_cfg, total_steps)
+        g = curriculum.num_generations(step)  # G, grpo.num_generations unless a curriculum stage raises it
         rng, key = jax.random.split(rng)
         end_at = None if end_lengths is None else sharding.shard_batch(
-            end_lengths.draw((p_local, grpo_cfg.num_generations), c.sampling.max_new_tokens,
+            end_lengths.draw((p_local, g), c.sampling.max_new_tokens,
                              seed=c.seed * 100_003 + step * 7919 + jax.process_index()), mesh, process_local=True)
         times: dict[str, float] = {}
-        sampling = SamplingConfig(num_samples=grpo_cfg.num_generations, max_new_tokens=c.sampling.max_new_tokens,
+        sampling = SamplingConfig(num_samples=g, max_new_tokens=c.sampling.max_new_tokens,
                                   temperature=temperature, top_p=c.sampling.top_p, top_k=c.sampling.top_k)
         out = programs.rollout(state.params, inputs, key, sampling, end_at=end_at, timings=times)
         acct.add_time("prefill", times["prefill_s"])
@@ -193,9 +199,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         with acct.phase("rewards"):
             tokens, lengths, logp = multihost.host_local((out.tokens, out.lengths, out.logp))  # [p_local, G, ...]
             texts = rollouts.decode_completions(pre.tokenizer, tokens, c.skip_special_tokens)
-            total, per_fn = rollouts.score(texts, examples, c.rewards, grpo_cfg.num_generations,
-                                           c.reward_kwargs.to_dict())
-            advantages, adv_stats = grpo.group_advantages(jnp.asarray(total), grpo_cfg)  # a group lives on one process
+            total, per_fn = rollouts.score(texts, examples, c.rewards, g, c.reward_kwargs.to_dict())
+            advantages, adv_stats = grpo.group_advantages(  # a group lives on one process
+                jnp.asarray(total), dataclasses.replace(grpo_cfg, num_generations=g))
             mask = np.asarray(grpo.completion_mask(
                 jnp.asarray(tokens.reshape(-1, tokens.shape[-1])), special.im_end, special.pad_id,
                 lengths_b=jnp.asarray(lengths.reshape(-1)),
@@ -206,14 +212,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
                 rollouts.assemble(prompts, special, pshape, cshape, tokens, mask, np.asarray(advantages), logp,
                                   np.asarray(adv_stats["loss_weight"]), multihost.local_batch_size(micro)),
                 mesh, process_local=True)
-            batch = programs.update_batch(state, ref_params, make_batch, p_step, shards, step_key=(pshape, cshape))
+            batch = programs.update_batch(state, ref_params, make_batch, p_step, shards, step_key=(pshape, cshape, g))
             for _ in range(grpo_cfg.num_iterations):  # μ = 1 in PR1: one update per rollout batch
                 state, m = programs.update(state, ref_params, batch)
             # While the device updates: the next step's prompts (images read, resized, tokenized).
             # A checkpoint stores the iterator as it was before them, so a restart reads them again.
             data_state = data.get_state()
             if step + 1 < total_steps:
-                upcoming = next_prompts()
+                upcoming = next_prompts(step + 1)
             m = {k: float(v) for k, v in jax.device_get(m).items()}  # replicated: the same on every process
         m["update/prompts_per_micro"], m["update/remat"] = programs.update_choice(batch)
         total, per_fn, std_g, zero_std_g, lengths = multihost.gather(
@@ -229,7 +235,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
                  learning_rate=lr_schedule(state),  # of the step's (last) applied update
                  completion_length=float(lengths.mean()), temperature=float(temperature),
                  **{f"reward/{k}": float(v.mean()) for k, v in per_fn.items()},
-                 **{f"reward/{k}/std": float(np.std(v, ddof=1)) for k, v in per_fn.items()})
+                 **{f"reward/{k}/std": float(np.std(v, ddof=1)) for k, v in per_fn.items()},
+                 **curriculum.metrics(step, float(total.mean())))
         history["step"].append(step + 1)
         history["reward"].append(m["reward"])
         bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m.get('kl', 0):.4f}", len=f"{m['completion_length']:.0f}")

@@ -256,3 +256,23 @@ def make_iterator(examples: Sequence[dict], *, worker_count: int = 0, read_threa
                           dataset_kw.get("drop_remainder", False))
     return DataIterator(dataset, worker_count=worker_count, read_threads=read_threads,
                         epoch_size=max(1, len(shard)))
+
+
+def make_mixed_iterator(examples: Sequence[dict], groups: Sequence[Sequence[int]], weights: Sequence[float], *,
+                        prepare: Prepare, seed: int = 0, shard_index: int | None = None,
+                        shard_count: int | None = None, worker_count: int = 0) -> DataIterator:
+    """Examples drawn from `groups` (lists of indices into `examples`) in proportion to
+    `weights` (grain's `MapDataset.mix`): each group is sharded over the processes as
+    `make_dataset` shards, shuffled afresh every epoch and repeated forever. The curriculum's
+    stages (`data/schedule.py`) are such mixtures of difficulty buckets."""
+    shard_index, shard_count = _default_shard(shard_index, shard_count)
+    parts = []
+    for g, group in enumerate(groups):
+        local = [int(group[i]) for i in shard_indices(len(group), shard_index, shard_count)]
+        if not local:
+            raise ValueError(f"group {g} has {len(group)} examples, fewer than the {shard_count} processes")
+        group_seed = int(np.random.SeedSequence([seed, g]).generate_state(1)[0]) % 2**31
+        parts.append(grain.MapDataset.source(local).shuffle(seed=group_seed).repeat(None))
+    mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [float(w) for w in weights])
+    epoch = sum(len(shard_indices(len(g), shard_index, shard_count)) for g in groups)
+    return DataIterator(mixed.map(_Prepare(examples, prepare)), worker_count=worker_count, epoch_size=max(1, epoch))
