@@ -1,4 +1,4 @@
-"""Tiny random Qwen2-VL and Qwen2.5-VL checkpoints written by transformers itself.
+"""Tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints written by transformers itself.
 
 No pretrained weights can be downloaded where pr1_jax is developed and tested, so
 the loading code is exercised on directories that `save_pretrained` writes: the same
@@ -12,6 +12,7 @@ and the chat template). Needs torch and transformers (CPU reference only).
 
     python -m pr1_jax.tiny --out=/tmp/tiny_qwen2vl
     python -m pr1_jax.tiny --out=/tmp/tiny_qwen2_5vl --qwen2_5
+    python -m pr1_jax.tiny --out=/tmp/tiny_qwen3vl --qwen3
 """
 
 from __future__ import annotations
@@ -41,6 +42,23 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-VL's chat template as far as a single image + text conversation goes (no tools, no
+# thinking): like Qwen2-VL's, but no system message is inserted when the first message is not one.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
+    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 # Special ids of Qwen2-VL (used only to *write* the toy config; pr1_jax reads them back).
 _IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
             vision_end_token_id=151653)
@@ -55,7 +73,7 @@ def qwen_tokenizer_json() -> Path:
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files" / "tokenizer.json"
 
 
-def write_tokenizer(out_dir: str | os.PathLike) -> Path:
+def write_tokenizer(out_dir: str | os.PathLike, chat_template: str = QWEN2_VL_CHAT_TEMPLATE) -> Path:
     """Writes Qwen2-VL tokenizer files (tokenizer.json + tokenizer_config.json)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,13 +87,24 @@ def write_tokenizer(out_dir: str | os.PathLike) -> Path:
         "model_max_length": 32768,
         "padding_side": "left",
         "split_special_tokens": False,
-        "chat_template": QWEN2_VL_CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
-def write_tiny_checkpoint(
+def write_tiny_checkpoint(out_dir: str | os.PathLike, *, model_type: str = "qwen2_vl", **kwargs) -> Path:
+    """A tiny checkpoint of `model_type` ("qwen2_vl", "qwen2_5_vl" or "qwen3_vl"); `kwargs`
+    go to `write_tiny_checkpoint_qwen2` / `_qwen2_5` / `_qwen3` (what a config's `tiny`
+    dict holds: `pr1_jax.train` writes `--config.model_dir=tiny` through this)."""
+    writers = {"qwen2_vl": write_tiny_checkpoint_qwen2, "qwen2_5_vl": write_tiny_checkpoint_qwen2_5,
+               "qwen3_vl": write_tiny_checkpoint_qwen3}
+    if model_type not in writers:
+        raise ValueError(f"tiny model_type {model_type!r}: one of {sorted(writers)}")
+    return writers[model_type](out_dir, **kwargs)
+
+
+def write_tiny_checkpoint_qwen2(
     out_dir: str | os.PathLike,
     *,
     seed: int = 0,
@@ -179,7 +208,67 @@ def write_tiny_checkpoint_qwen2_5(
     return _save(model, out_dir, safe_serialization_max_shard, min_pixels, max_pixels)
 
 
-def _save(model, out_dir: str | os.PathLike, max_shard: str | None, min_pixels: int, max_pixels: int) -> Path:
+def write_tiny_checkpoint_qwen3(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 3,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 32,
+    mrope_section: tuple[int, int, int] = (6, 5, 5),
+    tie_word_embeddings: bool = True,
+    vision_depth: int = 3,
+    vision_width: int = 32,
+    vision_mlp_dim: int = 64,
+    vision_heads: int = 4,
+    num_position_embeddings: int = 64,
+    deepstack_visual_indexes: tuple[int, ...] = (0, 1),
+    min_pixels: int = 64 * 64,
+    max_pixels: int = 32 * 32 * 64,
+    init_std: float = 0.02,
+    safe_serialization_max_shard: str | None = None,
+) -> Path:
+    """Builds a random `Qwen3VLForConditionalGeneration` and saves it with its processors.
+
+    head_dim is decoupled from the width (4 heads × 32 ≠ 64) as in Qwen3; `mrope_section`
+    must sum to head_dim/2. The position table is 8 × 8 (released models: 48 × 48), so toy
+    images of 4–16 patches a side are resampled up and down. DeepStack taps blocks 0 and 1
+    of 3, added after decoder layers 0 and 1 of 3. The image processor is Qwen2-VL's with
+    Qwen3-VL's settings: 16 px patches, mean = std = 0.5 (transformers' Qwen3VLProcessor
+    uses `Qwen2VLImageProcessor`).
+    """
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    if sum(mrope_section) * 2 != head_dim:
+        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    text = dict(vocab_size=151936, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                head_dim=head_dim, rms_norm_eps=1e-6, max_position_embeddings=262144, attention_bias=False,
+                tie_word_embeddings=tie_word_embeddings, bos_token_id=151643, eos_token_id=151645,
+                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": list(mrope_section),
+                                 "mrope_interleaved": True})
+    vision = dict(depth=vision_depth, hidden_size=vision_width, intermediate_size=vision_mlp_dim,
+                  num_heads=vision_heads, out_hidden_size=hidden_size, in_channels=3, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, hidden_act="gelu_pytorch_tanh",
+                  num_position_embeddings=num_position_embeddings,
+                  deepstack_visual_indexes=list(deepstack_visual_indexes))
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **_IDS, tie_word_embeddings=tie_word_embeddings)
+    config.text_config.initializer_range = init_std
+    config.vision_config.initializer_range = init_std
+    config.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    return _save(model, out_dir, safe_serialization_max_shard, min_pixels, max_pixels,
+                 image_kwargs=dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+                 chat_template=QWEN3_VL_CHAT_TEMPLATE)
+
+
+def _save(model, out_dir: str | os.PathLike, max_shard: str | None, min_pixels: int, max_pixels: int,
+          image_kwargs: dict | None = None, chat_template: str = QWEN2_VL_CHAT_TEMPLATE) -> Path:
     """save_pretrained + Qwen's generation config, image processor and tokenizer files."""
     from transformers import Qwen2VLImageProcessorPil
 
@@ -193,8 +282,8 @@ def _save(model, out_dir: str | os.PathLike, max_shard: str | None, min_pixels: 
     gen = json.loads((out / "generation_config.json").read_text())
     gen.update(eos_token_id=[151645, 151643], pad_token_id=151643, bos_token_id=151643)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(out)
-    write_tokenizer(out)
+    Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, **(image_kwargs or {})).save_pretrained(out)
+    write_tokenizer(out, chat_template)
     return out
 
 
@@ -206,11 +295,14 @@ def _main(argv) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--untied", action="store_true", help="untied lm_head")
     parser.add_argument("--qwen2_5", action="store_true", help="Qwen2.5-VL (window attention) instead of Qwen2-VL")
+    parser.add_argument("--qwen3", action="store_true", help="Qwen3-VL (DeepStack, Qwen3 decoder) instead of Qwen2-VL")
     args = parser.parse_args(argv)
+    if args.qwen2_5 and args.qwen3:
+        parser.error("--qwen2_5 and --qwen3 exclude each other")
     cli.writable_dir(args.out, "--out")  # before torch and transformers load
     qwen_tokenizer_json()
-    write = write_tiny_checkpoint_qwen2_5 if args.qwen2_5 else write_tiny_checkpoint
-    path = write(args.out, seed=args.seed, tie_word_embeddings=not args.untied)
+    model_type = "qwen3_vl" if args.qwen3 else "qwen2_5_vl" if args.qwen2_5 else "qwen2_vl"
+    path = write_tiny_checkpoint(args.out, model_type=model_type, seed=args.seed, tie_word_embeddings=not args.untied)
     print(f"wrote {path}: {sorted(os.listdir(path))}")
     return 0
 

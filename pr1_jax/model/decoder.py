@@ -1,4 +1,8 @@
-"""The Qwen2 decoder with M-RoPE (HF `Qwen2VLTextModel`, `model.layers.*` in checkpoints).
+"""The Qwen2 decoder with M-RoPE (HF `Qwen2VLTextModel`, `model.layers.*` in checkpoints), and
+the Qwen3 decoder of Qwen3-VL (HF `Qwen3VLTextModel`): the same layer without q/k/v biases,
+with an RMSNorm on every query and key head (`TextConfig.qk_norm`), interleaved M-RoPE, and
+DeepStack — visual features added to the hidden states at the image positions after each
+of the first S layers (`DecoderContext.deepstack`).
 
 One layer definition serves every way the model is run, through the K/V it is given:
   * full forward (training, scoring, parity): x [B, 1, T, D], no cache;
@@ -43,16 +47,31 @@ KV = tuple[Array, Array]
 ACT = ("batch", None, "length", "act_embed")
 
 
+def mrope_axes(cfg: TextConfig) -> np.ndarray:
+    """Which position axis (0 t, 1 h, 2 w) rotates each of the Dh/2 frequencies: [Dh/2], static.
+
+    Qwen2-VL: contiguous `mrope_section` blocks (i < s0 → t, i < s0+s1 → h, else w).
+    Qwen3-VL (interleaved, HF `Qwen3VLTextRotaryEmbedding`): frequency i is h when
+    i % 3 == 1 and i < 3·s1, w when i % 3 == 2 and i < 3·s2, else t — so every axis
+    gets high and low frequencies ([24, 20, 20]: t h w t h w … t h w t t t t).
+    """
+    if not cfg.mrope_interleaved:
+        return np.repeat(np.arange(3), cfg.mrope_section)
+    i = np.arange(cfg.head_dim // 2)
+    _, s_h, s_w = cfg.mrope_section
+    return np.where((i % 3 == 1) & (i < 3 * s_h), 1, np.where((i % 3 == 2) & (i < 3 * s_w), 2, 0))
+
+
 def mrope(pos_3bgt: Array, cfg: TextConfig) -> tuple[Array, Array]:
     """Multimodal RoPE tables (HF `Qwen2VLRotaryEmbedding` + `apply_multimodal_rotary_pos_emb`).
 
-    Each token has (t, h, w) positions. Frequency i (of Dh/2) rotates by the axis its
-    `mrope_section` block names: i < s0 → t, i < s0+s1 → h, else w; duplicated halves.
+    Each token has (t, h, w) positions. Frequency i (of Dh/2) rotates by the axis
+    `mrope_axes` names; duplicated halves.
     pos_3bgt [3, B, G, T] int → cos, sin [B, G, T, Dh] float32.
     """
     dh = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
-    axis_of_freq = np.repeat(np.arange(3), cfg.mrope_section)  # [Dh/2], static
+    axis_of_freq = mrope_axes(cfg)  # [Dh/2], static
     pos = jnp.take(pos_3bgt.astype(jnp.float32), axis_of_freq, axis=0)  # [Dh/2, B, G, T]
     angles = jnp.moveaxis(pos, 0, -1) * jnp.asarray(inv_freq, jnp.float32)
     emb = jnp.concatenate([angles, angles], axis=-1)
@@ -75,6 +94,9 @@ class DecoderContext:
     prompt_mask: Array | None = None
     prompt_len: int = flax.struct.field(pytree_node=False, default=0)  # P; 0: not packed
     num_samples: int = flax.struct.field(pytree_node=False, default=1)  # G
+    # Qwen3-VL DeepStack: [S, B, G, T, D] added to x after layer s < S (zero off image tokens);
+    # None: no DeepStack (Qwen2-VL, decode steps).
+    deepstack: Array | None = None
 
 
 def group_attention(q: Array, k: Array, v: Array, ctx: DecoderContext, impl: str) -> Array:
@@ -112,24 +134,34 @@ class DecoderLayer(nn.Module):
     attention: str = "xla"  # attention without a cache: layers.ATTENTION_IMPLS
 
     @nn.compact
-    def __call__(self, x: Array, ctx: DecoderContext, cache: KV | None = None, prefix: KV | None = None):
+    def __call__(self, x: Array, ctx: DecoderContext, cache: KV | None = None, prefix: KV | None = None,
+                 layer: Array | None = None):
+        """layer: this layer's index (a scanned [] int32), given only with `ctx.deepstack`."""
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # Activations: rows over the batch axes, width whole ("act_embed"; weights' "embed" is FSDP).
         h = nn.with_logical_constraint(layers.RMSNorm(cfg.rms_norm_eps, name="input_norm", **kw)(x), ACT)
 
-        def proj(name: str, heads: int, axis: str) -> Array:  # HF self_attn.{q,k,v}_proj (bias)
-            return nn.DenseGeneral((heads, cfg.head_dim), name=name, **kw,
+        def proj(name: str, heads: int, axis: str) -> Array:  # HF self_attn.{q,k,v}_proj (bias: Qwen2)
+            return nn.DenseGeneral((heads, cfg.head_dim), name=name, use_bias=cfg.attention_bias, **kw,
                                    kernel_init=layers.dense_init(("embed", axis, "head_dim")),
                                    bias_init=layers.zeros_init((axis, "head_dim")))(h)
 
+        # Qwen3: HF self_attn.q_norm / k_norm, RMSNorm over Dh of every head, before RoPE.
+        q_norm = lambda a: layers.RMSNorm(cfg.rms_norm_eps, name="q_norm", **kw)(a)  # noqa: E731
+        k_norm = lambda a: layers.RMSNorm(cfg.rms_norm_eps, name="k_norm", **kw)(a)  # noqa: E731
         pre = None if prefix is None else (prefix[0], prefix[1], ctx.prefix_mask)
         pallas = dict(interpret=jax.default_backend() == "cpu", num_splits=self.decode_splits)
         if self.fused:
             qkv = proj("qkv_proj", cfg.num_heads + 2 * cfg.num_kv_heads, "heads")  # [B, G, T, H + 2K, Dh]
             q, k, v = jnp.split(qkv, [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=-2)
+            if cfg.qk_norm:  # normalised in place, so the fused Pallas step still gets one qkv
+                q, k = q_norm(q), k_norm(k)
+                qkv = jnp.concatenate([q, k, v], axis=-2)
         else:
             q, k, v = (proj("q_proj", cfg.num_heads, "heads"), proj("k_proj", cfg.num_kv_heads, "kv_heads"),
                        proj("v_proj", cfg.num_kv_heads, "kv_heads"))
+            if cfg.qk_norm:
+                q, k = q_norm(q), k_norm(k)
         one_step = (self.fused and self.decode_attention == "pallas" and cache is not None and q.shape[2] == 1
                     and cache[0].shape[3] >= 16)
         if one_step:  # RoPE, cache writes and attention in one kernel
@@ -166,6 +198,9 @@ class DecoderLayer(nn.Module):
             h = (jax.nn.silu(dense("gate_proj", cfg.mlp_dim, ("embed", "mlp"))(h))
                  * dense("up_proj", cfg.mlp_dim, ("embed", "mlp"))(h))
         x = x + dense("down_proj", cfg.width, ("mlp", "embed"))(h)
+        if ctx.deepstack is not None:  # HF Qwen3VLTextModel._deepstack_process after layers 0..S-1
+            ds = ctx.deepstack
+            x = jnp.where(layer < ds.shape[0], x + jnp.take(ds, jnp.minimum(layer, ds.shape[0] - 1), axis=0), x)
         x = nn.with_logical_constraint(x, ACT)
         new_kv = (k, v) if (cache is not None or self.return_kv) else None
         return x, new_kv
@@ -191,11 +226,15 @@ class Decoder(nn.Module):
         layer = DecoderLayer
         if self.remat:
             layer = nn.remat(layer, prevent_cse=False, policy=self.remat_policy)
+        # With DeepStack each layer also gets its index (scanned), to pick its feature plane.
+        deepstack = ctx.deepstack is not None
+        in_axes = (nn.broadcast, nn.broadcast, nn.broadcast, 0) if deepstack else (nn.broadcast,)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast,), length=self.cfg.num_layers, unroll=self.scan_unroll,
+                        in_axes=in_axes, length=self.cfg.num_layers, unroll=self.scan_unroll,
                         metadata_params={nn.PARTITION_NAME: "layers"})
+        args = (ctx, None, None, jnp.arange(self.cfg.num_layers, dtype=jnp.int32)) if deepstack else (ctx,)
         x, new_kv = stack(self.cfg, self.dtype, self.param_dtype, return_kv, attention=self.attention,
-                          name="layers")(x, ctx)
+                          name="layers")(x, *args)
         x = layers.RMSNorm(self.cfg.rms_norm_eps, name="norm", dtype=self.dtype,
                            param_dtype=self.param_dtype)(x)
         return x, new_kv
@@ -210,7 +249,7 @@ def fuse_layer_params(p: dict) -> dict:
     """One layer's parameters with q/k/v and gate/up concatenated (`DecoderLayer(fused=True)`)."""
     p = dict(p)
     qkv = [p.pop(n) for n in ("q_proj", "k_proj", "v_proj")]
-    p["qkv_proj"] = {k: jnp.concatenate([x[k] for x in qkv], axis=-2) for k in ("kernel", "bias")}
+    p["qkv_proj"] = {k: jnp.concatenate([x[k] for x in qkv], axis=-2) for k in ("kernel", "bias") if k in qkv[0]}
     p["gate_up_proj"] = {"kernel": jnp.stack([p.pop("gate_proj")["kernel"], p.pop("up_proj")["kernel"]], axis=-2)}
     return p
 

@@ -11,9 +11,11 @@ Layout rules (HF stores torch `Linear.weight` as [out, in]):
   "patch"   HF Conv3d weight [W, C, T, 14, 14] ↔ ours [C·T·14·14, W].
 Keys with `{i}` are per layer; ours are stacked on a leading layer axis (`nn.scan`).
 
-Checkpoints are read in both key layouts that exist: the original one of the Qwen
-releases (`model.layers.*`, `visual.*`; what transformers' `save_pretrained` writes)
-and transformers' in-memory one (`model.language_model.*`, `model.visual.*`).
+Checkpoints are read in both key layouts that exist: the original one of the Qwen2-VL /
+Qwen2.5-VL releases (`model.layers.*`, `visual.*`; what transformers' `save_pretrained`
+writes for them) and transformers' in-memory one (`model.language_model.*`,
+`model.visual.*`; the Qwen3-VL releases and `save_pretrained` use it). The table names
+keys in the first layout; `release_key` writes each model's own layout on export.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ _TEXT = [
     ("decoder/layers/down_proj/kernel", "model.layers.{i}.mlp.down_proj.weight", "kernel1"),
 ]
 _LM_HEAD = [("lm_head/kernel", "lm_head.weight", "kernel1")]
+# Qwen3 (HF Qwen3VLTextAttention): RMSNorm of each q / k head; no q/k/v biases unless attention_bias.
+_QK_NORM = [
+    ("decoder/layers/q_norm/scale", "model.layers.{i}.self_attn.q_norm.weight", "vector"),
+    ("decoder/layers/k_norm/scale", "model.layers.{i}.self_attn.k_norm.weight", "vector"),
+]
 # Vision tower (HF Qwen2VisionTransformerPretrainedModel / Qwen2_5_VisionTransformer...).
 _VISION = [
     ("visual/patch_embed/kernel", "visual.patch_embed.proj.weight", "patch"),
@@ -81,10 +88,41 @@ _VISION_RMSNORM_SWIGLU = [
      for p, w, rule in (("kernel", "weight", "kernel1"), ("bias", "bias", "vector"))]
 
 
+# Qwen3-VL vision (HF Qwen3VLVisionModel): Qwen2-VL's blocks with `mlp.linear_fc1/2`, a
+# patch-embedding bias, the position table, and mergers named norm / linear_fc1 / linear_fc2.
+_QWEN3_VISION = [
+    ("visual/patch_embed/bias", "visual.patch_embed.proj.bias", "vector"),
+    ("visual/pos_embed/embedding", "visual.pos_embed.weight", "copy"),
+] + [(ours, hf.replace(".mlp.fc", ".mlp.linear_fc"), rule) for ours, hf, rule in _VISION_LAYERNORM
+     if not ours.startswith("visual/merger")]
+
+
+def _merger_rows(ours: str, hf: str) -> list[tuple[str, str, str]]:
+    """A Qwen3-VL merger (`visual.merger` or `visual.deepstack_merger_list.{j}`)."""
+    return [(f"{ours}/ln_q/scale", f"{hf}.norm.weight", "vector"), (f"{ours}/ln_q/bias", f"{hf}.norm.bias", "vector"),
+            (f"{ours}/mlp_0/kernel", f"{hf}.linear_fc1.weight", "kernel1"),
+            (f"{ours}/mlp_0/bias", f"{hf}.linear_fc1.bias", "vector"),
+            (f"{ours}/mlp_2/kernel", f"{hf}.linear_fc2.weight", "kernel1"),
+            (f"{ours}/mlp_2/bias", f"{hf}.linear_fc2.bias", "vector")]
+
+
 def param_table(cfg: ModelConfig) -> list[tuple[str, str, str]]:
     """The (our path, HF key, rule) rows for this architecture."""
+    if cfg.model_type == "qwen3_vl":
+        return _qwen3_vl_table(cfg)
     rows = list(_TEXT) + list(_VISION)
     rows += _VISION_LAYERNORM if cfg.vision.norm == "layernorm" else _VISION_RMSNORM_SWIGLU
+    if not cfg.text.tie_word_embeddings:
+        rows += _LM_HEAD
+    return rows
+
+
+def _qwen3_vl_table(cfg: ModelConfig) -> list[tuple[str, str, str]]:
+    rows = [r for r in _TEXT if cfg.text.attention_bias or not r[0].endswith("_proj/bias")] + _QK_NORM
+    rows += [r for r in _VISION if not r[0].startswith("visual/merger")] + _QWEN3_VISION
+    rows += _merger_rows("visual/merger", "visual.merger")
+    for j in range(len(cfg.vision.deepstack_indexes)):
+        rows += _merger_rows(f"visual/deepstack_merger_{j}", f"visual.deepstack_merger_list.{j}")
     if not cfg.text.tie_word_embeddings:
         rows += _LM_HEAD
     return rows
@@ -124,6 +162,15 @@ def canonical_key(key: str) -> str:
     for pattern, repl in _ALIASES:
         key = pattern.sub(repl, key)
     return key
+
+
+def release_key(key: str, cfg: ModelConfig) -> str:
+    """A table key in the layout of the model's own release: Qwen3-VL's checkpoints (and
+    transformers' `save_pretrained`) nest the decoder under `model.language_model.` and the
+    tower under `model.visual.`; Qwen2-VL / Qwen2.5-VL keep the table's layout."""
+    if cfg.model_type != "qwen3_vl" or key.startswith("lm_head."):
+        return key
+    return "model." + key if key.startswith("visual.") else "model.language_model." + key.removeprefix("model.")
 
 
 class SafetensorsDir:
@@ -216,16 +263,17 @@ def load_params(model_dir: str | os.PathLike, cfg: ModelConfig | None = None, dt
 
 
 def to_hf_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """The inverse of `load_params`: {HF key: array} in the original Qwen key layout."""
+    """The inverse of `load_params`: {HF key: array} in the model's release key layout
+    (`release_key`)."""
     flat = flatten(params)
     out = {}
     for path, hf_key, rule in param_table(cfg):
         x = np.asarray(flat[path])
         if "{i}" in hf_key:
             for i in range(x.shape[0]):
-                out[hf_key.format(i=i)] = np.ascontiguousarray(ours_to_hf(x[i], rule, cfg))
+                out[release_key(hf_key.format(i=i), cfg)] = np.ascontiguousarray(ours_to_hf(x[i], rule, cfg))
         else:
-            out[hf_key] = np.ascontiguousarray(ours_to_hf(x, rule, cfg))
+            out[release_key(hf_key, cfg)] = np.ascontiguousarray(ours_to_hf(x, rule, cfg))
     return out
 
 

@@ -1,4 +1,5 @@
-"""Qwen2-VL for conditional generation (HF `Qwen2VLForConditionalGeneration`).
+"""Qwen2-VL for conditional generation (HF `Qwen2VLForConditionalGeneration`; also
+`Qwen2_5_VLForConditionalGeneration` and `Qwen3VLForConditionalGeneration`, by `cfg.model_type`).
 
     model = Qwen2VL(cfg)                        # cfg: pr1_jax.model.config.ModelConfig
     logits_btv = model.apply({"params": params}, inputs)   # inputs: ModelInputs
@@ -7,8 +8,17 @@ The pieces are separate methods so that the sampler and the GRPO step can run ea
 once where it is needed (vision once per prompt, the prompt once per group, logits in
 chunks): `encode_images`, `embed`, `decode`, `logits`.
 
+Qwen3-VL's DeepStack rides along without new arguments: `encode_images` returns each
+visual token's S DeepStack features next to its embedding ([M, 1 + S, D]), `embed` then
+returns planes [..., 1 + S, D] (plane 0 the embeddings, planes 1..S the features at the
+image positions, zero elsewhere), and `decode` / `decode_group` split them off and add
+plane s after decoder layer s − 1 (`DecoderContext.deepstack`). So every caller that runs
+encode_images → embed → decode (the sampler's prefill, the GRPO step) gets DeepStack;
+token-only embeddings (completions, decode steps) stay [..., D].
+
 Shape letters: B rows, G samples per row, T tokens, D width, V vocab, R packed image
-rows, N patches per packed row, F patch features (1176), M = R·N/4 merged visual tokens.
+rows, N patches per packed row, F patch features (1176; Qwen3-VL 1536), M = R·N/4 merged
+visual tokens, S DeepStack planes.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from pr1_jax.model import layers
 from pr1_jax.model.config import ModelConfig
 from pr1_jax.model.decoder import (KV, Decoder, DecoderContext, decode_layer_by_layer, fuse_layer_params, mrope,
                                    unstack_layers)
+from pr1_jax.model.qwen3_vision import Qwen3VisionTower
 from pr1_jax.model.vision import VisionTower
 from pr1_jax.structs import ModelInputs  # noqa: F401  (the model's input; defined with the shared types)
 
@@ -81,8 +92,9 @@ class Qwen2VL(nn.Module):
         vision_policy = self.remat_policy if self.vision_remat_policy is None else self.vision_remat_policy
         if self.attention not in layers.ATTENTION_IMPLS:
             raise ValueError(f"unknown attention {self.attention!r} (one of {layers.ATTENTION_IMPLS})")
-        self.visual = VisionTower(self.cfg.vision, **_remat(self.remat, vision_policy), attention=self.attention,
-                                  scan_unroll=self.vision_scan_unroll, name="visual", **kw)
+        tower = Qwen3VisionTower if self.cfg.model_type == "qwen3_vl" else VisionTower
+        self.visual = tower(self.cfg.vision, **_remat(self.remat, vision_policy), attention=self.attention,
+                            scan_unroll=self.vision_scan_unroll, name="visual", **kw)
         self.decoder = Decoder(t, **_remat(self.remat, self.remat_policy), scan_unroll=self.scan_unroll,
                                attention=self.attention, name="decoder", **kw)
         if not t.tie_word_embeddings:
@@ -90,33 +102,51 @@ class Qwen2VL(nn.Module):
                                     kernel_init=layers.dense_init(("embed", "vocab")))
 
     def encode_images(self, pixels_rnf: Array, segment_rn: Array, pos_hw_rn2: Array) -> Array:
-        """Packed patches → merged visual tokens, flattened in packing order: [M, D]."""
+        """Packed patches → merged visual tokens, flattened in packing order: [M, D]
+        (Qwen3-VL: [M, 1 + S, D], each token's embedding then its S DeepStack features)."""
         feats = self.visual(pixels_rnf, segment_rn, pos_hw_rn2)
-        return feats.reshape(-1, feats.shape[-1])
+        return feats.reshape(-1, *feats.shape[2:])
 
     def embed(self, ids: Array, vision_md: Array | None = None, vision_index: Array | None = None) -> Array:
         """Token embeddings with image-pad positions replaced by visual tokens (HF masked_scatter).
 
         ids and vision_index share any shape [...]; vision_md [M, D]. Returns [..., D].
+        Qwen3-VL: vision_md [M, 1 + S, D] → planes [..., 1 + S, D]: the embeddings, then the
+        S DeepStack features at the image positions (zero elsewhere; `split_deepstack`).
         """
         x = self.embed_tokens(ids)
         if vision_md is None:
             return x
         is_image = (ids == self.cfg.image_token_id)[..., None]
-        return jnp.where(is_image, jnp.take(vision_md, vision_index, axis=0).astype(x.dtype), x)
+        if vision_md.ndim == 2:
+            return jnp.where(is_image, jnp.take(vision_md, vision_index, axis=0).astype(x.dtype), x)
+        feats = jnp.take(vision_md, vision_index, axis=0).astype(x.dtype)  # [..., 1 + S, D]
+        return jnp.where(is_image[..., None], feats, jnp.concatenate(
+            [x[..., None, :], jnp.zeros(feats.shape[:-2] + (feats.shape[-2] - 1, x.shape[-1]), x.dtype)], axis=-2))
+
+    @staticmethod
+    def split_deepstack(x: Array) -> tuple[Array, Array | None]:
+        """`embed`'s output [B, G, T, D] or planes [B, G, T, 1 + S, D] → (embeddings [B, G, T, D],
+        DeepStack features [S, B, G, T, D] or None)."""
+        if x.ndim == 4:
+            return x, None
+        return x[..., 0, :], jnp.moveaxis(x[..., 1:, :], -2, 0)
 
     def decode(self, x_bgtd: Array, positions_3bgt: Array, mask_bgts: Array, *,
                return_kv: bool = False) -> tuple[Array, KV | None]:
-        """Runs the decoder without a cache (`Decoder`); with return_kv also each layer's K/V."""
+        """Runs the decoder without a cache (`Decoder`); with return_kv also each layer's K/V.
+        x: [B, G, T, D], or Qwen3-VL planes [B, G, T, 1 + S, D] (`embed`)."""
+        x_bgtd, deepstack = self.split_deepstack(x_bgtd)
         cos, sin = mrope(positions_3bgt, self.cfg.text)
-        return self.decoder(x_bgtd, DecoderContext(cos=cos, sin=sin, mask=mask_bgts), return_kv)
+        return self.decoder(x_bgtd, DecoderContext(cos=cos, sin=sin, mask=mask_bgts, deepstack=deepstack), return_kv)
 
     def decode_group(self, x_prompt: Array, x_comp: Array, pos_prompt: Array, pos_comp: Array,
                      prompt_mask_bp: Array, comp_mask_brtt: Array) -> tuple[Array, Array]:
         """Prompts and their completions in one decoder pass over packed rows (`Decoder`).
 
-        x_prompt [B, 1, P, D]; x_comp [B, R, T, D]: each prompt's completions in R rows
-        (`train_step.Completions`); pos_prompt [3, B, 1, P], pos_comp [3, B, R, T];
+        x_prompt [B, 1, P, D] (Qwen3-VL: planes [B, 1, P, 1 + S, D], `embed`); x_comp [B, R, T, D]:
+        each prompt's completions in R rows (`train_step.Completions`); pos_prompt [3, B, 1, P],
+        pos_comp [3, B, R, T];
         prompt_mask_bp [B, P] bool (left padding); comp_mask_brtt [B, R, T, T] bool: which
         tokens of its row each completion token sees (its own completion's earlier ones).
         Every completion token also sees the prompt's valid tokens.
@@ -124,11 +154,14 @@ class Qwen2VL(nn.Module):
         """
         b, r, t, d = x_comp.shape
         p = x_prompt.shape[2]
+        x_prompt, deepstack = self.split_deepstack(x_prompt)
         x = jnp.concatenate([x_prompt, x_comp.reshape(b, 1, r * t, d)], axis=2)
+        if deepstack is not None:  # the completions get none: zeros after the prompt
+            deepstack = jnp.pad(deepstack, [(0, 0)] * 3 + [(0, r * t), (0, 0)])
         cos, sin = mrope(jnp.concatenate([pos_prompt, pos_comp.reshape(3, b, 1, r * t)], axis=-1), self.cfg.text)
         prompt_causal = jnp.tril(jnp.ones((p, p), bool))[None, None] & prompt_mask_bp[:, None, None, :]
         ctx = DecoderContext(cos=cos, sin=sin, mask=comp_mask_brtt, prefix_mask=prompt_mask_bp,
-                             prompt_mask=prompt_causal, prompt_len=p, num_samples=r)
+                             prompt_mask=prompt_causal, prompt_len=p, num_samples=r, deepstack=deepstack)
         hidden, _ = self.decoder(x, ctx)
         return hidden[:, :, :p], hidden[:, :, p:].reshape(b, r, t, d)
 

@@ -91,13 +91,14 @@ def window_attention_mask(segment_rn: Array, pos_hw_rn2: Array, cfg: VisionConfi
 
 
 class VisionBlock(nn.Module):
-    """Pre-norm ViT block (HF `Qwen2VLVisionBlock` / `Qwen2_5_VLVisionBlock`):
+    """Pre-norm ViT block (HF `Qwen2VLVisionBlock` / `Qwen2_5_VLVisionBlock` / `Qwen3VLVisionBlock`):
     x += attn(norm1(x)); x += mlp(norm2(x))."""
 
     cfg: VisionConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention: str = "xla"  # layers.ATTENTION_IMPLS
+    emit: bool = False  # also return the output as the scan's per-block output (Qwen3-VL DeepStack)
 
     @nn.compact
     def __call__(self, x: Array, ctx: tuple[Array, Array, Array, Array | None],
@@ -125,10 +126,13 @@ class VisionBlock(nn.Module):
                                 bias_init=layers.zeros_init(("vit_embed",)))(out)
         x = nn.with_logical_constraint(x, ROWS_W)
         h = nn.with_logical_constraint(norm(name="norm2")(x), ROWS_W)
-        if cfg.mlp == "quick_gelu":  # HF mlp.fc1 / fc2
+        if cfg.mlp in ("quick_gelu", "gelu_tanh"):  # HF mlp.fc1 / fc2 (Qwen3-VL: mlp.linear_fc1 / fc2)
             h = nn.Dense(cfg.mlp_dim, name="fc1", **kw, kernel_init=layers.dense_init(("vit_embed", "vit_mlp")),
                          bias_init=layers.zeros_init(("vit_mlp",)))(h)
-            h = _rows(h * jax.nn.sigmoid(1.702 * h), "vit_mlp")
+            if cfg.mlp == "quick_gelu":
+                h = _rows(h * jax.nn.sigmoid(1.702 * h), "vit_mlp")
+            else:  # HF "gelu_pytorch_tanh"
+                h = _rows(jax.nn.gelu(h, approximate=True), "vit_mlp")
             h = nn.Dense(cfg.width, name="fc2", **kw, kernel_init=layers.dense_init(("vit_mlp", "vit_embed")),
                          bias_init=layers.zeros_init(("vit_embed",)))(h)
         else:  # Qwen2.5-VL SwiGLU with biases: HF mlp.gate_proj / up_proj / down_proj
@@ -137,7 +141,8 @@ class VisionBlock(nn.Module):
             h = (jax.nn.silu(dense("gate_proj", cfg.mlp_dim, ("vit_embed", "vit_mlp"))(h))
                  * dense("up_proj", cfg.mlp_dim, ("vit_embed", "vit_mlp"))(h))
             h = dense("down_proj", cfg.width, ("vit_mlp", "vit_embed"))(_rows(h, "vit_mlp"))
-        return nn.with_logical_constraint(x + h, ROWS_W), None
+        x = nn.with_logical_constraint(x + h, ROWS_W)
+        return x, (x if self.emit else None)
 
 
 def vit_norm(cfg: VisionConfig, kw: dict[str, Any]):
@@ -187,20 +192,26 @@ class VisionTower(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """HF `PatchMerger` / `Qwen2_5_VLPatchMerger`: norm, group 2×2 neighbours (4 consecutive
-    rows), MLP to the LLM width."""
+    """HF `PatchMerger` / `Qwen2_5_VLPatchMerger` / `Qwen3VLVisionPatchMerger`: norm, group 2×2
+    neighbours (4 consecutive rows), MLP to the LLM width. `postshuffle_norm` (Qwen3-VL's
+    DeepStack mergers): the norm runs over the grouped 4·W features instead of each patch's W."""
 
     cfg: VisionConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    postshuffle_norm: bool = False
 
     @nn.compact
     def __call__(self, x_rnw: Array) -> Array:
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = vit_norm(cfg, kw)("ln_q")(nn.with_logical_constraint(x_rnw, ROWS_W))
+        x = nn.with_logical_constraint(x_rnw, ROWS_W)
+        if not self.postshuffle_norm:
+            x = vit_norm(cfg, kw)("ln_q")(x)
         r, n, w = x.shape
         unit = cfg.merge_size**2
         x = _rows(x.reshape(r, n // unit, unit * w))
+        if self.postshuffle_norm:
+            x = vit_norm(cfg, kw)("ln_q")(x)
         x = nn.Dense(unit * w, name="mlp_0", **kw, kernel_init=layers.dense_init(("vit_mlp", "vit_mlp2")),
                      bias_init=layers.zeros_init(("vit_mlp2",)))(x)
         x = _rows(jax.nn.gelu(x, approximate=False))
