@@ -231,7 +231,9 @@ class Evaluator:
             bar.update(len(chunk))
             bar.set_postfix(skipped=len(skipped))
         bar.close()
-        scores = self.task.score(answers, **dict(score_options or {})) if answers else Scores({}, [], [])
+        # The model family says how answers write boxes (Qwen3-VL: JSON in [0, 1000]; docs/qwen3_vl.md).
+        options = {"model_type": self.pre.config.model_type, **dict(score_options or {})}
+        scores = self.task.score(answers, **options) if answers else Scores({}, [], [])
         skipped.sort(key=lambda s: s[0].index)
         return EvalResult(scores, evaluated, answers, completions, skipped, plan, decode_seconds, tokens)
 

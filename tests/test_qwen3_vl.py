@@ -317,23 +317,11 @@ def test_presets(preset, billions):
     assert billions[0] < n / 1e9 < billions[1]
 
 
-def test_grpo_step_of_the_entry_point(tmp_path, monkeypatch):
+def test_grpo_step_of_the_entry_point(tmp_path):
     """`pr1_jax.train` on a tiny Qwen3-VL (`--config.model_dir=tiny`, `tiny.model_type=qwen3_vl`):
     one GRPO step, its metrics, the rollout's and the update's log-probs equal."""
     from configs import demo
     from pr1_jax import train
-
-    # `rollouts.prompt_inputs` calls `batch.build_inputs` without `patch_dim`, whose default is
-    # Qwen2-VL's 1176; Qwen3-VL's patches have 1536 features. Until it passes the model's (or
-    # the images' own) width, this stand-in takes it from the images.
-    real_build_inputs = pb.build_inputs
-
-    def build_inputs(token_rows, images, **kw):
-        if images and "patch_dim" not in kw:
-            kw["patch_dim"] = images[0][0].shape[-1]
-        return real_build_inputs(token_rows, images, **kw)
-
-    monkeypatch.setattr(pb, "build_inputs", build_inputs)
 
     c = demo.get_config()
     c.workdir = str(tmp_path)

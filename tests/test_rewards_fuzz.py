@@ -52,6 +52,14 @@ def answer(task: str, rng) -> str:
     """A well-formed answer of the task, its numbers drawn by `number`."""
     if task == "pointing":
         return f"({number(rng)},{number(rng)})" + "<|im_end|>" * int(rng.integers(2))
+    if task == "grounding_qwen3":  # Qwen3-VL's JSON box (x1 ≤ x2, y1 ≤ y2 where the numbers are sane)
+        nums = [number(rng) for _ in range(4)]
+        if all(n.lstrip("-").isdigit() and len(n) < 6 for n in nums):
+            x1, x2 = sorted(int(n) for n in nums[0::2])
+            y1, y2 = sorted(int(n) for n in nums[1::2])
+            nums = [str(v) for v in (x1, y1, x2, y2)]
+        item = f'{{"bbox_2d": [{", ".join(nums)}], "label": "the dog"}}'
+        return (f"```json\n[{item}]\n```" if rng.random() < 0.5 else item) + "<|im_end|>"
     if task == "grounding":
         nums = [number(rng) for _ in range(4)]
         if rng.random() < 0.8:
@@ -97,6 +105,7 @@ def echo(task: str, sol, rng) -> str | None:
     near-correct answers too; None when the GT is not usable. Half of them swap no number
     (one bad number zeroes PR1's whole detection answer)."""
     p_swap = 0.1 if rng.random() < 0.5 else 0.0
+    task = "grounding" if task == "grounding_qwen3" else task  # grounding's ground truths
 
     def jit(v):
         return str(int(round(v)) + int(rng.integers(-3, 4))) if rng.random() >= p_swap else number(rng)
@@ -222,6 +231,7 @@ def wrong_type(rng):
 
 
 def ground_truth(task: str, rng):
+    task = "grounding" if task == "grounding_qwen3" else task
     u = rng.random()
     if u < 0.1:
         return wrong_type(rng)
@@ -254,6 +264,7 @@ CASES = {
     "grounding_iou": ("grounding", {}, (0.0, 1.0)),
     "pr1_grounding_format": ("grounding", {}, (0.0, 1.0)),
     "grounding_format_strict": ("grounding", {}, (0.0, 1.0)),
+    "qwen3_grounding_format": ("grounding_qwen3", {}, (0.0, 1.0)),  # Qwen3-VL's JSON boxes, grounding's GTs
     "pr1_counting": ("counting", {}, (-np.inf, 1.0)),  # PR1 does not clip far-away points (documented)
     "counting_strict": ("counting", {}, (0.0, 1.0)),
     "pr1_detection": ("detection", {}, (0.0, 3.0)),

@@ -128,3 +128,16 @@ def test_pr1_grounding_matches_spec_reference_on_fuzz():
     ref = np.asarray([_spec_reference(t, s) for t, s in zip(texts, sols)], np.float32)
     np.testing.assert_array_equal(ours, ref)
     assert (ours > 0).sum() > 20
+
+
+def test_qwen3_grounding_answers():
+    """Qwen3-VL answers a JSON box in [0, 1000]: `grounding_iou` scores it at that scale (PR1's
+    reward would multiply it by 1000), `qwen3_grounding_format` pays for exactly one such box."""
+    from pr1_jax.rewards.grounding import grounding_iou, qwen3_grounding_format
+
+    good = ['```json\n[{"bbox_2d": [50, 0, 150, 100], "label": "dog"}]\n```<|im_end|>',
+            '{"bbox_2d": [50, 0, 150, 100], "label": "dog"}']
+    bad = ['[{"bbox_2d": [1, 2, 3, 4]}, {"bbox_2d": [5, 6, 7, 8]}]', '{"bbox_2d": [150, 0, 50, 100]}',
+           '{"bbox_2d": [0, 0, 1001, 5]}', "<|box_start|>(50,0),(150,100)<|box_end|>", "[" * 100_000, "no box"]
+    np.testing.assert_array_equal(qwen3_grounding_format(good + bad), [1, 1] + [0] * len(bad))
+    np.testing.assert_allclose(grounding_iou(good, solution=["[0, 0, 100, 100]"] * 2), [(1 / 3) ** 2] * 2, rtol=1e-6)

@@ -93,3 +93,23 @@ def test_a_task_of_its_own_is_read_through_its_columns(tmp_path):
     same, _ = readers.read(files.path, "grounding", image_dir=files.image_dir)
     assert [ex["solution"] for ex in examples] == [ex["solution"] for ex in same] and len(examples) == 4
     assert report.reasons == {"bad_box": 1}
+
+
+def test_qwen3_vl_boxes_are_scored_at_their_scale():
+    """Qwen3-VL answers JSON boxes in [0, 1000]: scored as such with its model_type (PR1's
+    evaluation would multiply them by 1000); detection's are mapped to the image's pixels."""
+    from pr1_jax.tasks.base import Answer
+
+    t = tasks.get("grounding")
+    ex = {"solution": [100, 100, 500, 500], "problem": "the dog"}
+    texts = ['```json\n[{"bbox_2d": [100, 100, 500, 500], "label": "the dog"}]\n```',
+             '{"bbox_2d": [300, 300, 700, 700], "label": "the dog"}', "no box"]
+    answers = [Answer(ex, text, (480, 640), (476, 644)) for text in texts]
+    m = t.score(answers, model_type="qwen3_vl").metrics
+    assert m["acc@0.5"] == pytest.approx(100 / 3) and m["parse_fail"] == pytest.approx(100 / 3)
+    assert t.score(answers[:1]).metrics["acc@0.5"] == 0.0  # PR1's reading of the same answer
+
+    det = {"solution": {"target_id": [18], "target_box": [[64, 48, 320, 240]]}}  # pixels of a 640×480 image
+    qwen3 = '[{"bbox_2d": [100, 100, 500, 500], "label": "dog"}]'  # the same box in [0, 1000]
+    m = tasks.get("detection").score([Answer(det, qwen3, (480, 640), (476, 644))], model_type="qwen3_vl").metrics
+    assert m["AP"] == pytest.approx(1.0)

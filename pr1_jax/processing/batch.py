@@ -45,13 +45,16 @@ class PackedImages:
 
 
 def pack_images(images: Sequence[Image], *, row_len: int | None = None, num_rows: int | None = None,
-                merge: int = 2, patch_dim: int = 1176) -> PackedImages:
+                merge: int = 2, patch_dim: int | None = None) -> PackedImages:
     """Packs images first-fit into rows of `row_len` patches (each image whole, in one row).
 
     Images keep their patch order; every image starts at a multiple of merge² patches so
-    that the merger's 2×2 groups never straddle two images.
+    that the merger's 2×2 groups never straddle two images. `patch_dim`: features per patch
+    (default: the first image's, else Qwen2-VL's 1176 = 3·2·14²; Qwen3-VL's are 3·2·16² = 1536).
     """
     unit = merge * merge
+    if patch_dim is None:
+        patch_dim = int(np.shape(images[0][0])[-1]) if images else 1176
     sizes = [int(np.prod(g)) for _, g in images]
     for (pix, g), n in zip(images, sizes):
         if pix.shape != (n, patch_dim) or n % unit:
@@ -153,8 +156,9 @@ def left_pad(token_rows: Sequence[np.ndarray], pad_id: int, length: int | None =
 
 def build_inputs(token_rows: Sequence[np.ndarray], images: Sequence[Image], *, image_token_id: int,
                  pad_id: int, seq_len: int | None = None, row_len: int | None = None,
-                 num_rows: int | None = None, merge: int = 2, patch_dim: int = 1176) -> ModelInputs:
-    """Everything the model's forward pass needs, as NumPy arrays (see `ModelInputs`)."""
+                 num_rows: int | None = None, merge: int = 2, patch_dim: int | None = None) -> ModelInputs:
+    """Everything the model's forward pass needs, as NumPy arrays (see `ModelInputs`).
+    `patch_dim`: features per patch (default: the images' own, else Qwen2-VL's 1176)."""
     ids, mask = left_pad(token_rows, pad_id, seq_len)
     packed = pack_images(images, row_len=row_len, num_rows=num_rows, merge=merge, patch_dim=patch_dim)
     grids = [g for _, g in images]

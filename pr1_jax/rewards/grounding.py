@@ -7,6 +7,8 @@ Ground truth `solution[i]`: the box in Qwen2-VL's [0, 1000) space, as "[x1, y1, 
 
 from __future__ import annotations
 
+import json
+import math
 import re
 
 import numpy as np
@@ -144,3 +146,38 @@ def grounding_iou(completions: list[str], solution=None, *, power: float = 2.0, 
             pred[i], gt[i], valid[i] = box, g, True
     iou = np.clip(_iou_batch(pred, gt, valid), 0.0, 1.0)
     return (iou ** power).astype(np.float32)
+
+
+def qwen3_grounding_answer(text: str) -> list[float] | None:
+    """Qwen3-VL's grounding answer (docs/qwen3_vl.md): a JSON object `{"bbox_2d": [x1, y1, x2, y2],
+    "label": ...}` — alone or as the one item of a list, optionally in a ```json fence, then
+    `<|im_end|>` — with four finite numbers in [0, 1000] and x1 ≤ x2, y1 ≤ y2; else None."""
+    t = text.replace(ENDOFTEXT, "").strip().removesuffix("<|im_end|>").strip()
+    if t.startswith("```"):
+        t = t.removeprefix("```json").removeprefix("```").removesuffix("```").strip()
+    if len(t) > 10_000:
+        return None
+    try:
+        v = json.loads(t)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(v, list) and len(v) == 1:
+        v = v[0]
+    box = v.get("bbox_2d") if isinstance(v, dict) else None
+    if not isinstance(box, list) or len(box) != 4 or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in box):
+        return None
+    try:
+        x1, y1, x2, y2 = (float(x) for x in box)  # a 400-digit integer overflows: not a box
+    except OverflowError:
+        return None
+    ok = all(math.isfinite(v) for v in (x1, y1, x2, y2)) and 0 <= x1 <= x2 <= 1000 and 0 <= y1 <= y2 <= 1000
+    return [x1, y1, x2, y2] if ok else None
+
+
+@register("qwen3_grounding_format")
+def qwen3_grounding_format(completions: list[str], **columns) -> np.ndarray:
+    """1 when the answer is exactly one Qwen3-VL JSON box (`qwen3_grounding_answer`), else 0:
+    the format reward of the Qwen3-VL grounding recipe (configs/grounding_qwen3_vl.py), whose
+    IoU reward is `grounding_iou` (it reads the one `[x1, y1, x2, y2]` of such an answer)."""
+    return np.array([float(qwen3_grounding_answer(as_text(c)) is not None) for c in completions], np.float32)

@@ -45,14 +45,15 @@ def _xyxy(xywh) -> list[float]:
 
 
 def score(answers, *, coco_gt: dict | None = None, backend: str = "pycocotools", robust: bool = False,
-          rescale: bool = True, pr1_exact: bool = False) -> Scores:
+          rescale: bool = True, pr1_exact: bool = False, model_type: str = "qwen2_5_vl") -> Scores:
     """COCO AP, AP50, AP75, APs/m/l, AR1/10/100, ARs/m/l (fractions in [0, 1], -1 where a size
     range has no object), n, detections.
 
     The ground truth is `coco_gt` (a COCO instances JSON; each row's `image_id`) or, without it,
     the rows' own boxes. Answers are in pixels of the resized image: `rescale` maps them to the
     original image (the correct evaluation; PR1 compares them unscaled and skips the last image,
-    `rescale=False, pr1_exact=True`). Parsing is PR1's unless `robust`.
+    `rescale=False, pr1_exact=True`). Parsing is PR1's unless `robust`. Qwen3-VL
+    (`model_type="qwen3_vl"`) answers in [0, 1000] of the image: mapped to its pixels.
     """
     if coco_gt is None:
         coco_gt, image_ids = coco_ground_truth(answers), list(range(len(answers)))
@@ -67,7 +68,8 @@ def score(answers, *, coco_gt: dict | None = None, backend: str = "pycocotools",
         found = detection_eval.parse_detections(a.text, robust=robust)
         for det in found:
             if rescale:
-                det["bbox"] = detection_eval.rescale_boxes(det["bbox"], a.resized_hw, a.original_hw).tolist()
+                answer_hw = (1000, 1000) if model_type == "qwen3_vl" else a.resized_hw
+                det["bbox"] = detection_eval.rescale_boxes(det["bbox"], answer_hw, a.original_hw).tolist()
             det["image_id"] = image_id
         dets.extend(found)
         records.append({"image_id": image_id, "detections": [{k: det[k] for k in ("category_id", "bbox")}

@@ -8,10 +8,14 @@ metric: Acc@0.5, the share of answers whose box has IoU ≥ 0.5 with the ground 
 
 from __future__ import annotations
 
+import numpy as np
+
 from pr1_jax import viz
 from pr1_jax.data import synthetic
 from pr1_jax.evaluation import grounding as grounding_eval
 from pr1_jax.processing import chat
+from pr1_jax.rewards.grounding import strict_grounding_box
+from pr1_jax.rewards.parsing import ENDOFTEXT, parse_box_value
 from pr1_jax.tasks.base import Scores, Task, register
 
 
@@ -21,15 +25,36 @@ def sft_target(example) -> str:
             f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|><|im_end|>")
 
 
-def score(answers, **_options) -> Scores:
+def qwen3_boxes(texts, norms) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Qwen3-VL's answers: one `[x1, y1, x2, y2]` in [0, 1000] of the image (its JSON
+    `{"bbox_2d": [...], "label": ...}`), parsed strictly (`rewards.grounding.strict_grounding_box`)
+    → (pred [N, 4], gt [N, 4], parsed [N]) as `evaluation.grounding.eval_boxes` returns them."""
+    pred, parsed = np.zeros((len(texts), 4)), np.zeros(len(texts), bool)
+    for i, text in enumerate(texts):
+        box = strict_grounding_box(text.replace(ENDOFTEXT, ""))
+        if box is not None:
+            pred[i], parsed[i] = box, True
+    gt = np.array([parse_box_value(n) if parse_box_value(n) is not None else [0.0] * 4 for n in norms], np.float64)
+    return pred, gt.reshape(-1, 4), parsed
+
+
+def score(answers, *, model_type: str = "qwen2_vl", **_options) -> Scores:
     """Acc@0.1/0.3/0.5/0.75/0.95, center_acc, avg, mean IoU (×100), parse_fail (%), n
     (`evaluation.grounding`); per row the parsed box and its IoU; the gallery shows the
-    predicted box (red) over the ground truth (green), in pixels of the image as given."""
+    predicted box (red) over the ground truth (green), in pixels of the image as given.
+    Qwen2-VL / Qwen2.5-VL answers are parsed as PR1's evaluation does; `model_type="qwen3_vl"`
+    reads Qwen3-VL's JSON boxes (`qwen3_boxes`, docs/qwen3_vl.md)."""
     texts = [a.text for a in answers]
     sols = [a.example["solution"] for a in answers]
     norms = [a.example.get("normalized_solution", a.example["solution"]) for a in answers]
-    metrics = grounding_eval.evaluate_grounding(texts, sols, norms)["all"]
-    pred, gt, parsed = grounding_eval.eval_boxes(texts, sols, norms)
+    if model_type == "qwen3_vl":
+        pred, gt, parsed = qwen3_boxes(texts, norms)
+        metrics = grounding_eval.grounding_metrics(pred, gt)
+        if metrics["n"]:
+            metrics["parse_fail"] = 100.0 * float(np.mean(~parsed))
+    else:
+        metrics = grounding_eval.evaluate_grounding(texts, sols, norms)["all"]
+        pred, gt, parsed = grounding_eval.eval_boxes(texts, sols, norms)
     iou = grounding_eval.box_iou(pred, gt)
     records, gallery = [], []
     for a, p, g, ok, v in zip(answers, pred, gt, parsed, iou):
