@@ -62,7 +62,7 @@ def smoke_config() -> ModelConfig:
 def prompt_rows(cfg, b: int, seed: int = 0, side: int = SIDE):
     """b prompts of random text around one side×side image: token rows and (pixels, grid)."""
     rng = np.random.default_rng(seed)
-    g = side // 14
+    g = side // cfg.vision.patch_size  # 14 px (Qwen2-VL, Qwen2.5-VL), 16 px (Qwen3-VL)
     n_tok = g * g // 4
     rows, images = [], []
     for _ in range(b):
