@@ -1,6 +1,6 @@
 """Orbax checkpoints of the whole GRPO train state: exact resume, preemption, keep-N.
 
-    ckpt = Checkpoints(workdir / "checkpoints", keep=3)       # async orbax CheckpointManager
+    ckpt = Checkpoints(workdir / "checkpoints", keep=3)       # async orbax CheckpointManager; gs://… too
     ckpt.save(step, state, rng=rng, data_state=data.get_state(), meta={"history": ...})
     got = ckpt.restore_latest(abstract_like(state), rng)     # None on a fresh workdir
     state, rng, data_state, meta = got.state, got.rng, got.data_state, got.meta
@@ -10,7 +10,8 @@ Layout: `checkpoints/step_<N>/` holds four orbax items; N counts GRPO steps done
   params  the policy parameters (a pytree of arrays; all that `pr1_jax.export` reads);
   train   {"step": optimizer steps, "opt_state": optax state, "rng": the loop's PRNG key};
   data    the data iterator state, one JSON file per process (`process_<i>-of-<n>.json`):
-          every host resumes its own shard at exactly its next example;
+          every host resumes its own shard at exactly its next example (a restart with
+          another number of processes restarts the iterators, with a warning: see below);
   meta    JSON: what the run needs besides arrays (plot history, where the reference
           policy lives, the base model dir and its HF config, the run config) plus, per
           saved array, its path/shape/dtype ("signature") and a 32-bit checksum.
@@ -25,8 +26,10 @@ save time is *corrupt*: it is logged with the reason, renamed `step_<N>.corrupt`
 for inspection, ignored by orbax) and the previous step is tried. A checkpoint that
 reads fine but was written for other shapes/dtypes (a changed config) raises
 ValueError instead: that is a mistake to fix, not a file to skip. Saves of a killed
-process are never seen half-written: orbax writes `step_<N>.orbax-checkpoint-tmp-*` and
-renames it when complete; leftovers are removed when the manager opens.
+process are never seen half-written: on a file system orbax writes
+`step_<N>.orbax-checkpoint-tmp-*` and renames it when complete; on GCS (no atomic rename)
+it writes `step_<N>/` and marks it complete with a `commit_success.txt` written last.
+Leftovers are removed when the manager opens.
 
 Preemption: `Preemption()` turns SIGTERM, and the first Ctrl-C (SIGINT), into a request
 that the training loop honours at the end of the current step (`stop_requested()`, agreed
@@ -37,8 +40,20 @@ not checkpointed) SIGTERM or Ctrl-C exits at once with status 0; a restart redoe
 warm-up. SIGKILL needs nothing: a restart resumes from the last complete checkpoint (see
 docs/checkpoints.md).
 
-Arrays may be sharded `jax.Array`s on any mesh and over several hosts: orbax writes
-each shard once and restores onto the shardings of the target given to `restore*`.
+Storage and hosts (docs/storage.md): `directory` is a local path or any URI etils.epath
+supports (gs://bucket/run/checkpoints on a TPU pod), the one location every process writes
+to. Every process calls `save` and `restore` with the same directory: orbax's multi-host
+protocol has each process write the shards of the arrays it holds (each shard once; OCDBT
+`ocdbt.process_<i>/` files), while process 0 (orbax's primary host) creates and finalizes
+the step directory and writes the JSON items; `data` is the one item every process writes
+a file of. Nothing goes to per-process local paths.
+
+Resharding: arrays are restored onto the shardings of the target given to `restore*`
+(ShapeDtypeStructs with a sharding, `abstract_like`), whatever mesh saved them: a run saved
+on 8 devices resumes on 4 or on 16 with the same values (the checksums check it). A
+restart with another number of processes (a bigger or smaller slice) resumes the arrays
+but cannot resume the data iterators, whose shards depend on the process count:
+`Restored.data_state` is then None and a warning says so.
 """
 
 from __future__ import annotations
@@ -50,14 +65,15 @@ import logging
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from pr1_jax import multihost
 from pr1_jax.errors import ConfigError
 from pr1_jax.structs import TrainState
 
@@ -73,22 +89,25 @@ class CorruptCheckpointError(Exception):
 
 # ------------------------------------------------------------------ per-process JSON item (data iterators)
 class _HostJsonHandler(ocp.handlers.CheckpointHandler):
-    """Each process writes and reads its own JSON file: `process_<i>-of-<n>.json`."""
+    """Each process writes and reads its own JSON file: `process_<i>-of-<n>.json` (in the
+    shared step directory). Restored with another process count: None (see the module doc)."""
 
     @staticmethod
-    def _file(directory) -> Path:
-        return Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    def _file(directory) -> epath.Path:
+        return epath.Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
     def save(self, directory, args: "HostJsonSave"):
-        Path(directory).mkdir(parents=True, exist_ok=True)
+        epath.Path(directory).mkdir(parents=True, exist_ok=True)
         self._file(directory).write_text(json.dumps(args.item))
 
     def restore(self, directory, args: "HostJsonRestore | None" = None) -> Any:
         path = self._file(directory)
-        if not path.is_file():
-            found = sorted(p.name for p in Path(directory).glob("process_*.json"))
-            raise FileNotFoundError(f"{path} is missing (found {found}; a restart must use as many "
-                                    f"processes as the run that saved)")
+        if not path.exists():
+            found = sorted(p.name for p in epath.Path(directory).glob("process_*.json"))
+            counts = {name.rsplit("-of-", 1)[-1].removesuffix(".json") for name in found}
+            if found and str(jax.process_count()) not in counts:  # saved by another number of processes
+                return None
+            raise FileNotFoundError(f"{path} is missing (found {found})")
         return json.loads(path.read_text())
 
     def metadata(self, directory) -> None:
@@ -146,8 +165,9 @@ def _checksums(leaves: list) -> jax.Array:
 
 
 def checksums(tree) -> list[int]:
-    """One uint32 checksum per leaf of a pytree of arrays (bit-level, order-sensitive)."""
-    return [int(v) for v in np.asarray(jax.device_get(_checksums(jax.tree.leaves(tree))))]
+    """One uint32 checksum per leaf of a pytree of arrays (bit-level, order-sensitive); the same
+    on every process of a multi-host run."""
+    return [int(v) for v in multihost.fetch(_checksums(jax.tree.leaves(tree)))]
 
 
 def abstract_like(tree):
@@ -161,7 +181,7 @@ def abstract_like(tree):
     return jax.tree.map(one, tree)
 
 
-def _check_signature(step_dir: Path, item: str, saved: list | None, target) -> None:
+def _check_signature(step_dir: epath.Path, item: str, saved: list | None, target) -> None:
     if saved is None:
         raise CorruptCheckpointError(f"meta lists no arrays for {item!r} (not a pr1_jax checkpoint "
                                      f"of format {FORMAT})")
@@ -194,16 +214,18 @@ class Restored:
     step: int  # GRPO steps done
     state: TrainState
     rng: jax.Array
-    data_state: dict
+    data_state: dict | None  # None: saved by another number of processes (module doc)
     meta: dict
 
 
 class Checkpoints:
-    """An async orbax CheckpointManager over `directory/step_<N>` (see the module docstring)."""
+    """An async orbax CheckpointManager over `directory/step_<N>` (see the module docstring).
+    `directory`: a local path or a URI such as gs://bucket/run/checkpoints, the same on every
+    process."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
-        self.directory = Path(directory).absolute()
+        self.directory = multihost.storage_path(directory)
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             step_prefix="step", enable_async_checkpointing=async_save, read_only=read_only,
@@ -213,6 +235,8 @@ class Checkpoints:
         handlers = {"params": ocp.handlers.StandardCheckpointHandler(),
                     "train": ocp.handlers.StandardCheckpointHandler(),
                     "data": _HostJsonHandler(), "meta": ocp.handlers.JsonCheckpointHandler()}
+        # Orbax's multi-host defaults: process 0 is the primary host (directories, JSON items,
+        # finalization); every process writes its own array shards to `directory`.
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     # ---------------------------------------------------------------- writing
@@ -247,7 +271,7 @@ class Checkpoints:
         """Complete checkpoints on disk, oldest first (not yet checked for corruption)."""
         return sorted(self._manager.all_steps())
 
-    def step_dir(self, step: int) -> Path:
+    def step_dir(self, step: int) -> epath.Path:
         return self.directory / f"step_{step}"
 
     def read_meta(self, step: int) -> dict:
@@ -273,7 +297,11 @@ class Checkpoints:
         _verify(meta, {"params": got.params, "train": got.train})
         train = got.train
         state = TrainState(step=train["step"], params=got.params, opt_state=train["opt_state"])
-        return Restored(step, state, train["rng"], dict(got.data), meta)
+        if got.data is None:
+            log.warning("%s was saved by another number of processes than this run's %d: the arrays are "
+                        "restored onto this run's mesh, but the data iterators cannot be carried over to "
+                        "another split of the data and start afresh", self.step_dir(step), jax.process_count())
+        return Restored(step, state, train["rng"], None if got.data is None else dict(got.data), meta)
 
     def restore_latest(self, like: TrainState, rng_like: jax.Array) -> Restored | None:
         """The newest checkpoint that reads back exactly; corrupt ones are set aside with a warning."""
@@ -334,7 +362,7 @@ class Checkpoints:
             n = 1
             while dst.exists():
                 dst, n = src.with_name(f"{src.name}.corrupt{n}"), n + 1
-            os.replace(src, dst)
+            src.rename(dst)  # on GCS: a copy of every object, then the originals deleted
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"pr1_jax_set_aside_{step}")
@@ -426,10 +454,11 @@ def trim_jsonl(path: str | os.PathLike, keep: Callable[[dict], bool]) -> None:
     """Rewrites a JSON-lines log keeping the rows `keep` accepts (drops unparsable ones).
 
     On resume from step N, the rows a killed run wrote after N are dropped: the resumed
-    run writes them again, so the log has exactly one row per step.
+    run writes them again, so the log has exactly one row per step. `path`: local (replaced
+    atomically) or a URI (an object is rewritten whole, which is atomic on GCS).
     """
-    path = Path(path)
-    if not path.is_file():
+    path = multihost.storage_path(path)
+    if not path.exists():
         return
     rows = []
     for line in path.read_text().splitlines():
@@ -439,6 +468,10 @@ def trim_jsonl(path: str | os.PathLike, keep: Callable[[dict], bool]) -> None:
             continue
         if keep(row):
             rows.append(line)
+    text = "".join(r + "\n" for r in rows)
+    if not multihost.is_local(path):
+        path.write_text(text)
+        return
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -89,10 +89,18 @@ def run(name: str, fn: Callable[..., Any], *args, **kwargs) -> int:
 
 
 # ------------------------------------------------------------------ checks shared by the commands
-def writable_dir(path: str | os.PathLike, key: str, error: type[ConfigError] = ConfigError) -> Path:
+def writable_dir(path: str | os.PathLike, key: str, error: type[ConfigError] = ConfigError):
     """Creates `path` (and its parents) and writes a probe file in it: permission bits do not
-    tell (root, read-only mounts). `error` (a ConfigError) naming the flag `key` when that fails."""
-    p = Path(os.path.expanduser(os.fspath(path)))
+    tell (root, read-only mounts). `error` (a ConfigError) naming the flag `key` when that fails.
+
+    Returns a `pathlib.Path` for a local directory; for a URI that etils.epath supports
+    (gs://bucket/dir, …; docs/storage.md) an `epath.Path`, after writing and deleting a probe
+    object there (a missing client package or missing credentials fail here, in one line).
+    """
+    text = os.fspath(path)
+    if "://" in text and not text.startswith("file://"):
+        return _writable_uri(text, key, error)
+    p = Path(os.path.expanduser(text.removeprefix("file://")))
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".pr1_jax_probe_"):
@@ -100,6 +108,24 @@ def writable_dir(path: str | os.PathLike, key: str, error: type[ConfigError] = C
     except OSError as e:
         reason = "it is a file" if p.is_file() else e.strerror or one_line(e)
         raise error(f"{key}: cannot write to {path} ({reason}): choose a directory you can write") from e
+    return p
+
+
+def _writable_uri(uri: str, key: str, error: type[ConfigError]):
+    import uuid
+
+    from etils import epath
+
+    try:
+        p = epath.Path(uri)  # not mkdir: object stores have no directories (gcsfs would create a missing bucket)
+        probe = p / f".pr1_jax_probe_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        probe.write_text("")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 (each storage client raises its own types)
+        hint = ("; gs:// needs `pip install gcsfs` (etils.epath reaches GCS through fsspec) and credentials "
+                "(gcloud auth application-default login, or a TPU VM's service account)" if uri.startswith("gs://")
+                else "")
+        raise error(f"{key}: cannot write to {uri} ({type(e).__name__}: {one_line(e)[:300]}){hint}") from e
     return p
 
 

@@ -20,6 +20,10 @@ that no shard of another model is left beside the new ones. The output directory
     from transformers import Qwen2VLForConditionalGeneration
     model = Qwen2VLForConditionalGeneration.from_pretrained("/tmp/pr1_hf")
 
+`--checkpoint`, `--out` and `--base_model_dir` may be local or any URI etils.epath supports
+(gs://bucket/run on a TPU pod; docs/storage.md): orbax reads the checkpoint from there, and
+every file is written whole through epath.
+
 Generating with transformers from it, without torchvision (docs/export.md):
 `pr1_jax.hf_generate.generate("/tmp/pr1_hf", "cat.jpg", "Output the bounding box of the cat in the image.")`.
 """
@@ -30,7 +34,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -82,10 +85,21 @@ def checkpoint_dtype(params) -> str:
     return "bfloat16" if kinds == {"bfloat16"} else "float32"
 
 
-def write_safetensors(out_dir: Path, tensors: Mapping[str, np.ndarray], max_shard_size: int) -> list[str]:
+def _storage(path):
+    """(`path` as an etils.epath.Path, whether it is local): pr1_jax.multihost imports jax, which
+    a command-line mistake should not wait for."""
+    from pr1_jax import multihost
+
+    return multihost.storage_path(path), multihost.is_local(path)
+
+
+def write_safetensors(out_dir, tensors: Mapping[str, np.ndarray], max_shard_size: int) -> list[str]:
     """model.safetensors, or shards of at most `max_shard_size` bytes (a bigger tensor gets
-    a shard of its own) with model.safetensors.index.json. Returns the file names."""
-    from safetensors.numpy import save_file  # NumPy arrays, ml_dtypes bfloat16 included
+    a shard of its own) with model.safetensors.index.json. Returns the file names.
+    `out_dir`: local (streamed to the file) or a URI (each shard encoded in memory, then written)."""
+    from safetensors.numpy import save, save_file  # NumPy arrays, ml_dtypes bfloat16 included
+
+    out_dir, local = _storage(out_dir)
 
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -99,7 +113,10 @@ def write_safetensors(out_dir: Path, tensors: Mapping[str, np.ndarray], max_shar
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, shard in zip(names, shards):
-        save_file(shard, out_dir / name, metadata=meta)
+        if local:
+            save_file(shard, out_dir / name, metadata=meta)
+        else:
+            (out_dir / name).write_bytes(save(shard, metadata=meta))
     if len(shards) == 1:
         return names
     index = {"metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))},
@@ -109,9 +126,10 @@ def write_safetensors(out_dir: Path, tensors: Mapping[str, np.ndarray], max_shar
 
 
 # ------------------------------------------------------------------ the export
-def resolve_checkpoint(path: str | Path, step: int | None) -> tuple[Path, int | None]:
-    """(checkpoints directory, step) from a checkpoints dir, a workdir or a step_<N> dir."""
-    path = Path(path).expanduser().absolute()
+def resolve_checkpoint(path: str | os.PathLike, step: int | None):
+    """(checkpoints directory as an epath.Path, step) from a checkpoints dir, a workdir or a
+    step_<N> dir, local or a URI."""
+    path, _ = _storage(path)
     m = re.fullmatch(r"step_(\d+)", path.name)
     if m:
         if step is not None and step != int(m.group(1)):
@@ -122,15 +140,19 @@ def resolve_checkpoint(path: str | Path, step: int | None) -> tuple[Path, int | 
     return path, step
 
 
-def check_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """`out` if an export may write there: new, empty, or non-empty with `overwrite`."""
-    out = Path(out).expanduser()
+def check_out_dir(out: str | os.PathLike, overwrite: bool):
+    """`out` if an export may write there: new, empty, or non-empty with `overwrite` (a URI:
+    checked by writing a probe object)."""
+    out, local = _storage(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out={out} is a file: give a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out={out} is not empty: choose a new directory, or pass --overwrite to replace "
                           f"its weight files")
-    parent = out.absolute()
+    if not local:
+        return cli.writable_dir(out, "--out")  # an object store has no directories to create
+    out = Path(out)
+    parent = out
     while not parent.exists():  # nothing is created yet: the restore may still fail
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
@@ -139,7 +161,7 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def clear_weights(out: Path) -> None:
+def clear_weights(out) -> None:
     """Removes what transformers could load as weights: an export of fewer shards must not
     leave another model's shards beside its own."""
     for pattern in WEIGHT_PATTERNS:
@@ -147,10 +169,11 @@ def clear_weights(out: Path) -> None:
             stale.unlink()
 
 
-def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, dtype: str | None = None,
-           max_shard_size: str | int = "5GB", base_model_dir: str | Path | None = None,
-           overwrite: bool = False) -> Path:
-    """Writes the HF directory `out` from a pr1_jax checkpoint; returns `out`.
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
+           dtype: str | None = None, max_shard_size: str | int = "5GB",
+           base_model_dir: str | os.PathLike | None = None, overwrite: bool = False):
+    """Writes the HF directory `out` from a pr1_jax checkpoint; returns `out` (a pathlib.Path,
+    or an epath.Path for a URI).
 
     `dtype`: None → the checkpoint's (`checkpoint_dtype`). Raises ConfigError for a value to
     change (an occupied `out` without `overwrite`, a dtype, a step that does not exist) and
@@ -186,11 +209,13 @@ def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, 
         if not (base_model_dir or meta.get("model_dir")):
             raise ConfigError(f"{ckpt.step_dir(step)} records no base model directory: pass --base_model_dir=DIR "
                               f"of the model the run started from (tokenizer, preprocessor config)")
-        base = Path(base_model_dir or meta["model_dir"])
+        base, base_local = _storage(base_model_dir or meta["model_dir"])
         if not base.is_dir():
             raise FileNotFoundError(f"the base model directory {base} (tokenizer, preprocessor config) is gone: "
                                     f"pass --base_model_dir=DIR of the model the run started from")
-        if out.exists() and out.resolve() == base.resolve():  # --overwrite would delete the base weights
+        same = (Path(out).resolve() == Path(base).resolve() if base_local and isinstance(out, Path)
+                else str(out).rstrip("/") == str(base).rstrip("/"))
+        if out.exists() and same:  # --overwrite would delete the base weights
             raise ConfigError(f"--out={out} is the base model directory the tokenizer is copied from: choose "
                               f"another directory")
         params = ckpt.restore_params(step)
@@ -199,7 +224,7 @@ def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, 
     cfg = ModelConfig.from_hf_dict(meta["model_config"])
     dtype = dtype or checkpoint_dtype(params)
 
-    cli.writable_dir(out, "--out")
+    out = cli.writable_dir(out, "--out")
     clear_weights(out)
     tensors = {k: _cast(v, dtype) for k, v in hf_io.to_hf_state_dict(params, cfg).items()}
     files = write_safetensors(out, tensors, shard_bytes)
@@ -207,14 +232,14 @@ def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, 
     config.update(torch_dtype=dtype, dtype=dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if (base / "generation_config.json").is_file():
-        shutil.copyfile(base / "generation_config.json", out / "generation_config.json")
+        (out / "generation_config.json").write_bytes((base / "generation_config.json").read_bytes())
     else:
         gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     copied = [name for name in PROCESSOR_FILES if (base / name).is_file()]
     for name in PROCESSOR_FILES:
         if name in copied:
-            shutil.copyfile(base / name, out / name)
+            (out / name).write_bytes((base / name).read_bytes())
         elif (out / name).is_file():  # another model's tokenizer file would shadow or mix with ours
             (out / name).unlink()
     if "preprocessor_config.json" not in copied or not {"tokenizer.json", "vocab.json"} & set(copied):

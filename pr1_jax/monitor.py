@@ -21,6 +21,15 @@ Only process 0 writes (`enabled`); elsewhere every method does nothing. In the w
   reward.png, eval.png   the curves, redrawn at each evaluation and checkpoint;
   summary.json           strict JSON: a non-finite number is written as null.
 
+The workdir may be a URI such as gs://bucket/run (any path etils.epath supports; docs/storage.md).
+Every file goes through epath. An object store cannot append, so for a remote workdir the
+append-only files (metrics.jsonl, eval.jsonl, the event file) are appended to in a local
+staging directory and each changed one is copied whole to the workdir: at most every
+`monitor.sync_every_s` seconds (30) after a step, and always at each evaluation and
+checkpoint (`curves`), `summary` and `close`. A failed copy is retried at the next one. A
+run killed between copies loses only rows that a resume drops anyway (those after its last
+checkpoint). PNGs and summary.json are written whole, straight to the workdir.
+
 TensorBoard holds every number of both logs plus the SFT warm-up's (docs/monitoring.md):
   grpo/<key> for a metrics.jsonl key without a "/", the key itself otherwise (time/decode_s,
   tokens/…, reward/<fn>, reward/<fn>/std); sft/<key> per warm-up step; eval/<metric> per
@@ -38,18 +47,22 @@ images, with the step above as the `step` field.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import os
+import shutil
 import sys
+import tempfile
 import time
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
-from pr1_jax import checkpoint, viz
+from pr1_jax import checkpoint, multihost, viz
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +127,16 @@ class Monitor:
     `task`); `score_name`: what the held-out score is (the title of eval.png)."""
 
     def __init__(self, workdir, c, *, enabled: bool = True, score_name: str = "score"):
-        self.workdir = Path(workdir)
+        self.workdir = multihost.storage_path(workdir)  # local, or a URI (gs://…)
         self.enabled = enabled
         cfg = dict(c.get("monitor", {}))
+        # Where the append-only files are written: the workdir, or a local staging directory
+        # copied to a remote workdir by `_sync` (module docstring).
+        self._remote = enabled and not multihost.is_local(self.workdir)
+        self._local = epath.Path(tempfile.mkdtemp(prefix="pr1_jax_logs_")) if self._remote else self.workdir
+        self._sync_every_s = float(cfg.get("sync_every_s", 30.0))
+        self._synced: dict[str, tuple[int, int]] = {}  # file name → (size, mtime) last copied
+        self._last_sync = time.monotonic()
         self.eval_texts = int(cfg.get("eval_texts", 4))
         self.no_signal_steps = int(cfg.get("no_signal_steps", 10))
         self._tensorboard = bool(cfg.get("tensorboard", True)) and enabled and _tensorboard_installed()
@@ -135,10 +155,13 @@ class Monitor:
             return
         kept = lambda row: step is not None and (row.get("phase") == "sft" or row["step"] <= step)  # noqa: E731
         for name in ("metrics.jsonl", "eval.jsonl"):
-            checkpoint.trim_jsonl(self.workdir / name, kept)
+            if self._remote and (self.workdir / name).exists():  # the staging copy starts as the workdir's
+                (self._local / name).write_bytes((self.workdir / name).read_bytes())
+            checkpoint.trim_jsonl(self._local / name, kept)
         if step is None:
             for f in self.workdir.glob("events.out.tfevents.*"):
                 f.unlink()
+        self._sync(force=True)
         if self._tensorboard:
             # TensorBoard drops every event at or after a START's step seen before it; its server
             # ignores a run's first START, so a fresh run writes one (before all of its steps).
@@ -150,6 +173,7 @@ class Monitor:
         """SFT warm-up step `step` (1 … sft.steps): TensorBoard and W&B only."""
         if self.enabled:
             self._emit(step - self._sft_steps, {f"sft/{k}": v for k, v in numbers(metrics).items()})
+            self._sync()
 
     def log_step(self, step: int, metrics: Mapping[str, Any]) -> None:
         """GRPO step `step` (1-based): a metrics.jsonl row and its numbers; after `no_signal_steps`
@@ -165,6 +189,7 @@ class Monitor:
                             "equal rewards, so every advantage is 0 (frac_reward_zero_std = 1); check the rewards "
                             "and the answer format, or raise grpo.temperature / grpo.num_generations",
                             self._no_signal, step - self._no_signal + 1, step)
+        self._sync()
 
     def log_eval(self, phase: str, step: int, metrics: Mapping[str, Any],
                  samples: Sequence[tuple[Mapping[str, Any], str]] = (), gallery=None) -> None:
@@ -177,6 +202,7 @@ class Monitor:
         at = step - self._sft_steps if phase == "sft" else step
         self._emit(at, {f"eval/{k}": v for k, v in numbers(metrics).items()}, gallery=gallery,
                    samples=list(samples)[:self.eval_texts])
+        self._sync()
 
     # ---------------------------------------------------------------- pictures and the summary
     def curves(self, history: Mapping[str, list]) -> None:
@@ -187,12 +213,14 @@ class Monitor:
                         title="GRPO reward (mean over the step's completions)", smooth=5)
         viz.plot_curves({"held-out score": (history["eval_step"], history["eval_score"])}, self.workdir / "eval.png",
                         title=f"held-out score ({self._task}: {self._score_name}; steps ≤ 0 are SFT)")
+        self._sync(force=True)  # at each evaluation and checkpoint: the logs as far as the run got
 
     def summary(self, final: Mapping[str, Any]) -> None:
         """summary.json, valid JSON: a non-finite number (no evaluation: NaN) is written as null."""
         if self.enabled:
             text = json.dumps(finite_or_none(final), indent=2, default=str, allow_nan=False)
             (self.workdir / "summary.json").write_text(text + "\n")
+            self._sync(force=True)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -201,11 +229,45 @@ class Monitor:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._remote and self._local.exists():
+            if self._sync(force=True):
+                shutil.rmtree(self._local, ignore_errors=True)
+            else:
+                log.warning("the logs in %s could not all be copied to %s: copy them by hand", self._local,
+                            self.workdir)
 
     # ---------------------------------------------------------------- internals
     def _append(self, name: str, row: Mapping[str, Any]) -> None:
-        with open(self.workdir / name, "a") as f:
+        with (self._local / name).open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def _sync(self, force: bool = False) -> bool:
+        """A remote workdir: copies each staged file that changed since its last copy, whole (at
+        most every `sync_every_s` unless `force`). Returns whether everything is copied; a failure
+        is a warning, not the end of the run: the next call tries again."""
+        if not self._remote or not self._local.exists():  # local, or closed
+            return True
+        if not force and time.monotonic() - self._last_sync < self._sync_every_s:
+            return True
+        self._last_sync = time.monotonic()
+        if self._writer is not None:
+            self._writer.flush()
+        done = True
+        for f in self._local.iterdir():
+            if not f.is_file():  # W&B's own directory
+                continue
+            st = os.stat(f)  # a local file
+            key = (st.st_size, st.st_mtime_ns)
+            if self._synced.get(f.name) == key:
+                continue
+            try:
+                (self.workdir / f.name).write_bytes(f.read_bytes())
+                self._synced[f.name] = key
+            except Exception as e:  # noqa: BLE001 (each storage backend raises its own types)
+                done = False
+                log.warning("could not copy %s to %s (%s: %s); trying again later", f.name, self.workdir,
+                            type(e).__name__, e)
+        return done
 
     def _emit(self, step: int, scalars: Mapping[str, float], gallery=None,
               samples: Sequence[tuple[Mapping[str, Any], str]] = ()) -> None:
@@ -220,13 +282,15 @@ class Monitor:
             self._add(event_pb2.Event(step=step, summary=summary_pb2.Summary(value=values)))
         if self._wandb is not None:
             import wandb
-            extra = {"eval/gallery": wandb.Image(str(gallery))} if gallery is not None else {}
+            extra = {}
+            if gallery is not None:
+                extra["eval/gallery"] = wandb.Image(str(gallery) if multihost.is_local(gallery) else _pil(gallery))
             self._wandb.log({**scalars, **extra, "step": step})
 
     def _add(self, event) -> None:
         if self._writer is None:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
-            self._writer = EventFileWriter(str(self.workdir))
+            self._writer = EventFileWriter(str(self._local))
         event.wall_time = time.time()
         self._writer.add_event(event)
         self._writer.flush()  # watchable now, not after the writer's 2-minute flush period
@@ -237,7 +301,7 @@ class Monitor:
         except ImportError:
             log.warning("monitor.wandb=True but wandb is not installed (pip install wandb): TensorBoard only")
             return None
-        return wandb.init(project=cfg.get("wandb_project", "pr1_jax"), name=self.workdir.name, dir=str(self.workdir),
+        return wandb.init(project=cfg.get("wandb_project", "pr1_jax"), name=self.workdir.name, dir=str(self._local),
                           config=json.loads(c.to_json_best_effort()))
 
 
@@ -255,14 +319,23 @@ def _tensorboard_installed() -> bool:
 
 
 def _png(path):
-    """A TensorBoard image summary of a PNG file, its bytes as they are (no re-encoding)."""
+    """A TensorBoard image summary of a PNG file (local or a URI), its bytes as they are (no
+    re-encoding)."""
     from PIL import Image
     from tensorboard.compat.proto import summary_pb2
 
-    data = Path(path).read_bytes()
-    with Image.open(path) as img:
+    data = multihost.storage_path(path).read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
         width, height = img.size
     return summary_pb2.Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=data)
+
+
+def _pil(path):
+    """The image of a PNG file anywhere epath reaches (W&B reads only local paths itself)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(multihost.storage_path(path).read_bytes())) as img:
+        return img.copy()
 
 
 def _text(tag: str, rows: Sequence[str]):

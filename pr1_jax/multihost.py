@@ -7,17 +7,27 @@ blocks and global arrays between devices and host NumPy.
     rows = multihost.host_local(out.tokens)      # this process's rows of a batch-sharded array
     totals = multihost.gather(local_rewards)     # every process's values, in process order
 
+    workdir = multihost.storage_path("gs://bucket/run")  # an etils.epath.Path: local or a URI
+    model_dir = multihost.scratch_path(workdir, "base_model")  # local disk, for files others write
+
 On one process every function is the identity or a plain `np.asarray`. Sharding over the
 devices (meshes, rules, sharded programs) lives in `pr1_jax/sharding.py`.
+
+Storage (docs/storage.md): a run's outputs go to one location that every process sees, a
+local or mounted directory or any URI `etils.epath` supports (gs://bucket/dir on Cloud TPU
+pods). Orbax writes checkpoints there from every process; process 0 writes logs and plots.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 
@@ -105,3 +115,43 @@ def process_path(path: str | os.PathLike) -> Path:
     process generates for itself (tiny model, synthetic data), so no shared disk is needed."""
     path = Path(path)
     return path / f"process_{jax.process_index()}" if jax.process_count() > 1 else path
+
+
+# ------------------------------------------------------------------ where files go
+_URI_SCHEMES = ("gs", "s3", "az", "hf")  # etils.epath's
+# A URI after pathlib.Path, which collapses "gs://b/x" to "gs:/b/x" (orbax repairs it the same way).
+_COLLAPSED_URI = re.compile(rf"^({'|'.join(_URI_SCHEMES)}):/(?!/)")
+
+
+def _text(path: str | os.PathLike) -> str:
+    return _COLLAPSED_URI.sub(r"\1://", os.fspath(path))
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    """Whether `path` is on a file system of this machine (a plain or `file://` path), not a URI
+    such as gs://bucket/dir."""
+    text = _text(path)
+    return text.startswith("file://") or "://" not in text
+
+
+def storage_path(path: str | os.PathLike) -> epath.Path:
+    """`path` as an `etils.epath.Path`, the one path type of a run's outputs: a local path with
+    `~` expanded, made absolute (a `file://` URI becomes its path), or a URI epath supports
+    (gs://, s3://, …) as it is (`pathlib.Path("gs://b/x")` collapses the // and
+    `.absolute()` would glue it to the working directory; a collapsed one is repaired)."""
+    text = _text(path)
+    if not is_local(text):
+        return epath.Path(text)
+    text = text.removeprefix("file://")
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def scratch_path(workdir: str | os.PathLike, name: str) -> Path:
+    """A local directory for files that a writer without URI support generates for the run (the
+    tiny model, through transformers; synthetic data and its images): `workdir/name` for a local
+    workdir, else `<tmp>/pr1_jax/<workdir as a name>/name`, the same on every restart on this
+    machine; per process (`process_path`) when there are several."""
+    if is_local(workdir):
+        return process_path(Path(storage_path(workdir)) / name)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", os.fspath(workdir)).strip("_")
+    return process_path(Path(tempfile.gettempdir()) / "pr1_jax" / slug / name)

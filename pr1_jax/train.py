@@ -76,7 +76,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     resolve_kernels(c.attention, c.sampling.decode_attention, mesh)
     end_lengths = workload.EndLengths.parse(c.sampling.end_lengths, c.task)  # benchmarks only
     main = multihost.is_main_process()
-    workdir = Path(c.workdir)
+    workdir = multihost.storage_path(c.workdir)  # local, or gs://… (docs/storage.md): every write goes through epath
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
@@ -87,7 +87,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     # ---------------------------------------------------------------- model (each process reads its slices)
     model_dir = c.model_dir
     if model_dir.startswith("tiny"):  # a tiny random Qwen2-VL, written by transformers (demo/tests)
-        model_dir = tiny.write_tiny_checkpoint(multihost.process_path(workdir / "base_model"), **dict(c.get("tiny", {})))
+        model_dir = tiny.write_tiny_checkpoint(multihost.scratch_path(workdir, "base_model"), **dict(c.get("tiny", {})))
     pre = Pretrained.load(model_dir, mesh=mesh, dtype=dtype, min_pixels=c.data.min_pixels,
                           max_pixels=c.data.max_pixels)
     special = pre.special
@@ -98,7 +98,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     if c.data.synthetic:
         writer = tasks.get(c.task).write_synthetic
         kw = dict(c.data.get("synthetic_kwargs", {}))
-        data_dir = multihost.process_path(workdir / "data")
+        data_dir = multihost.scratch_path(workdir, "data")
         files = writer(data_dir, c.data.synthetic, seed=c.seed, name="train", **kw)
         train_path, image_dir = files.path, files.image_dir
         eval_path = (writer(data_dir, c.data.eval_examples, seed=c.seed + 1, name="eval", **kw).path
@@ -144,7 +144,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     mon.resume_at(start if resumed is not None else None)
     if resumed is not None:  # GRPO goes on from `start`; the SFT warm-up, if any, is done
         state, rng, history = resumed.state, resumed.rng, resumed.meta["history"]
-        data.set_state(resumed.data_state)
+        if resumed.data_state is not None:  # None: saved by another number of processes (a warning said so)
+            data.set_state(resumed.data_state)
         # The frozen reference is read from its source: step 0 (after SFT) or the base model.
         ref_params = ckpt.restore_params(0, like=params) if resumed.meta["reference"] == "step_0" else params
     else:

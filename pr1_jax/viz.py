@@ -10,10 +10,14 @@ no global backend switch), so this works on TPU hosts and in CI without a displa
 
 Boxes are x1, y1, x2, y2 in absolute pixels of the image they are drawn on. Qwen2-VL prints
 boxes in [0, 1000) normalised coordinates: convert them with `qwen_norm_to_pixels`.
+
+Paths (images read, PNGs written) may be local or any URI etils.epath supports (gs://…): a
+PNG is encoded in memory and written whole through epath.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -34,13 +38,28 @@ def qwen_norm_to_pixels(boxes: Any, width: float, height: float) -> np.ndarray:
 
 def _as_image(image: Any) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
-        image = Image.open(image)
+        image = Image.open(io.BytesIO(_storage_path(image).read_bytes()))
     elif isinstance(image, np.ndarray):
         arr = image
         if arr.dtype != np.uint8:  # floats in [0, 1]
             arr = np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)
         image = Image.fromarray(arr)
     return image.convert("RGB")  # always a copy: never draws on the caller's image
+
+
+def _storage_path(path: str | os.PathLike):
+    from pr1_jax.multihost import storage_path  # imports jax: only when a file is read or written
+
+    return storage_path(path)
+
+
+def save_image(image: Image.Image, out_path: str | os.PathLike) -> None:
+    """`image` at `out_path` (local or a URI), encoded in memory in the format its extension
+    names (PNG by default) and written whole."""
+    path = _storage_path(out_path)
+    buf = io.BytesIO()
+    image.save(buf, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+    path.write_bytes(buf.getvalue())
 
 
 def _draw(draw: ImageDraw.ImageDraw, boxes: np.ndarray, labels: Sequence[str] | None,
@@ -67,7 +86,7 @@ def draw_boxes(image: Any, boxes: Any, labels: Sequence[str] | None = None,
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     _draw(ImageDraw.Draw(img), b, labels, tuple(color), width, ImageFont.load_default())
     if out_path is not None:
-        img.save(out_path)
+        save_image(img, out_path)
     return img
 
 
@@ -105,7 +124,7 @@ def gallery(items: Sequence[Mapping[str, Any]], out_path: str | os.PathLike | No
         if caption:
             draw.text((x0 + 4, y0 + cell + 4), caption[: max(1, cell // 6)], fill=(0, 0, 0), font=font)
     if out_path is not None:
-        canvas.save(out_path)
+        save_image(canvas, out_path)
     return canvas
 
 
@@ -142,4 +161,7 @@ def plot_curves(series: Mapping[str, Any], out_path: str | os.PathLike, title: s
     if series:
         ax.legend(loc="best")
     fig.tight_layout()
-    fig.savefig(out_path)
+    path = _storage_path(out_path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".").lower() or "png")
+    path.write_bytes(buf.getvalue())

@@ -1,5 +1,7 @@
-"""Checkpoints: exact round trip, keep-N, corrupt checkpoints set aside, SIGTERM and Ctrl-C,
-and kill-and-resume of the real entry point equal to an uninterrupted run bit for bit."""
+"""Checkpoints: exact round trip, keep-N, corrupt checkpoints set aside, restore onto another
+mesh (saved on 8 devices, restored on 4, 2, 1), SIGTERM and Ctrl-C, and kill-and-resume of the
+real entry point equal to an uninterrupted run bit for bit. (gs:// and two-process saves:
+tests/test_storage.py.)"""
 
 import glob
 import json
@@ -104,6 +106,29 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, damage):
     assert "step_2 is corrupt or incomplete" in message and "trying step 1" in message, message
     assert (tmp_path / "step_2.corrupt").is_dir() and ckpt.steps() == [1]
     assert not (tmp_path / "step_3.orbax-checkpoint-tmp-1234").exists()
+    ckpt.close()
+
+
+def test_saved_on_8_devices_restores_bit_equal_on_4_2_and_1(tmp_path):
+    """Resharding on restore (a run resumed on a smaller or bigger slice): a state sharded over
+    8 devices comes back equal on a mesh of other devices, 4, 2 or 1 of them, in the target's
+    shardings."""
+    from tests.test_storage import assert_equal_on, mesh_of, on_mesh, reference_state, target_on
+
+    state, rng = reference_state()
+    mesh8 = mesh_of(jax.devices()[:8])
+    saved = on_mesh(state, mesh8)
+    assert len(saved.params["w"].sharding.device_set) == 8 and not saved.params["w"].is_fully_replicated
+    ckpt = checkpoint.Checkpoints(tmp_path)
+    ckpt.save(1, saved, rng=on_mesh(rng, mesh8), data_state={"next": 3}, meta={})
+    ckpt.wait()
+    for n in (4, 2, 1):
+        mesh = mesh_of(jax.devices()[8 - n:])
+        got = ckpt.restore(1, target_on(state, mesh), target_on(rng, mesh))
+        assert got.data_state == {"next": 3}
+        assert_equal_on(got.state, state, mesh)
+        assert_equal_on(got.rng, rng, mesh)
+        assert_equal_on(ckpt.restore_params(1, like=target_on(state.params, mesh)), state.params, mesh)
     ckpt.close()
 
 
