@@ -115,6 +115,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     # The curriculum's stages (data/schedule.py; one plain stage without data.curriculum): this process's shard.
     curriculum = Curriculum.from_config(c, len(train_examples))
     data = curriculum.iterator(train_examples, prepare=prepare, seed=c.seed)
+    if curriculum.on and main:
+        log.info("curriculum: %s", curriculum.describe())
+        (workdir / "curriculum.json").write_text(json.dumps(curriculum.describe(), indent=1) + "\n")
 
     # ---------------------------------------------------------------- programs (pr1_jax/programs.py)
     programs = Programs.from_config(c, pre.config, mesh, special.eos_ids, special.pad_id, total_steps=total_steps)
@@ -343,7 +346,7 @@ def evaluate(params, *, greedy: Evaluator, examples: Sequence[Example], c, mon, 
     gallery = None
     items = evaluator_lib.gallery_items(result, 16)
     if items:
-        gallery = Path(c.workdir) / f"gallery_{tag}_{step}.png"
+        gallery = mon.workdir / f"gallery_{tag}_{step}.png"  # local or gs://… (docs/storage.md)
         viz.gallery(items, gallery)
     mon.log_eval(tag, step, metrics, samples=[(a.row(), a.text) for a in result.answers], gallery=gallery)
     tqdm.write(f"[eval {tag} step {step}] score={score:.3f}")

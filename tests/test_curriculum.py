@@ -127,6 +127,8 @@ def test_two_stages_switch_compile_once_and_resume_bit_exactly(tmp_path, monkeyp
     assert [r["curriculum/stage"] for r in rows] == [0, 0, 1, 1]
     assert [r["curriculum/num_generations"] for r in rows] == [2, 2, 4, 4]
     assert "curriculum/reward_stage_0" in rows[1] and "curriculum/reward_stage_1" in rows[2]
+    stages = json.loads((tmp_path / "straight" / "curriculum.json").read_text())["stages"]
+    assert [(st["start"], st["num_generations"], st["bucket_sizes"]) for st in stages] == [(0, 2, [4]), (2, 4, [4, 4])]
     raw = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     compiled = [r["compiled"] for r in raw]
     # Stage 0 draws only from the easiest bucket (the first half of the order).
@@ -155,6 +157,14 @@ def test_two_stages_switch_compile_once_and_resume_bit_exactly(tmp_path, monkeyp
     assert a.read_meta(4)["checksums"] == b.read_meta(4)["checksums"]
     a.close()
     b.close()
+
+
+def test_the_detection_recipe_names_its_schedule():
+    from configs import detection
+
+    cc = detection.get_config("curriculum").data.curriculum
+    assert cc.stage_steps == (0, 300, 600) and cc.num_generations == (8, 12, 16)
+    assert not detection.get_config().data.curriculum.difficulty  # off by default, as PR1's code
 
 
 def test_bad_curriculum_configs_are_one_line_errors(tmp_path):

@@ -55,21 +55,45 @@ def _forward(cfg, params, inputs, method=None):
     return np.asarray(fn(params, jax.tree.map(jnp.asarray, inputs)))
 
 
-@pytest.fixture(scope="module", params=["tied", "untied"])
-def case(request, tmp_path_factory):
-    """Sharper random weights (init std 0.15: logits of ~±7) so that a missing piece shows."""
+_CASES = {}
+
+
+def _case(kind, tmp_path_factory):
+    """Sharper random weights (init std 0.15: logits of ~±7) so that a missing piece shows.
+    Built once per kind ("tied" / "untied" head) for the whole module."""
     from pr1_jax import tiny
 
-    tied = request.param == "tied"
-    model_dir = tiny.write_tiny_checkpoint_qwen3(tmp_path_factory.mktemp(f"tiny_qwen3_{request.param}"),
-                                                 seed=1 if tied else 2, init_std=0.15, tie_word_embeddings=tied)
-    cfg = ModelConfig.from_pretrained(model_dir)
-    rows, images, pv, thw, inputs = _batch(model_dir, cfg)
-    hf = _hf_model(model_dir)
-    with torch.no_grad():
-        ref = hf(**_hf_kwargs(inputs, pv, thw, cfg.image_token_id)).logits.numpy()
-    params = jax.tree.map(jnp.asarray, hf_io.load_params(model_dir, cfg))
-    return dict(dir=model_dir, cfg=cfg, inputs=inputs, pv=pv, thw=thw, ref=ref, hf=hf, params=params, tied=tied)
+    if kind not in _CASES:
+        tied = kind == "tied"
+        model_dir = tiny.write_tiny_checkpoint_qwen3(tmp_path_factory.mktemp(f"tiny_qwen3_{kind}"),
+                                                     seed=1 if tied else 2, init_std=0.15, tie_word_embeddings=tied)
+        cfg = ModelConfig.from_pretrained(model_dir)
+        rows, images, pv, thw, inputs = _batch(model_dir, cfg)
+        hf = _hf_model(model_dir)
+        with torch.no_grad():
+            ref = hf(**_hf_kwargs(inputs, pv, thw, cfg.image_token_id)).logits.numpy()
+        params = jax.tree.map(jnp.asarray, hf_io.load_params(model_dir, cfg))
+        _CASES[kind] = dict(dir=model_dir, cfg=cfg, inputs=inputs, pv=pv, thw=thw, ref=ref, hf=hf, params=params,
+                            tied=tied)
+    return _CASES[kind]
+
+
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def case(request, tmp_path_factory):
+    """Both checkpoints: tied and untied heads."""
+    return _case(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """The tied-head checkpoint, for checks that one checkpoint covers."""
+    return _case("tied", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    """The untied-head checkpoint (sharded load and export also carry the separate lm_head)."""
+    return _case("untied", tmp_path_factory)
 
 
 def test_config_and_checkpoint_round_trip(case):
@@ -111,12 +135,10 @@ def test_logits_match_transformers_float32(case):
     assert err <= 1e-4 and np.abs(ref).max() > 3
 
 
-def test_deepstack_and_position_table_matter(case):
+def test_deepstack_and_position_table_matter(tied):
     """Controls: without the DeepStack planes, or with the position table shifted by one row,
     the logits are far from transformers'."""
-    if not case["tied"]:
-        pytest.skip("one head type suffices")
-    cfg, inputs, ref, params = case["cfg"], case["inputs"], case["ref"], case["params"]
+    cfg, inputs, ref, params = tied["cfg"], tied["inputs"], tied["ref"], tied["params"]
     valid = inputs.attention_mask
 
     def without_deepstack(m: Qwen2VL, x):
@@ -137,15 +159,13 @@ def test_deepstack_and_position_table_matter(case):
     np.testing.assert_allclose(no_ds[text_row][valid[text_row]], ref[text_row][valid[text_row]], atol=1e-4)
 
 
-def test_vision_tower_and_deepstack_features(case):
+def test_vision_tower_and_deepstack_features(tied):
     """Merged features and each DeepStack merger's output equal transformers' per image, on
     grids of 18×12, 16×16 (the processor's largest) and 4×6 patches (table 8×8)."""
     from transformers import Qwen2VLImageProcessorPil
 
-    if not case["tied"]:
-        pytest.skip("one checkpoint suffices")
-    cfg, params = case["cfg"], case["params"]
-    proc = Qwen2VLImageProcessorPil.from_pretrained(case["dir"])
+    cfg, params = tied["cfg"], tied["params"]
+    proc = Qwen2VLImageProcessorPil.from_pretrained(tied["dir"])
     out = proc(images=random_images([(300, 200), (256, 256), (70, 110)], seed=3), return_tensors="np")
     pv, thw = out["pixel_values"], out["image_grid_thw"]
     assert thw[:, 1:].tolist() == [[18, 12], [16, 16], [4, 6]]
@@ -157,7 +177,7 @@ def test_vision_tower_and_deepstack_features(case):
                                           method=Qwen2VL.encode_images))
     ours = np.concatenate([feats[o: o + int(np.prod(g)) // 4] for o, (_, g) in zip(packed.token_offset, images)])
     with torch.no_grad():
-        theirs = case["hf"].model.visual(torch.tensor(pv), grid_thw=torch.tensor(thw))
+        theirs = tied["hf"].model.visual(torch.tensor(pv), grid_thw=torch.tensor(thw))
     refs = [theirs.pooler_output] + list(theirs.deepstack_features)
     assert ours.shape[1] == len(refs) == 3
     for j, r in enumerate(refs):
@@ -214,37 +234,33 @@ def test_image_preprocessing_matches_transformers(case):
         np.testing.assert_array_equal(pixels, out["pixel_values"])
 
 
-def test_greedy_equals_transformers_generate(case):
+def test_greedy_equals_transformers_generate(untied):
     """32 greedy tokens of our sampler (prefill with DeepStack, then cached decode steps with
     q/k norms and interleaved M-RoPE) equal transformers' generate."""
-    if case["tied"]:
-        pytest.skip("one checkpoint suffices (the head is the same logits path as the forward)")
-    cfg, inputs = case["cfg"], case["inputs"]
+    cfg, inputs = untied["cfg"], untied["inputs"]
     n = 32
-    kwargs = _hf_kwargs(inputs, case["pv"], case["thw"], cfg.image_token_id)
-    ref = case["hf"].generate(**kwargs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    kwargs = _hf_kwargs(inputs, untied["pv"], untied["thw"], cfg.image_token_id)
+    ref = untied["hf"].generate(**kwargs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     ref = ref[:, inputs.input_ids.shape[1]:].numpy()
     assert ref.shape[1] == n and len(np.unique(ref)) > n  # diverse, not a degenerate repeat
     # "pallas": the fused decode step (RoPE, cache write and attention in one kernel, interpreted
     # on CPU) gets q and k already through q_norm / k_norm.
     for decode_attention in ("xla", "pallas"):
         sampler = sampler_lib.Sampler(Qwen2VL(cfg), EOS, PAD, decode_attention=decode_attention)
-        out = sampler(case["params"], jax.tree.map(jnp.asarray, inputs), jax.random.PRNGKey(0),
+        out = sampler(untied["params"], jax.tree.map(jnp.asarray, inputs), jax.random.PRNGKey(0),
                       sampler_lib.SamplingConfig(max_new_tokens=n, temperature=0, ignore_eos=True))
         np.testing.assert_array_equal(np.asarray(out.tokens[:, 0]), ref, err_msg=decode_attention)
 
 
-def test_packed_group_scoring_equals_full_forward(case):
+def test_packed_group_scoring_equals_full_forward(tied):
     """The GRPO step's scoring (`decode_group`: prompt and its completions packed in one row,
     DeepStack on the prompt's image tokens only) equals the full forward of every
     [prompt, completion] row, token by token."""
     from pr1_jax.rollouts import completion_extents, pack_completions
     from pr1_jax.train_step import completion_log_probs
 
-    if not case["tied"]:
-        pytest.skip("one checkpoint suffices")
-    cfg, params = case["cfg"], case["params"]
-    rows, images, _, _ = mixed_batch(case["dir"], cfg, sizes=SIZES)
+    cfg, params = tied["cfg"], tied["params"]
+    rows, images, _, _ = mixed_batch(tied["dir"], cfg, sizes=SIZES)
     rows, images = rows[:2], images[:2]  # two prompts with images of different sizes
     build = lambda r, im: pb.build_inputs(r, im, image_token_id=cfg.image_token_id, pad_id=PAD,  # noqa: E731
                                           patch_dim=cfg.vision.patch_dim)
@@ -259,39 +275,35 @@ def test_packed_group_scoring_equals_full_forward(case):
     np.testing.assert_allclose(np.asarray(ours)[mask], full[mask], atol=1e-4)
 
 
-def test_sharded_load_and_forward(case):
+def test_sharded_load_and_forward(untied):
     """Parameters read in their shards on an fsdp × tensor mesh of fake devices (the new
     tensors included) and the sharded forward equal the one-device ones."""
     from pr1_jax import programs, sharding
 
-    if case["tied"]:
-        pytest.skip("one checkpoint suffices")
-    cfg = case["cfg"]
+    cfg = untied["cfg"]
     mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])
-    params = sharding.load_params(case["dir"], mesh, cfg=cfg)
+    params = sharding.load_params(untied["dir"], mesh, cfg=cfg)
     for path, x in hf_io.flatten(params).items():
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(hf_io.flatten(case["params"])[path]), err_msg=path)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(hf_io.flatten(untied["params"])[path]), err_msg=path)
     model = Qwen2VL(cfg)
     fwd = programs.shard_apply(lambda p, x: model.apply({"params": p}, x), mesh)
-    logits = np.asarray(fwd(params, sharding.shard_batch(case["inputs"], mesh)))
-    valid = case["inputs"].attention_mask
-    assert np.abs(logits - case["ref"])[valid].max() <= 1e-4
+    logits = np.asarray(fwd(params, sharding.shard_batch(untied["inputs"], mesh)))
+    valid = untied["inputs"].attention_mask
+    assert np.abs(logits - untied["ref"])[valid].max() <= 1e-4
 
 
-def test_export_loads_in_transformers(case, tmp_path):
+def test_export_loads_in_transformers(untied, tmp_path):
     """`pr1_jax.export` of a checkpoint of the (perturbed) parameters: transformers loads it
     with no missing or unexpected keys, and its logits equal ours (untied: the lm_head too; the
     tied layout's keys are checked in test_config_and_checkpoint_round_trip)."""
     from pr1_jax import checkpoint, export
     from pr1_jax.train_step import OptimConfig, init_state, make_optimizer
 
-    if case["tied"]:
-        pytest.skip("one checkpoint suffices")
-    cfg, inputs = case["cfg"], case["inputs"]
-    params = jax.tree.map(lambda a: a * 1.01, case["params"])  # not the weights transformers started from
+    cfg, inputs = untied["cfg"], untied["inputs"]
+    params = jax.tree.map(lambda a: a * 1.01, untied["params"])  # not the weights transformers started from
     ckpt = checkpoint.Checkpoints(tmp_path / "checkpoints")
     ckpt.save(3, init_state(params, make_optimizer(OptimConfig())), rng=jax.random.PRNGKey(0), data_state={},
-              meta={"model_dir": str(case["dir"]), "model_config": cfg.to_hf_dict()})
+              meta={"model_dir": str(untied["dir"]), "model_config": cfg.to_hf_dict()})
     ckpt.close()
     out = export.export(tmp_path / "checkpoints", tmp_path / "hf", dtype="float32")
     assert ModelConfig.from_pretrained(out) == cfg
@@ -301,7 +313,7 @@ def test_export_loads_in_transformers(case, tmp_path):
     hf, info = Qwen3VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
-        ref = hf.eval()(**_hf_kwargs(inputs, case["pv"], case["thw"], cfg.image_token_id)).logits.numpy()
+        ref = hf.eval()(**_hf_kwargs(inputs, untied["pv"], untied["thw"], cfg.image_token_id)).logits.numpy()
     ours = _forward(cfg, params, inputs)
     assert np.abs(ours - ref)[inputs.attention_mask].max() <= 1e-4
 

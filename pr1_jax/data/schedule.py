@@ -105,6 +105,12 @@ class Curriculum:
         if self.on:
             data.enter(self.stage_at(step))
 
+    def describe(self) -> dict[str, Any]:
+        """The stages, for the run's curriculum.json and log."""
+        return {"stages": [{"start": st.start, "num_generations": st.num_generations,
+                            "bucket_sizes": [len(b) for b in st.buckets], "weights": list(st.weights)}
+                           for st in self.stages]}
+
     def metrics(self, step: int, reward: float) -> dict[str, float]:
         """What a step logs about its stage: the stage, its G, and the reward under the stage's
         own name (one TensorBoard curve per stage)."""
