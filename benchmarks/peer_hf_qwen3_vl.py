@@ -7,13 +7,9 @@ generate at the given batches, one training forward+backward) on the inputs `ben
 Usage on the GPU machine: BATCHES=8,64 NEW=256 python3 benchmarks/peer_hf_qwen3_vl.py
 """
 
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # hf_qwen2vl_generate, run as a plain script beside this one
-import hf_qwen2vl_generate as peer  # noqa: E402
+import hf_qwen2vl_generate as peer  # noqa: E402  (run as a plain script: its directory is on the path)
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration  # noqa: E402
 
 from pr1_jax.model.config import PRESETS  # noqa: E402
