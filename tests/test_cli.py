@@ -71,10 +71,17 @@ CASES = [
      "no usable example is left", 1),
     ("evaluate_ocr_on_grounding", "evaluate", ["--task=ocr", "--model_dir={model}", "--data={data}"],
      "none of its 3 rows is a usable ocr row (skipped bad_solution: 3", 1),
+    ("curriculum_no_out", "data.curriculum", [DEMO], "--out is required", 1),
+    ("curriculum_samples", "data.curriculum", [DEMO, "--config.model_dir={model}", "--out={tmp}/d1", "--samples=1"],
+     "--samples must be ≥ 2", 1),
+    ("train_curriculum_file", "train", [DEMO, "--config.model_dir={model}", "--config.workdir={tmp}/run5",
+                                        "--config.data.synthetic=8", "--config.data.eval_examples=0",
+                                        "--config.data.curriculum.difficulty={tmp}/none.json"],
+     "--config.data.curriculum.difficulty: cannot read", 1),
 ]
 
 # Mistakes only the data pipeline finds, once the run has started (and logged).
-FOUND_WHILE_RUNNING = {"train_image_dir"}
+FOUND_WHILE_RUNNING = {"train_image_dir", "train_curriculum_file"}
 
 
 def _env(devices: int) -> dict:
