@@ -49,6 +49,17 @@ TOPOLOGIES: dict[str, tuple[str, dict, float]] = {
     "v5p-16": ("v5p:2x2x2", dict(chip_config_name="megacore"), 95),
     "v6e-8": ("v6e:2x4", dict(chips_per_host_bounds=(2, 4, 1)), 32),
     "v6e-16": ("v6e:4x4", {}, 32),
+    # pod slices (several hosts; compiled here for all their chips at once)
+    "v5e-64": ("v5e:8x8", {}, 16),
+    "v5p-128": ("v5p:4x4x4", dict(chip_config_name="megacore"), 95),
+    "v6e-64": ("v6e:8x8", {}, 32),
+}
+# Published per-chip figures (docs.cloud.google.com/tpu/docs/v5e, /v5p, /v6e, read 2026-12-02):
+# peak bf16 FLOP/s, HBM bytes/s, bidirectional ICI bytes/s. One JAX device per chip.
+CHIPS: dict[str, tuple[float, float, float]] = {
+    "v5e": (197e12, 819e9, 400e9),
+    "v5p": (459e12, 2765e9, 1200e9),
+    "v6e": (918e12, 1638e9, 800e9),
 }
 
 
@@ -162,6 +173,32 @@ def format_report(report: Mapping[str, Mapping[str, float]], title: str) -> str:
     return "\n".join(lines)
 
 
+def roofline_report(compiled: Mapping[str, Any], topology: str, num_devices: int) -> str:
+    """Per program and device: matmul FLOPs, HBM bytes, collectives by kind (count, GB) from the
+    optimized HLO with loops counted as they run (`pr1_jax.hlo_stats`), and a roofline estimate
+    of one execution: the largest of FLOPs / peak, bytes / HBM bandwidth, wire bytes / (ICI / 2)
+    (a device sends at most half its bidirectional ICI bandwidth) — a lower bound on its time."""
+    from pr1_jax.hlo_stats import KINDS, program_stats
+
+    chip = CHIPS.get(TOPOLOGIES.get(topology, (topology,))[0].split(":")[0].split("-")[0])
+    short = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to-all": "A2A",
+             "collective-permute": "CP"}
+    lines = [f"{'program':10s}{'TFLOP':>9s}{'HBM GB':>9s}{'wire GB':>9s}  collectives (count / GB result)"
+             + ("   roofline ms: flops  hbm  ici  → bound" if chip else "")]
+    for name, exe in compiled.items():
+        st = program_stats(exe.as_text(), num_devices)
+        coll = ", ".join(f"{short[k]} {st.collectives[k]['count']:.0f}/{st.collectives[k]['bytes'] / 1e9:.2f}"
+                         for k in KINDS if st.collectives[k]["count"])
+        row = f"{name:10s}{st.flops / 1e12:9.2f}{st.hbm_bytes / 1e9:9.2f}{st.wire_bytes / 1e9:9.3f}  {coll or '-'}"
+        if chip:
+            t = (st.flops / chip[0], st.hbm_bytes / chip[1], st.wire_bytes / (chip[2] / 2))
+            row += "   " + "  ".join(f"{1e3 * x:.1f}" for x in t) + f"  → {1e3 * max(t):.1f}"
+        if st.unknown_loops:
+            row += f"   ({st.unknown_loops} loop(s) of unknown trip count counted once: one decode chunk)"
+        lines.append(row)
+    return "\n".join(lines)
+
+
 def parse_mesh(text: str) -> dict[str, int]:
     """Parses "data=1,fsdp=-1,tensor=1" into {"data": 1, "fsdp": -1, "tensor": 1}."""
     out = {}
@@ -205,6 +242,7 @@ def main(argv) -> None:
              f"new {c.sampling.max_new_tokens}, {c.dtype}, remat={c.remat} ({programs.remat_policies[0]}), "
              f"decode {programs.kernels.decode_attention}")
     print(format_report(memory_report(compiled, hbm), title))
+    print(roofline_report(compiled, f.topology, len(devices)))
 
 
 if __name__ == "__main__":

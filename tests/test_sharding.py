@@ -138,6 +138,14 @@ def test_aot_programs_on_fake_mesh_equal_unsharded(ckpt):
     report = aot.memory_report(compiled)
     print(aot.format_report(report, "cpu-8, tiny case"))
     assert set(report) == {"update", "prefill", "decode"}
+    # Collectives and FLOPs per program (the pod-scale report; no chip figures for CPU devices).
+    rows = {line.split()[0]: line for line in aot.roofline_report(compiled, "cpu-8", 8).splitlines()[1:]}
+    assert set(rows) == {"update", "prefill", "decode"}
+    assert "AG " in rows["update"]  # fsdp: the weights are all-gathered
+    from pr1_jax.hlo_stats import program_stats
+
+    update = program_stats(compiled["update"].as_text(), 8)
+    assert update.flops > 0 and update.hbm_bytes > 0 and update.collectives["all-gather"]["wire_bytes"] > 0
     assert all(r["argument"] > 0 and r["peak"] >= r["argument"] for r in report.values())
 
     # The update: params after the step and every metric.
