@@ -93,15 +93,96 @@ def write_tokenizer(out_dir: str | os.PathLike, chat_template: str = QWEN2_VL_CH
     return out
 
 
-def write_tiny_checkpoint(out_dir: str | os.PathLike, *, model_type: str = "qwen2_vl", **kwargs) -> Path:
+def write_tiny_checkpoint(out_dir: str | os.PathLike, *, model_type: str = "qwen2_vl", writer: str = "transformers",
+                          **kwargs) -> Path:
     """A tiny checkpoint of `model_type` ("qwen2_vl", "qwen2_5_vl" or "qwen3_vl"); `kwargs`
     go to `write_tiny_checkpoint_qwen2` / `_qwen2_5` / `_qwen3` (what a config's `tiny`
-    dict holds: `pr1_jax.train` writes `--config.model_dir=tiny` through this)."""
+    dict holds: `pr1_jax.train` writes `--config.model_dir=tiny` through this).
+
+    `writer="numpy"`: Qwen2-VL written by `write_numpy_checkpoint` instead (no torch, no
+    transformers model class: what a TPU VM has)."""
+    if writer == "numpy":
+        if model_type != "qwen2_vl":
+            raise ValueError(f"tiny writer 'numpy' writes qwen2_vl only, not {model_type!r}")
+        return write_numpy_checkpoint(out_dir, **kwargs)
+    if writer != "transformers":
+        raise ValueError(f"tiny writer {writer!r}: 'transformers' or 'numpy'")
+    if importlib.util.find_spec("torch") is None:
+        from pr1_jax.errors import ConfigError
+
+        raise ConfigError("the tiny model is written by transformers, which needs torch (not installed here): "
+                         "--config.tiny.writer=numpy writes it with NumPy")
     writers = {"qwen2_vl": write_tiny_checkpoint_qwen2, "qwen2_5_vl": write_tiny_checkpoint_qwen2_5,
                "qwen3_vl": write_tiny_checkpoint_qwen3}
     if model_type not in writers:
         raise ValueError(f"tiny model_type {model_type!r}: one of {sorted(writers)}")
     return writers[model_type](out_dir, **kwargs)
+
+
+def write_numpy_checkpoint(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    mrope_section: tuple[int, int, int] = (2, 3, 3),
+    tie_word_embeddings: bool = True,
+    vision_depth: int = 2,
+    vision_width: int = 32,
+    vision_heads: int = 4,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 64,
+    init_std: float = 0.02,
+    safe_serialization_max_shard: str | None = None,
+) -> Path:
+    """`write_tiny_checkpoint_qwen2`'s files written with NumPy and safetensors alone: the
+    same config.json layout (`ModelConfig.to_hf_dict`), HF key names (`hf_io.to_hf_state_dict`,
+    the table every load reads), preprocessor and tokenizer files. Weights: normal(0,
+    `init_std`), norm scales 1, biases 0 — another random draw than transformers' (so not
+    interchangeable with it in recorded runs), the same architecture. For machines without
+    torch (a TPU VM: `configs/tpu_smoke.py`)."""
+    import numpy as np
+
+    from pr1_jax.export import parse_size, write_safetensors
+    from pr1_jax.model import hf_io
+    from pr1_jax.model.config import ModelConfig, TextConfig, VisionConfig
+    from pr1_jax.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    head_dim = hidden_size // num_heads
+    if sum(mrope_section) * 2 != head_dim:
+        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    cfg = ModelConfig(
+        text=TextConfig(width=hidden_size, mlp_dim=intermediate_size, num_layers=num_layers, num_heads=num_heads,
+                        num_kv_heads=num_kv_heads, head_dim=head_dim, mrope_section=tuple(mrope_section),
+                        tie_word_embeddings=tie_word_embeddings),
+        vision=VisionConfig(depth=vision_depth, width=vision_width, num_heads=vision_heads, mlp_dim=4 * vision_width,
+                            out_width=hidden_size))
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, shape in sorted(hf_io.param_shapes(cfg).items()):  # sorted: the draw does not depend on dict order
+        leaf = path.rsplit("/", 1)[-1]
+        flat[path] = (np.ones(shape, np.float32) if leaf == "scale" else np.zeros(shape, np.float32) if leaf == "bias"
+                      else rng.normal(0.0, init_std, shape).astype(np.float32))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = hf_io.to_hf_state_dict(hf_io.unflatten(flat), cfg)
+    write_safetensors(out, tensors, parse_size(safe_serialization_max_shard or "5GB"))
+    config = cfg.to_hf_dict()
+    config.update(torch_dtype="float32", initializer_range=init_std)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    gen = dict(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643)
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    processor = dict(image_processor_type="Qwen2VLImageProcessor", do_resize=True, do_rescale=True,
+                     do_normalize=True, do_convert_rgb=True, rescale_factor=1 / 255, resample=3,
+                     image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
+                     min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2,
+                     size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    write_tokenizer(out)
+    return out
 
 
 def write_tiny_checkpoint_qwen2(

