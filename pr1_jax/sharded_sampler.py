@@ -3,6 +3,11 @@ the batch (data × fsdp) and the weights in the sampling layout (`sharding.SAMPL
 
     sampler = ShardedSampler(model, eos_ids, pad_id, mesh)
     out = sampler(params, sharding.shard_batch(inputs, mesh), rng, SamplingConfig(...))
+
+Both programs are GSPMD, except with decode_attention="pallas": each layer's fused decode
+kernel, which GSPMD cannot partition, runs under `shard_map` on the same mesh (rows over
+data × fsdp, kv heads over tensor where it divides them: `model/decode_attention.py`), so
+the number of prompts must be a multiple of data × fsdp.
 """
 
 from __future__ import annotations
@@ -16,21 +21,21 @@ from jax.sharding import Mesh
 
 from pr1_jax import sampler as sampler_lib
 from pr1_jax.model.qwen2_vl import Qwen2VL
-from pr1_jax.sharding import (SAMPLE_RULES, Rules, constrain_batch, logical_sharding, param_shardings, replicated,
-                              with_rules)
+from pr1_jax.sharding import (SAMPLE_RULES, Rules, batch_shards, constrain_batch, logical_sharding, param_shardings,
+                              replicated, with_rules)
+from pr1_jax.structs import ModelInputs
 
 
 class ShardedSampler(sampler_lib.Sampler):
     """`Sampler` on the mesh: prompts and outputs split along the batch (data × fsdp); the
     params, passed in any layout (the training one), are re-laid out at the start of each of
     the two programs (prefill, decode) into the sampling layout (`SAMPLE_RULES`), then read
-    in place at every token. (With FSDP that is two weight all-gathers per rollout.)"""
+    in place at every token. (With FSDP that is two weight all-gathers per rollout.)
+    decode_attention="pallas": the fused decode kernel per device under shard_map (module
+    docstring); the prompts must then split evenly over the batch axes."""
 
     def __init__(self, model: Qwen2VL, eos_ids: Sequence[int], pad_id: int, mesh: Mesh,
                  rules: Rules = SAMPLE_RULES, steps_per_check: int = 16, decode_attention: str = "xla"):
-        if decode_attention == "pallas" and mesh.size > 1:  # GSPMD cannot split a Pallas kernel
-            raise ValueError(f"decode_attention='pallas' runs on one device for now (the kernel is not "
-                             f"wrapped in shard_map); this mesh has {mesh.size}: use 'xla'")
         super().__init__(model, eos_ids, pad_id, steps_per_check, decode_attention=decode_attention)
         self.mesh, self.rules = mesh, rules
         sample_sh = param_shardings(model.cfg, mesh, rules)
@@ -51,9 +56,23 @@ class ShardedSampler(sampler_lib.Sampler):
         self._prefill = jax.jit(with_rules(prefill, mesh, rules))
         self._decode = jax.jit(with_rules(decode, mesh, rules), static_argnames=self.STATIC)
 
+    def __call__(self, params, prompts: ModelInputs, rng: jax.Array, cfg: sampler_lib.SamplingConfig,
+                 *args, **kwargs) -> sampler_lib.SampleOutput:
+        self._check_rows(prompts)
+        return super().__call__(params, prompts, rng, cfg, *args, **kwargs)
+
+    def _check_rows(self, prompts: ModelInputs) -> None:
+        """Before any compile: the fused decode's shard_map needs the same rows on every device
+        (GSPMD, with "xla", takes any count)."""
+        rows, shards = np.shape(prompts.input_ids)[0], batch_shards(self.mesh, self.rules)
+        if self.decode_attention == "pallas" and rows % shards:
+            raise ValueError(f"decode_attention='pallas' on mesh {dict(self.mesh.shape)} needs a multiple of its "
+                             f"{shards} batch shards (data × fsdp) of prompts, got {rows}: pad the batch or use 'xla'")
+
     def lower(self, params, prompts, rng, cfg: sampler_lib.SamplingConfig) -> dict[str, Any]:
         """The two rollout programs lowered for (abstract) arguments: {"prefill", "decode"},
         each to `.compile()` ahead of time."""
+        self._check_rows(prompts)
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated(self.mesh))
         prefix = jax.eval_shape(self._prefill, params, prompts)
         prefix = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), prefix,

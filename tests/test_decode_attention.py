@@ -1,5 +1,6 @@
 """The fused Pallas decode attention (interpret mode on CPU) equals `layers.cached_attention`,
-and the sampler's greedy tokens are the same with it."""
+and the sampler's greedy tokens are the same with it, on one device and under shard_map on
+8 fake devices (`ShardedSampler`)."""
 
 import jax
 import jax.numpy as jnp
@@ -129,14 +130,77 @@ def test_sampler_pallas_equals_xla(sampler_dir):
     np.testing.assert_allclose(np.asarray(outs[1].logp), np.asarray(outs[0].logp), atol=1e-4)
 
 
-def test_sharded_sampler_pallas_needs_one_device(sampler_dir):
-    """GSPMD cannot split the Pallas kernel: a multi-device mesh is refused up front."""
+MESHES = [dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)]  # tensor=2: one kv head per device
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES + [dict(fsdp=2, tensor=4)])  # 2 kv heads on 4: whole heads
+def test_kernels_on_mesh_equal_one_device(mesh_shape):
+    """Traced on a mesh (as ShardedSampler does), both entry points run under shard_map, and
+    each device's rows (and kv heads) give the one-device result."""
+    from pr1_jax import sharding
+    b, h, kv, dh, p, s, slot = 8, K * R, K, 32, 20, 16, 5
+    ks = jax.random.split(jax.random.PRNGKey(13), 7)
+    qkv = jax.random.normal(ks[0], (b, G, 1, h + 2 * kv, dh), jnp.float32)
+    cos, sin = jnp.cos(qkv[:, :, :, 0] * 7), jnp.sin(qkv[:, :, :, 0] * 7)
+    k_cache, v_cache = (jax.random.normal(k, (b, G, kv, s, dh), jnp.float32) for k in ks[1:3])
+    mask = jnp.broadcast_to(jnp.arange(s) <= slot, (b, G, 1, s))
+    prefix = (jax.random.normal(ks[3], (b, kv, p, dh), jnp.float32), jax.random.normal(ks[4], (b, kv, p, dh)),
+              jnp.arange(p)[None] >= jnp.arange(b)[:, None] * 2)  # left padding: row i's first 2i keys
+    step_args = (qkv, cos, sin, k_cache, v_cache, jnp.int32(slot), mask, prefix)
+    attend_args = (qkv[:, :, :, :h], k_cache, v_cache, mask, prefix)
+    step = lambda *a: fused_decode_step(*a, num_heads=h, interpret=True)  # noqa: E731
+    attend = lambda *a: fused_cached_attention(*a, interpret=True)  # noqa: E731
+    mesh = sharding.make_mesh(**mesh_shape)
+    for fn, args in ((step, step_args), (attend, attend_args)):
+        ref = fn(*args)
+        on_mesh = jax.jit(sharding.with_rules(fn, mesh, sharding.SAMPLE_RULES))
+        out = on_mesh(*jax.device_put(args, sharding.replicated(mesh)))  # the program spans the mesh
+        assert "shard_map" in str(jax.make_jaxpr(on_mesh)(*args))
+        for a, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-6, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def eight_rows(sampler_dir):
+    """8 prompts (the mixed batch, then again in reverse: left padding, uneven lengths), and the
+    one-device greedy rollouts of them with each decode attention."""
+    cfg = ModelConfig.from_pretrained(sampler_dir)
+    params = jax.tree.map(jnp.asarray, hf_io.load_params(sampler_dir, cfg))
+    rows, images, _, _ = mixed_batch(sampler_dir, cfg)
+    inputs = pb.build_inputs(rows + rows[::-1], images + images[::-1], image_token_id=cfg.image_token_id,
+                             pad_id=PAD)
+    model = Qwen2VL(cfg)
+    # 16 new tokens: caches of 16 slots take the one-kernel step (fused_decode_step)
+    sc = sampler_lib.SamplingConfig(num_samples=2, max_new_tokens=16, temperature=0)
+    one_device = {a: sampler_lib.Sampler(model, EOS, PAD, decode_attention=a)(
+        params, jax.tree.map(jnp.asarray, inputs), jax.random.PRNGKey(0), sc) for a in ("xla", "pallas")}
+    return model, params, inputs, sc, one_device
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES)
+def test_sharded_sampler_pallas_equals_one_device(eight_rows, mesh_shape):
+    """The fused decode under shard_map on 8 devices: the one-device tokens, token for token."""
     from pr1_jax import sharding
     from pr1_jax.sharded_sampler import ShardedSampler
-    model = Qwen2VL(ModelConfig.from_pretrained(sampler_dir))
-    with pytest.raises(ValueError, match="one device"):
-        ShardedSampler(model, EOS, PAD, sharding.make_mesh(fsdp=2, devices=jax.devices()[:2]),
-                                decode_attention="pallas")
-    sampler = ShardedSampler(model, EOS, PAD, sharding.make_mesh(fsdp=1, devices=jax.devices()[:1]),
-                                      decode_attention="pallas")
-    assert sampler.decode_attention == "pallas"
+    model, params, inputs, sc, one_device = eight_rows
+    mesh = sharding.make_mesh(**mesh_shape)
+    sampler = ShardedSampler(model, EOS, PAD, mesh, decode_attention="pallas")
+    out = sampler(params, sharding.shard_batch(inputs, mesh, sharding.SAMPLE_RULES), jax.random.PRNGKey(0), sc)
+    for ref in (one_device["pallas"], one_device["xla"]):
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+        np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
+        np.testing.assert_allclose(np.asarray(out.logp), np.asarray(ref.logp), atol=1e-4)
+    assert len(set(map(tuple, np.asarray(out.tokens[:, 0])))) > 1  # the rows really differ
+
+
+def test_sharded_sampler_pallas_needs_whole_rows_per_device(eight_rows):
+    """shard_map needs the same rows on every device: 4 prompts on 8 batch shards is refused
+    before anything compiles (GSPMD's 'xla' takes them)."""
+    from pr1_jax import sharding
+    from pr1_jax.sharded_sampler import ShardedSampler
+    model, params, inputs, sc, _ = eight_rows
+    four = pb.build_inputs([np.asarray(r) for r in inputs.input_ids[4:]], [], image_token_id=-1, pad_id=PAD)
+    sampler = ShardedSampler(model, EOS, PAD, sharding.make_mesh(data=2, fsdp=4), decode_attention="pallas")
+    with pytest.raises(ValueError, match="multiple of its 8 batch shards"):
+        sampler(params, four, jax.random.PRNGKey(0), sc)
+    assert sampler.num_compiled() == 0

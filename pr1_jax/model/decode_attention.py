@@ -27,16 +27,25 @@ layers, so XLA computes them once per step.
 A query row with no valid key at all gets 0 (`cached_attention` would average all of v);
 decoding never has one (the own key at slot t is always valid).
 `interpret=True` runs the kernel with the Pallas interpreter (CPU tests).
+
+On a device mesh (the model traced under `sharding.with_rules`, as `ShardedSampler` does)
+GSPMD cannot partition the kernel, so the entry points run it under `jax.shard_map`: each
+device takes its rows (the mesh axes of the "batch" rule, data × fsdp) and, where the
+"kv_heads" rule's axes divide the K kv heads (tensor), its heads; the rest of the layer
+stays GSPMD. Without a mesh (or on one device) the kernel is called as it is.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
 
 from pr1_jax.model import layers
 
@@ -191,19 +200,40 @@ def _pad_keys(x: Array, axis: int, minimum: int = 16) -> Array:
 _STATIC = ("interpret", "block_k", "num_warps", "num_stages", "num_splits")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
 def fused_cached_attention(q: Array, k: Array, v: Array, mask: Array,
-                           prefix: tuple[Array, Array, Array] | None = None, *, interpret: bool = False,
-                           block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
-                           num_splits: int = 1) -> Array:
+                           prefix: tuple[Array, Array, Array] | None = None, **kernel) -> Array:
     """`layers.cached_attention` for T = 1 as one Pallas kernel (module docstring).
 
     q: [B, G, 1, H, Dh]; k, v: [B, G, K, S, Dh]; mask: [B, G, 1, S] bool;
     prefix: (k_p [B, K, P, Dh], v_p [B, K, P, Dh], mask_p [B, P] bool) or None.
-    num_splits > 1: each (row, sample, kv head) splits its key blocks over that many programs
-    and a small XLA fusion merges their partial softmaxes (flash-decoding); 0: `auto_splits`.
+    kernel: interpret, block_k (64), num_warps (4), num_stages (2), num_splits (1): > 1, each
+    (row, sample, kv head) splits its key blocks over that many programs and a small XLA
+    fusion merges their partial softmaxes (flash-decoding); 0: `auto_splits`.
     Returns [B, G, 1, H, Dh] in q's dtype. T > 1 falls back to `cached_attention`.
+    On a mesh: under shard_map (module docstring).
     """
+    layout = _mesh_layout(k.shape[0], k.shape[2]) if q.shape[2] == 1 else None
+    if layout is None:
+        return _fused_cached_attention(q, k, v, mask, prefix, **kernel)
+    mesh, rows, heads = layout
+    cache = P(rows, None, heads)
+    args, specs = [q, k, v, mask], [P(rows, None, None, heads), cache, cache, P(rows)]
+    if prefix is not None:
+        args.append(prefix)
+        specs.append((P(rows, heads), P(rows, heads), P(rows)))
+
+    def local(q, k, v, mask, *prefix):
+        return _fused_cached_attention(q, k, v, mask, *prefix, **kernel)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=specs[0], check_vma=False)(*args)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _fused_cached_attention(q: Array, k: Array, v: Array, mask: Array,
+                            prefix: tuple[Array, Array, Array] | None = None, *, interpret: bool = False,
+                            block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
+                            num_splits: int = 1) -> Array:
+    """`fused_cached_attention` on one device (or one device's shard)."""
     b, g, t, h, dh = q.shape
     if t != 1:
         return layers.cached_attention(q, k, v, mask, prefix)
@@ -216,11 +246,9 @@ def fused_cached_attention(q: Array, k: Array, v: Array, mask: Array,
     return out.reshape(b, g, 1, h, dh)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("num_heads",))
 def fused_decode_step(qkv: Array, cos: Array, sin: Array, k_cache: Array, v_cache: Array, slot: Array,
                       mask: Array, prefix: tuple[Array, Array, Array] | None = None, *, num_heads: int,
-                      interpret: bool = False, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
-                      num_splits: int = 1) -> tuple[Array, Array, Array]:
+                      **kernel) -> tuple[Array, Array, Array]:
     """A decode step's attention from the fused q/k/v projection, in one kernel: RoPE on q
     and the new k, the new k/v written into the caches at `slot` (in place: the caches are
     input-output aliased), attention over prefix + cache + the new key.
@@ -230,8 +258,41 @@ def fused_decode_step(qkv: Array, cos: Array, sin: Array, k_cache: Array, v_cach
     qkv: [B, G, 1, H + 2K, Dh] (q heads, then k, then v; before RoPE); cos, sin: [B, G, 1, Dh]
     float32; k_cache, v_cache: [B, G, K, S, Dh] with S ≥ 16; slot: [] int32; mask: [B, G, 1, S]
     bool — the query sees its own new key (mask[slot] is taken as True), other keys by mask.
+    kernel: as for `fused_cached_attention`. On a mesh: under shard_map (module docstring).
     Returns (out [B, G, 1, H, Dh], k_cache, v_cache).
     """
+    layout = _mesh_layout(k_cache.shape[0], k_cache.shape[2])
+    if layout is None:
+        return _fused_decode_step(qkv, cos, sin, k_cache, v_cache, slot, mask, prefix, num_heads=num_heads,
+                                  **kernel)
+    mesh, rows, heads = layout
+    shards = math.prod(mesh.shape[a] for a in heads or ())
+    b, g, _, hk, dh = qkv.shape
+    if shards > 1:  # each shard's q, k and v heads side by side: [B, G, 1, shards, (H + 2K) / shards, Dh]
+        kv = (hk - num_heads) // 2
+        parts = jnp.split(qkv, [num_heads, num_heads + kv], axis=3)
+        qkv = jnp.concatenate([a.reshape(b, g, 1, shards, -1, dh) for a in parts], axis=4)
+    cache = P(rows, None, heads)
+    args = [qkv, cos, sin, k_cache, v_cache, slot, mask]
+    specs = [P(rows, None, None, heads), P(rows), P(rows), cache, cache, P(), P(rows)]
+    if prefix is not None:
+        args.append(prefix)
+        specs.append((P(rows, heads), P(rows, heads), P(rows)))
+
+    def local(qkv, *rest):
+        qkv = qkv.reshape(*qkv.shape[:3], -1, dh)  # [B/n, G, 1, (H + 2K) / shards, Dh]
+        return _fused_decode_step(qkv, *rest, num_heads=num_heads // shards, **kernel)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=(P(rows, None, None, heads), cache, cache),
+                         check_vma=False)(*args)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("num_heads",))
+def _fused_decode_step(qkv: Array, cos: Array, sin: Array, k_cache: Array, v_cache: Array, slot: Array,
+                       mask: Array, prefix: tuple[Array, Array, Array] | None = None, *, num_heads: int,
+                       interpret: bool = False, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
+                       num_splits: int = 1) -> tuple[Array, Array, Array]:
+    """`fused_decode_step` on one device (or one device's shard)."""
     b, g, _, hk, dh = qkv.shape
     if k_cache.shape[3] < 16:  # the kernel's dots need ≥ 16 keys; a padded cache could not be aliased
         raise ValueError(f"fused_decode_step needs caches of ≥ 16 slots, got {k_cache.shape[3]}: "
@@ -244,6 +305,33 @@ def fused_decode_step(qkv: Array, cos: Array, sin: Array, k_cache: Array, v_cach
                                   interpret=interpret, block_k=block_k, num_warps=num_warps,
                                   num_stages=num_stages, num_splits=num_splits)
     return out.reshape(b, g, 1, num_heads, dh), *caches
+
+
+def _mesh_layout(batch: int, num_kv: int) -> tuple[jax.sharding.AbstractMesh, tuple[str, ...] | None,
+                                                   tuple[str, ...] | None] | None:
+    """(mesh, row axes, kv-head axes) for the shard_map of a kernel traced on a mesh of more
+    than one device (the abstract mesh and flax's logical-axis rules in context: see
+    `sharding.with_rules`), or None: call the kernel as it is (one device, no mesh, or
+    already inside a shard_map). Axes of size 1 are left out; None: not split."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        return None
+    rules = nn.get_logical_axis_rules()
+
+    def axes(name: str, taken: tuple[str, ...] = ()) -> tuple[str, ...]:
+        spec = nn.logical_to_mesh_axes((name,), rules)[0] if rules else None
+        spec = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+        return tuple(a for a in spec if mesh.shape.get(a, 1) > 1 and a not in taken)
+
+    rows = axes("batch")
+    n = math.prod(mesh.shape[a] for a in rows)
+    if batch % n:  # shard_map needs equal shards; replicating the rows instead would redo them on every device
+        raise ValueError(f"the fused decode attention splits its {batch} rows over mesh axes {rows} "
+                         f"({n} shards), which do not divide them: use a multiple of {n} rows or 'xla'")
+    heads = axes("kv_heads", rows)
+    if num_kv % math.prod(mesh.shape[a] for a in heads):  # e.g. 2 kv heads on tensor=4: whole heads per device
+        heads = ()
+    return mesh, rows or None, heads or None
 
 
 def reference_decode_step(qkv: Array, cos: Array, sin: Array, k_cache: Array, v_cache: Array, slot,
