@@ -132,6 +132,46 @@ def test_saved_on_8_devices_restores_bit_equal_on_4_2_and_1(tmp_path):
     ckpt.close()
 
 
+
+def test_model_state_of_a_2x2_mesh_restores_on_1x4_and_1x1(tmp_path):
+    """The model's real train state (every parameter and AdamW moment in the training layout,
+    `sharding.TRAIN_RULES`) saved from a data=2 × fsdp=2 mesh comes back equal on a 1 × 4 and a
+    1 × 1 mesh, each leaf in that mesh's own training sharding."""
+    from pr1_jax import sharding, train_state
+    from pr1_jax.model.config import ModelConfig, TextConfig, VisionConfig
+    from pr1_jax.model.qwen2_vl import init_params
+
+    cfg = ModelConfig(text=TextConfig(vocab_size=512, width=64, mlp_dim=128, num_layers=2, num_heads=4,
+                                      num_kv_heads=2, head_dim=16, mrope_section=(2, 3, 3)),
+                      vision=VisionConfig(depth=1, width=32, num_heads=4, mlp_dim=64, out_width=64))
+    opt = make_optimizer(OptimConfig(learning_rate=0.1))
+    meshes = {shape: sharding.mesh_from_config({"data": shape[0], "fsdp": shape[1]}, jax.devices()[:shape[0] * shape[1]])
+              for shape in ((2, 2), (1, 4), (1, 1))}
+    from flax.core import meta
+
+    params = jax.device_get(meta.unbox(init_params(cfg, jax.random.PRNGKey(3))))
+    state = train_state.init_train_state(jax.tree.map(jnp.asarray, params), opt, meshes[2, 2], cfg=cfg)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.01), state.params)
+    updates, opt_state = opt.update(grads, state.opt_state, state.params)  # non-zero moments to compare
+    state = state.replace(opt_state=opt_state)
+    sharded = [leaf for leaf in jax.tree.leaves(state.params) if not leaf.is_fully_replicated]
+    assert len(sharded) > 10 and {len(x.sharding.device_set) for x in sharded} == {4}
+    rng = jax.device_put(jax.random.PRNGKey(0), sharding.replicated(meshes[2, 2]))
+    ckpt = checkpoint.Checkpoints(tmp_path)
+    ckpt.save(5, state, rng=rng, data_state={"next": 7}, meta={})
+    ckpt.wait()
+    want = jax.device_get(state)
+    for shape in ((1, 4), (1, 1)):
+        mesh = meshes[shape]
+        like = train_state.abstract_train_state(cfg, opt, mesh)
+        got = ckpt.restore(5, like, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh)))
+        assert got.data_state == {"next": 7} and int(got.state.step) == int(want.step)
+        for g, w, target in zip(jax.tree.leaves(got.state), jax.tree.leaves(want), jax.tree.leaves(like)):
+            assert g.sharding == target.sharding, shape
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    ckpt.close()
+
+
 def test_changed_shapes_raise_instead_of_skipping(tmp_path):
     state, rng = _save_steps(tmp_path, [1])
     other = state.replace(params={**state.params, "embed": jnp.zeros((6, 4), jnp.bfloat16)})
