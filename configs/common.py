@@ -16,8 +16,9 @@ def base() -> ml_collections.ConfigDict:
     c.dtype = "bfloat16"  # compute and parameter dtype (PR1: bf16 with fp32 master weights under ZeRO-3)
     c.remat = True  # PR1 trains with gradient checkpointing
     # Kernels: the same math, chosen for speed (benchmarks/RESULTS.md has the measurements).
-    # attention (training, scoring, prefill): "xla" einsums, "cudnn" flash attention, or
-    # "auto" = cudnn on NVIDIA GPUs where the shapes allow, xla elsewhere (CPU, TPU).
+    # attention (training, scoring, prefill): "xla" einsums, "cudnn" flash attention, "splash"
+    # (Pallas TPU flash attention), or "auto" = cudnn on NVIDIA GPUs where the shapes allow,
+    # splash on TPU, xla elsewhere (CPU).
     c.attention = "auto"
     # With remat, what each layer keeps (pr1_jax.model.qwen2_vl.REMAT_POLICIES): "full" keeps
     # nothing (least memory); "dots_flash" keeps the matmul and flash-attention outputs;
@@ -63,8 +64,9 @@ def base() -> ml_collections.ConfigDict:
     c.sampling.top_p = 0.9
     c.sampling.top_k = 50
     # Decode-step attention: "xla", "pallas" (one fused kernel per layer and step; GPU,
-    # single-device meshes only for now: the kernel is not yet wrapped in shard_map), or
-    # "auto": pallas on a one-GPU mesh, xla elsewhere.
+    # single-device meshes only for now: the kernel is not yet wrapped in shard_map), "pallas_tpu"
+    # (a Pallas TPU kernel, any mesh), or "auto": pallas on a one-GPU mesh, pallas_tpu on TPU,
+    # xla elsewhere.
     c.sampling.decode_attention = "auto"
     # Benchmarks on random weights only (they never emit EOS): force EOS at lengths drawn from
     # this distribution, e.g. "geometric:40" or "task" (pr1_jax/workload.py). "" = off.

@@ -39,6 +39,7 @@ from pr1_jax.errors import ConfigError
 from pr1_jax.model import layers
 from pr1_jax.model.config import ModelConfig
 from pr1_jax.model.qwen2_vl import Qwen2VL
+from pr1_jax.sampler import DECODE_ATTENTION
 from pr1_jax.structs import SampleOutput, SamplingConfig
 from pr1_jax.sharded_sampler import ShardedSampler
 
@@ -49,8 +50,8 @@ log = logging.getLogger("pr1_jax.programs")
 class Kernels:
     """Implementation choices that never change the math (benchmarks/RESULTS.md has timings)."""
 
-    attention: str  # training / scoring / prefill attention: "xla" | "cudnn"
-    decode_attention: str  # decode-step attention: "xla" | "pallas"
+    attention: str  # training / scoring / prefill: layers.ATTENTION_IMPLS ("xla" | "cudnn" | "splash" | "auto")
+    decode_attention: str  # decode-step attention: sampler.DECODE_ATTENTION ("xla" | "pallas" | "pallas_tpu")
 
 
 def _nvidia_gpu(mesh) -> bool:
@@ -58,16 +59,27 @@ def _nvidia_gpu(mesh) -> bool:
     return d.platform == "gpu" and "NVIDIA" in d.device_kind
 
 
+def _tpu(mesh) -> bool:
+    """TPU devices, also compile-only ones (`pr1_jax.aot`: a topology described by libtpu)."""
+    return mesh.devices.flat[0].platform == "tpu"
+
+
 def resolve_kernels(attention: str, decode_attention: str, mesh) -> Kernels:
-    """"auto" → the fastest choice for the mesh: cuDNN flash attention on NVIDIA GPUs (where the
-    shapes allow, decided per call: `layers.attention`), the fused Pallas decode step on a
-    one-GPU mesh (it is not yet wrapped in shard_map), XLA everywhere else (CPU, TPU)."""
+    """"auto" → the fastest choice for the mesh: on TPU the Pallas TPU kernels (splash attention
+    for training, scoring and prefill; the decode kernel `tpu_decode_attention`, both wrapped in
+    shard_map so any mesh size works); on NVIDIA GPUs cuDNN flash attention (where the shapes
+    allow, decided per call: `layers.attention`) and the fused Pallas decode step on a one-GPU
+    mesh (it is not yet wrapped in shard_map); XLA everywhere else (CPU)."""
     if attention not in layers.ATTENTION_IMPLS:
         raise ConfigError(f"attention must be one of {layers.ATTENTION_IMPLS}, got {attention!r}")
-    if decode_attention not in ("xla", "pallas", "auto"):
-        raise ConfigError(f"sampling.decode_attention must be 'xla', 'pallas' or 'auto', got {decode_attention!r}")
+    if decode_attention not in DECODE_ATTENTION + ("auto",):
+        raise ConfigError(f"sampling.decode_attention must be one of {DECODE_ATTENTION + ('auto',)}, "
+                          f"got {decode_attention!r}")
+    if attention == "auto" and _tpu(mesh):
+        attention = "splash"
     if decode_attention == "auto":
-        decode_attention = "pallas" if _nvidia_gpu(mesh) and mesh.size == 1 else "xla"
+        decode_attention = ("pallas_tpu" if _tpu(mesh) else
+                            "pallas" if _nvidia_gpu(mesh) and mesh.size == 1 else "xla")
     return Kernels(attention=attention, decode_attention=decode_attention)
 
 

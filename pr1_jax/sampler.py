@@ -41,6 +41,8 @@ from pr1_jax.model.qwen2_vl import Qwen2VL
 from pr1_jax.structs import ModelInputs, SampleOutput, SamplingConfig  # noqa: F401  (re-exported)
 
 Array = jax.Array
+# Decode-step attention: XLA einsums, the fused GPU kernel (Pallas Triton), the TPU kernel (Pallas Mosaic).
+DECODE_ATTENTION = ("xla", "pallas", "pallas_tpu")
 
 
 @flax.struct.dataclass
@@ -181,9 +183,9 @@ def decode_windows(max_new_tokens: int, chunk: int, decode_attention: str, first
     """Static own-cache lengths the decode loop runs in: `first`, doubling, each a multiple of
     `chunk`, the last = max_new_tokens. The XLA decode attention reads every slot it is
     given, so a step reads the smallest window that holds the tokens so far (≤ 2× their
-    number), not all Tc slots. The Pallas step visits only written blocks already: one
-    window. first=0: one window (the whole cache at every step)."""
-    if decode_attention == "pallas" or first <= 0:
+    number), not all Tc slots. The Pallas steps (GPU, TPU) visit only written blocks already:
+    one window. first=0: one window (the whole cache at every step)."""
+    if decode_attention in ("pallas", "pallas_tpu") or first <= 0:
         return (max_new_tokens,)
     w, out = -(-first // chunk) * chunk, []
     while w < max_new_tokens:
@@ -201,7 +203,8 @@ def decode(model: Qwen2VL, params, prefix: Prefix, rng: Array, temperature: Arra
 
     steps_per_check: decode steps per chunk between "all rows done?" checks (module docstring).
     first_window: the XLA attention's first cache window (`decode_windows`; 0: none).
-    decode_attention: "xla" or "pallas" (one fused kernel per layer, `model.decode_attention`);
+    decode_attention: "xla", "pallas" (one fused kernel per layer, `model.decode_attention`) or
+    "pallas_tpu" (`model.tpu_decode_attention`);
     decode_splits: with "pallas", key splits per program (0: automatic).
     end_at [B, G] int32 (benchmarks only, `Sampler.__call__`): completion lengths at which
     EOS is forced.
@@ -299,7 +302,8 @@ class Sampler:
     larger saves host syncs, at the cost of up to steps_per_check − 1 wasted steps at the end.
     decode_attention: "xla" (default) or "pallas": each layer's decode attention as one fused
     Pallas kernel (`model.decode_attention`; interpreted on CPU), its keys split over
-    `decode_splits` programs per (row, sample, kv head) (0: enough programs to fill the GPU).
+    `decode_splits` programs per (row, sample, kv head) (0: enough programs to fill the GPU);
+    "pallas_tpu": the TPU kernel (`model.tpu_decode_attention`; interpreted off TPU).
     """
 
     STATIC = ("num_samples", "max_new_tokens", "top_k", "use_top_p", "greedy", "eos_ids", "pad_id", "ignore_eos",
@@ -309,8 +313,8 @@ class Sampler:
                  decode_attention: str = "xla", decode_splits: int = 0, first_window: int = 64):
         if steps_per_check <= 0:
             raise ValueError(f"steps_per_check must be positive, got {steps_per_check}")
-        if decode_attention not in ("xla", "pallas"):
-            raise ValueError(f"decode_attention must be 'xla' or 'pallas', got {decode_attention!r}")
+        if decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
         if decode_splits < 0:
             raise ValueError(f"decode_splits must be ≥ 0, got {decode_splits}")
         self.decode_attention, self.decode_splits = decode_attention, int(decode_splits)

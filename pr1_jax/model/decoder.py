@@ -38,6 +38,7 @@ import numpy as np
 
 from pr1_jax.model import layers
 from pr1_jax.model.decode_attention import fused_cached_attention, fused_decode_step
+from pr1_jax.model.tpu_decode_attention import tpu_cached_attention
 from pr1_jax.model.config import TextConfig
 
 Array = jax.Array
@@ -128,7 +129,8 @@ class DecoderLayer(nn.Module):
     fused: bool = False
     # Attention of one-token cached steps: "xla" (layers.cached_attention) or "pallas" (one
     # kernel, interpreted on CPU: with fused weights `decode_attention.fused_decode_step`, which
-    # also applies RoPE and writes the caches; else `fused_cached_attention`).
+    # also applies RoPE and writes the caches; else `fused_cached_attention`), or "pallas_tpu"
+    # (`tpu_decode_attention.tpu_cached_attention`: a TPU kernel, interpreted off TPU).
     decode_attention: str = "xla"
     decode_splits: int = 0  # "pallas": key splits per program (0: auto; decode_attention.py)
     attention: str = "xla"  # attention without a cache: layers.ATTENTION_IMPLS
@@ -176,6 +178,8 @@ class DecoderLayer(nn.Module):
                 k, v = put(cache[0], k), put(cache[1], v)
                 if self.decode_attention == "pallas" and q.shape[2] == 1:
                     out = fused_cached_attention(q, k, v, ctx.mask, pre, **pallas)
+                elif self.decode_attention == "pallas_tpu" and q.shape[2] == 1:  # reads only the valid blocks
+                    out = tpu_cached_attention(q, k, v, ctx.mask, pre)
                 else:  # a mask shorter than the cache: attend over its window of the first slots only
                     window = ctx.mask.shape[-1]
                     out = layers.cached_attention(q, k[:, :, :, :window], v[:, :, :, :window], ctx.mask, pre)

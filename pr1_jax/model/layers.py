@@ -84,7 +84,7 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
     return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 
 
 def cudnn_attention_fits(q: Array, num_keys: int) -> bool:
@@ -103,14 +103,20 @@ def attention(q: Array, k: Array, v: Array, mask: Array,
     q: [B, G, T, H, Dh]; k, v: [B, G, S, K, Dh]; mask: [B, G, T, S] bool (True = attend).
     prefix: (k_p [B, P, K, Dh], v_p [B, P, K, Dh], mask_p [B, P] bool) — keys shared by
       the G rows of a group (the prompt's KV cache), read once instead of G times.
-    impl: "xla" (einsums, scores materialized), "cudnn" (`flash_attention`, NVIDIA GPUs) or
-    "auto" (cudnn where `cudnn_attention_fits`, else xla).
+    impl: "xla" (einsums, scores materialized), "cudnn" (`flash_attention`, NVIDIA GPUs),
+    "splash" (Pallas splash attention, TPU: `tpu_attention.splash_attention`; interpreted off
+    TPU) or "auto" (cudnn where `cudnn_attention_fits`, splash on a TPU backend, else xla).
     Scores and softmax in float32. Returns [B, G, T, H, Dh] in q's dtype.
     """
     if impl == "auto":
-        impl = "cudnn" if cudnn_attention_fits(q, k.shape[2] + (0 if prefix is None else prefix[0].shape[1])) else "xla"
+        impl = "cudnn" if cudnn_attention_fits(q, k.shape[2] + (0 if prefix is None else prefix[0].shape[1])) else (
+            "splash" if jax.default_backend() == "tpu" else "xla")
     if impl == "cudnn":
         return flash_attention(q, k, v, mask, prefix)
+    if impl == "splash":
+        from pr1_jax.model.tpu_attention import splash_attention  # Pallas TPU ops: imported on use
+
+        return splash_attention(q, k, v, mask, prefix)
     if impl != "xla":
         raise ValueError(f"unknown attention implementation {impl!r} (one of {ATTENTION_IMPLS})")
     b, g, t, h, dh = q.shape
