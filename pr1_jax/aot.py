@@ -240,8 +240,12 @@ def main(argv) -> None:
              f"model {f.model_dir or f.model}, {c.batch.prompts_per_step} prompts × G={g}, "
              f"micro {micro}, seq {c.batch.seq_len}, patches {c.batch.patch_row_len}, "
              f"new {c.sampling.max_new_tokens}, {c.dtype}, remat={c.remat} ({programs.remat_policies[0]}), "
-             f"decode {programs.kernels.decode_attention}")
+             f"attention {programs.kernels.attention}, decode {programs.kernels.decode_attention}")
     print(format_report(memory_report(compiled, hbm), title))
+    # Pallas kernels lowered by Mosaic (TPU): the proof that the TPU attention kernels compiled.
+    mosaic = {name: exe.as_text().count('custom_call_target="tpu_custom_call"') for name, exe in compiled.items()}
+    if any(mosaic.values()):
+        print("Pallas TPU kernel calls per program: " + ", ".join(f"{k} {v}" for k, v in mosaic.items()))
     print(roofline_report(compiled, f.topology, len(devices)))
 
 
