@@ -49,6 +49,7 @@ class ProgramStats:
     collectives: dict = dataclasses.field(
         default_factory=lambda: {k: {"count": 0, "bytes": 0.0, "wire_bytes": 0.0} for k in KINDS})
     unknown_loops: int = 0
+    flops_by_op: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by op_name tail
 
     @property
     def wire_bytes(self) -> float:
@@ -92,13 +93,17 @@ def program_stats(hlo: str, num_devices: int = 1) -> ProgramStats:
             continue
         if current is not None:
             comps[current].append(line)
-    # name → result shape text, module-wide (instruction names are unique)
-    shapes = {}
+    # name → result shape text, and integer constants, module-wide (instruction names are unique)
+    shapes, consts = {}, {}
     for lines in comps.values():
         for line in lines:
             m = _INSTR.match(line)
             if m:
                 shapes[m.group(1)] = m.group(2)
+                if m.group(3) == "constant":
+                    value = re.match(r"\s*(-?\d+)\)", m.group(4))
+                    if value:
+                        consts[m.group(1)] = int(value.group(1))
     # multipliers by walking the call graph from the entry
     mult: dict[str, float] = collections.defaultdict(float)
     fused: set[str] = set()
@@ -122,8 +127,9 @@ def program_stats(hlo: str, num_devices: int = 1) -> ProgramStats:
                     factor = 1.0
                     if op == "while" and attr == "body":
                         trip = _TRIP.search(line)
-                        factor = float(trip.group(1)) if trip else 1.0
-                        stats.unknown_loops += trip is None
+                        n = float(trip.group(1)) if trip else _counted_loop_trips(line, comps, consts)
+                        factor = n if n is not None else 1.0
+                        stats.unknown_loops += n is None
                     # Loop bodies, branches and plain calls run as programs of their own; fusions,
                     # reducers (to_apply) and async wrappers are parts of one instruction.
                     if not (attr in _CONTROL or (attr == "calls" and op == "call")):
@@ -139,13 +145,21 @@ def program_stats(hlo: str, num_devices: int = 1) -> ProgramStats:
             if not m:
                 continue
             name, result, op, rest = m.groups()
-            if op in ("dot", "convolution"):
+            if op == "dot":
                 operands = re.findall(r"%[\w.\-]+", rest.split(")")[0])
                 lhs = _first_dims(shapes.get(operands[0], "")) if operands else []
                 contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
                 size = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i) if (
                     contracting and lhs) else 1
-                stats.flops += k * 2.0 * math.prod(_first_dims(result) or [1]) * size
+                flops = k * 2.0 * math.prod(_first_dims(result) or [1]) * size
+            if op == "convolution":
+                operands = re.findall(r"%[\w.\-]+", rest.split(")")[0])
+                lhs = _first_dims(shapes.get(operands[0], "")) if operands else []
+                flops = k * 2.0 * _convolution_macs(_first_dims(result), lhs, line)
+            if op in ("dot", "convolution"):
+                stats.flops += flops
+                where = re.search(r'op_name="([^"]*)"', line)
+                stats.flops_by_op["/".join(where.group(1).split("/")[-2:]) if where else op] += flops
             kind = op.removesuffix("-start")
             if kind in KINDS:
                 r = shape_bytes(result) if not op.endswith("-start") else shape_bytes(result) / 2  # (in, out) pair
@@ -160,6 +174,80 @@ def program_stats(hlo: str, num_devices: int = 1) -> ProgramStats:
             if comp not in fused and op not in _NO_TRAFFIC and not op.endswith("-done"):
                 stats.hbm_bytes += k * _traffic(op, result, rest, line, shapes, comps)
     return stats
+
+
+def _counted_loop_trips(line: str, comps: dict, consts: dict) -> float | None:
+    """Trips of a while loop whose backend_config does not say (TPU): a condition
+    `compare(get-tuple-element(p, index=i), constant(N)), direction=LT` (a scan, a windowed
+    collective matmul) counts from element i of the initial tuple, when it is a constant, else
+    from 0 (scans start there), to N, by the constant the body adds to element i (else 1;
+    XLA's bidirectional collective matmuls add 2). Any other condition (a decode loop that stops when
+    every row has ended): None."""
+    cond = re.search(r"condition=(%[\w.\-]+)", line)
+    body = comps.get(cond.group(1), []) if cond else []
+    root = next((m for m in (_INSTR.match(x) for x in body if x.lstrip().startswith("ROOT")) if m), None)
+    if root is None or root.group(3) != "compare" or "direction=LT" not in root.group(4):
+        return None
+    operands = _operands(root.group(4))
+    defs = {m.group(1): m for m in (_INSTR.match(x) for x in body) if m}
+    if len(operands) != 2 or operands[1] not in consts or operands[0] not in defs:
+        return None
+    counter = defs[operands[0]]
+    index = re.search(r"index=(\d+)", counter.group(4))
+    if counter.group(3) != "get-tuple-element" or not index:
+        return None
+    start = 0
+    init = _operands(line.split(" while(", 1)[1]) if " while(" in line else []
+    for comp_lines in comps.values():  # the initial tuple, if it is built in the caller
+        for x in comp_lines:
+            m = _INSTR.match(x)
+            if m and init and m.group(1) == init[0] and m.group(3) == "tuple":
+                elements = _operands(m.group(4))
+                if int(index.group(1)) < len(elements) and elements[int(index.group(1))] in consts:
+                    start = consts[elements[int(index.group(1))]]
+    step = 1  # the body's update of element i: add(element i, constant(step))
+    body_name = re.search(r"body=(%[\w.\-]+)", line)
+    body_lines = comps.get(body_name.group(1), []) if body_name else []
+    body_defs = {m.group(1): m for m in (_INSTR.match(x) for x in body_lines) if m}
+    body_root = next((m for m in (_INSTR.match(x) for x in body_lines if x.lstrip().startswith("ROOT")) if m), None)
+    if body_root is not None and body_root.group(3) == "tuple":
+        elements = _operands(body_root.group(4))
+        update = body_defs.get(elements[int(index.group(1))]) if int(index.group(1)) < len(elements) else None
+        if update is not None and update.group(3) == "add":
+            steps = [consts[o] for o in _operands(update.group(4)) if o in consts]
+            step = steps[0] if len(steps) == 1 and steps[0] > 0 else step
+    return float(max(0, -(-(consts[operands[1]] - start) // step)))
+
+
+def _convolution_macs(out: list[int], lhs: list[int], line: str) -> float:
+    """Multiply-adds of a convolution (TPU writes every matmul as one; batch and head dims
+    become spatial dims with a window over them): per output element, the lhs feature size
+    (/ feature_group_count) times the window taps that land inside the unpadded input, summed
+    over output positions dimension by dimension."""
+    labels = re.search(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)", line)
+    if not labels or not out or len(labels.group(1)) != len(lhs):
+        return float(math.prod(out or [1]))
+    lhs_l, _, out_l = labels.groups()
+    groups = re.search(r"feature_group_count=(\d+)", line)
+    macs = math.prod(out) * lhs[lhs_l.index("f")] / (int(groups.group(1)) if groups else 1)
+    window = re.search(r"window=\{([^}]*)\}", line)
+    fields = dict(f.split("=", 1) for f in window.group(1).split()) if window else {}
+    spatial = sorted(ch for ch in lhs_l if ch.isdigit())
+    sizes = [int(x) for x in fields.get("size", "").split("x") if x]
+    pads = [tuple(int(v) for v in x.split("_")) for x in fields.get("pad", "").split("x") if x]
+    strides = [int(x) for x in fields.get("stride", "").split("x") if x]
+    for d, ch in enumerate(spatial):
+        n_in, n_out = lhs[lhs_l.index(ch)], out[out_l.index(ch)]
+        w = sizes[d] if d < len(sizes) else 1
+        lo = pads[d][0] if d < len(pads) else 0
+        stride = strides[d] if d < len(strides) else 1
+        taps = 0
+        for tap in range(w):  # output positions o with 0 ≤ o·stride + tap − lo < n_in
+            first = max(0, -((tap - lo) // stride) if tap < lo else 0)
+            last = min(n_out - 1, (n_in - 1 + lo - tap) // stride)
+            taps += max(0, last - first + 1)
+        macs *= taps / n_out  # mean valid taps per output position along this dimension
+    return float(macs)
 
 
 def _operands(rest: str) -> list[str]:
