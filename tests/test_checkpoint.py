@@ -145,8 +145,8 @@ def test_model_state_of_a_2x2_mesh_restores_on_1x4_and_1x1(tmp_path):
                                       num_kv_heads=2, head_dim=16, mrope_section=(2, 3, 3)),
                       vision=VisionConfig(depth=1, width=32, num_heads=4, mlp_dim=64, out_width=64))
     opt = make_optimizer(OptimConfig(learning_rate=0.1))
-    meshes = {shape: sharding.mesh_from_config({"data": shape[0], "fsdp": shape[1]}, jax.devices()[:shape[0] * shape[1]])
-              for shape in ((2, 2), (1, 4), (1, 1))}
+    meshes = {(d, f): sharding.mesh_from_config({"data": d, "fsdp": f}, jax.devices()[:d * f])
+              for d, f in ((2, 2), (1, 4), (1, 1))}
     from flax.core import meta
 
     params = jax.device_get(meta.unbox(init_params(cfg, jax.random.PRNGKey(3))))
