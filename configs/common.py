@@ -63,10 +63,9 @@ def base() -> ml_collections.ConfigDict:
     c.sampling.max_new_tokens = 768
     c.sampling.top_p = 0.9
     c.sampling.top_k = 50
-    # Decode-step attention: "xla", "pallas" (one fused kernel per layer and step; GPU,
-    # single-device meshes only for now: the kernel is not yet wrapped in shard_map), "pallas_tpu"
-    # (a Pallas TPU kernel, any mesh), or "auto": pallas on a one-GPU mesh, pallas_tpu on TPU,
-    # xla elsewhere.
+    # Decode-step attention: "xla", "pallas" (one fused kernel per layer and step; GPU, any mesh:
+    # under shard_map on several devices), "pallas_tpu" (a Pallas TPU kernel, any mesh), or
+    # "auto": pallas on NVIDIA GPUs, pallas_tpu on TPU, xla elsewhere.
     c.sampling.decode_attention = "auto"
     # Benchmarks on random weights only (they never emit EOS): force EOS at lengths drawn from
     # this distribution, e.g. "geometric:40" or "task" (pr1_jax/workload.py). "" = off.

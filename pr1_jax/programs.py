@@ -68,8 +68,9 @@ def resolve_kernels(attention: str, decode_attention: str, mesh) -> Kernels:
     """"auto" → the fastest choice for the mesh: on TPU the Pallas TPU kernels (splash attention
     for training, scoring and prefill; the decode kernel `tpu_decode_attention`, both wrapped in
     shard_map so any mesh size works); on NVIDIA GPUs cuDNN flash attention (where the shapes
-    allow, decided per call: `layers.attention`) and the fused Pallas decode step on a one-GPU
-    mesh (it is not yet wrapped in shard_map); XLA everywhere else (CPU)."""
+    allow, decided per call: `layers.attention`) and the fused Pallas decode step (on a mesh of
+    several GPUs under shard_map: `decode_attention`; `train.py` checks that the batch shards
+    divide every batch, which it needs); XLA everywhere else (CPU)."""
     if attention not in layers.ATTENTION_IMPLS:
         raise ConfigError(f"attention must be one of {layers.ATTENTION_IMPLS}, got {attention!r}")
     if decode_attention not in DECODE_ATTENTION + ("auto",):
@@ -79,7 +80,7 @@ def resolve_kernels(attention: str, decode_attention: str, mesh) -> Kernels:
         attention = "splash"
     if decode_attention == "auto":
         decode_attention = ("pallas_tpu" if _tpu(mesh) else
-                            "pallas" if _nvidia_gpu(mesh) and mesh.size == 1 else "xla")
+                            "pallas" if _nvidia_gpu(mesh) else "xla")
     return Kernels(attention=attention, decode_attention=decode_attention)
 
 

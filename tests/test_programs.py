@@ -2,6 +2,7 @@
 program's memory, and micro-batching that never changes PR1's update."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,14 @@ def test_kernels_per_backend():
     assert resolve_kernels("xla", "pallas", mesh).decode_attention == "pallas"  # named: kept
     with pytest.raises(ValueError, match="decode_attention"):
         resolve_kernels("auto", "flash", mesh)
+    # What "auto" picks on other backends (stand-in meshes: resolve_kernels reads only the devices).
+    for platform, kind, n, want in (("gpu", "NVIDIA H200", 1, ("auto", "pallas")),
+                                    ("gpu", "NVIDIA H200", 8, ("auto", "pallas")),  # under shard_map
+                                    ("tpu", "TPU v5 lite", 64, ("splash", "pallas_tpu"))):
+        device = types.SimpleNamespace(platform=platform, device_kind=kind)
+        fake = types.SimpleNamespace(devices=np.array([device] * n), size=n)
+        kernels = resolve_kernels("auto", "auto", fake)
+        assert (kernels.attention, kernels.decode_attention) == want, (platform, n)
 
 
 def test_micro_batch_from_memory_and_equal_updates(step):
