@@ -107,3 +107,65 @@ def test_smoke_config_runs_without_torch(tmp_path):
     assert steps == [1, 2]
     assert (run / "checkpoints" / "step_2").is_dir()
     assert json.loads((run / "base_model" / "config.json").read_text())["model_type"] == "qwen2_vl"
+
+
+OLD_PYTHON = """#!/usr/bin/env bash
+# a runtime image's python3: 3.10, no usable pip (what the TPU VM images ship, minus the network)
+case "$*" in
+  *"sys.exit"*) exit 1 ;;
+  *"version_info[:2]"*) echo 3.10 ;;
+  *) echo "python3 stand-in: $*" >&2; exit 1 ;;
+esac
+"""
+
+
+def _setup_sandbox(tmp_path, uv: str | None):
+    """A copy of setup.sh and requirements.txt, a PATH whose python3 is 3.10 and (optionally) a
+    stand-in uv; HOME is empty, so no uv from an earlier run."""
+    repo, bin_dir, home = tmp_path / "repo", tmp_path / "bin", tmp_path / "home"
+    (repo / "tpu").mkdir(parents=True)
+    shutil.copy(REPO / "tpu" / "setup.sh", repo / "tpu" / "setup.sh")
+    shutil.copy(REPO / "requirements.txt", repo / "requirements.txt")
+    bin_dir.mkdir()
+    home.mkdir()
+    for name, text in (("python3", OLD_PYTHON), ("uv", uv)):
+        if text:
+            (bin_dir / name).write_text(text)
+            (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, HOME=str(home), PATH=f"{bin_dir}:/usr/bin:/bin", PIP_NO_INDEX="1",
+               PIP_FIND_LINKS=str(tmp_path / "no_wheels"))
+    env.pop("PYTHON", None)
+    env.pop("VIRTUAL_ENV", None)
+    return repo, env
+
+
+def test_setup_with_python_3_10_and_no_uv_stops_at_once_naming_the_fix(tmp_path):
+    repo, env = _setup_sandbox(tmp_path, uv=None)
+    t0 = time.time()
+    proc = subprocess.run(["bash", str(repo / "tpu" / "setup.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and time.time() - t0 < 10
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "Python 3.10" in line and "PYTHON=/path/to/python3.11" in line and "install uv" in line, proc.stderr
+    assert not (repo / ".venv").exists()
+
+
+def test_setup_with_python_3_10_takes_the_python_uv_brings(tmp_path):
+    """uv (a stand-in that finds this test's own interpreter, >= 3.11) supplies the Python; the venv
+    is made with it. The installs after it need the network (PIP_NO_INDEX here): they fail, loudly."""
+    uv = f"""#!/usr/bin/env bash
+case "$1 $2" in
+  "python install") echo "uv stand-in: installed 3.12" >&2 ;;
+  "python find") echo "{sys.executable}" ;;
+  *) exit 2 ;;
+esac
+"""
+    repo, env = _setup_sandbox(tmp_path, uv=uv)
+    proc = subprocess.run(["bash", str(repo / "tpu" / "setup.sh")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert "uv stand-in: installed 3.12" in proc.stderr
+    venv_python = repo / ".venv" / "bin" / "python"
+    assert venv_python.exists(), proc.stderr
+    version = subprocess.run([str(venv_python), "-c", "import sys; print(sys.version_info >= (3, 11))"],
+                             capture_output=True, text=True).stdout.strip()
+    assert version == "True"
+    assert proc.returncode != 0 and not (repo / ".venv" / ".pr1_jax_setup").exists()  # no index: not done

@@ -24,17 +24,25 @@ new_enough() {  # true when "$1" runs Python >= 3.11 with venv
   "$1" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
 }
 
+fail() {  # one line naming the fix, then stop
+  echo "pr1_jax setup: $*" >&2
+  exit 1
+}
+
 PYTHON=${PYTHON:-python3}
 if ! new_enough "$PYTHON"; then
+  FOUND=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo "no python")
   UV=$(command -v uv || true)
   if [[ -z $UV ]]; then
-    python3 -m pip install -q --user uv 2>/dev/null || python3 -m pip install -q --user --break-system-packages uv
-    UV=$HOME/.local/bin/uv
+    { python3 -m pip install -q --user uv 2>/dev/null || python3 -m pip install -q --user --break-system-packages uv 2>/dev/null; } &&
+      UV=$HOME/.local/bin/uv
   fi
-  "$UV" python install 3.12
-  PYTHON=$("$UV" python find 3.12)
+  [[ -n $UV && -x $UV ]] || fail "$PYTHON is Python $FOUND; jax needs >= 3.11 and uv (to fetch one) could not be" \
+    "installed: install Python 3.11+ with venv and rerun with PYTHON=/path/to/python3.11, or install uv"
+  "$UV" python install 3.12 >&2 || fail "uv could not install Python 3.12 (no internet?): rerun with PYTHON=/path/to/python3.11+"
+  PYTHON=$("$UV" python find 3.12) || fail "uv installed Python 3.12 but cannot find it: rerun with PYTHON=/path/to/python3.11+"
 fi
-new_enough "$PYTHON" || { echo "pr1_jax setup: $PYTHON is not Python >= 3.11 with venv" >&2; exit 1; }
+new_enough "$PYTHON" || fail "$PYTHON is not Python >= 3.11 with venv: rerun with PYTHON=/path/to/python3.11+"
 
 [[ -x .venv/bin/python ]] && ! new_enough .venv/bin/python && rm -rf .venv  # an old 3.10 venv
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
