@@ -212,16 +212,21 @@ def test_sigterm_sets_a_flag_then_handlers_are_restored():
 
 
 def test_first_sigint_sets_the_flag_and_restores_the_default_action():
-    before = signal.getsignal(signal.SIGINT)
-    preempt = checkpoint.Preemption()
+    # Python's own Ctrl-C handler, as in a run started from a terminal (a test runner started in
+    # the background of a script inherits an ignored SIGINT, which Preemption rightly keeps).
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: no KeyboardInterrupt
-        time.sleep(0.01)
-        assert preempt.requested and preempt.stop_requested()
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # a second one ends the process
+        preempt = checkpoint.Preemption()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: no KeyboardInterrupt
+            time.sleep(0.01)
+            assert preempt.requested and preempt.stop_requested()
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # a second one ends the process
+        finally:
+            preempt.close()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
-        preempt.close()
-    assert signal.getsignal(signal.SIGINT) is before
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_an_ignored_sigint_stays_ignored():
@@ -242,6 +247,7 @@ def test_an_ignored_sigint_stays_ignored():
 
 def test_second_sigint_exits_at_once():
     code = ("import os, signal, time\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)  # as started from a terminal\n"
             "from pr1_jax import checkpoint\n"
             "preempt = checkpoint.Preemption()\n"
             "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.1)\n"
