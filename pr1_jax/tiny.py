@@ -17,6 +17,7 @@ and the chat template). Needs torch and transformers (CPU reference only).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -93,6 +94,40 @@ def write_tokenizer(out_dir: str | os.PathLike, chat_template: str = QWEN2_VL_CH
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Qwen2Sizes:
+    """A tiny Qwen2-VL (both writers: `write_tiny_checkpoint_qwen2`, `write_numpy_checkpoint`).
+
+    `mrope_section` must sum to head_dim/2 (head_dim = hidden_size/num_heads).
+    `init_std` > 0.02 gives sharper random logits (fewer greedy near-ties in tests).
+    `safe_serialization_max_shard` (e.g. "5MB") writes a sharded checkpoint with an index.
+    """
+
+    seed: int = 0
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    mrope_section: tuple[int, int, int] = (2, 3, 3)
+    tie_word_embeddings: bool = True
+    vision_depth: int = 2
+    vision_width: int = 32
+    vision_heads: int = 4
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 64
+    init_std: float = 0.02
+    safe_serialization_max_shard: str | None = None
+
+    def __post_init__(self):
+        if sum(self.mrope_section) * 2 != self.head_dim:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
 def write_tiny_checkpoint(out_dir: str | os.PathLike, *, model_type: str = "qwen2_vl", writer: str = "transformers",
                           **kwargs) -> Path:
     """A tiny checkpoint of `model_type` ("qwen2_vl", "qwen2_5_vl" or "qwen3_vl"); `kwargs`
@@ -119,25 +154,7 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, *, model_type: str = "qwen
     return writers[model_type](out_dir, **kwargs)
 
 
-def write_numpy_checkpoint(
-    out_dir: str | os.PathLike,
-    *,
-    seed: int = 0,
-    hidden_size: int = 64,
-    intermediate_size: int = 128,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    mrope_section: tuple[int, int, int] = (2, 3, 3),
-    tie_word_embeddings: bool = True,
-    vision_depth: int = 2,
-    vision_width: int = 32,
-    vision_heads: int = 4,
-    min_pixels: int = 56 * 56,
-    max_pixels: int = 28 * 28 * 64,
-    init_std: float = 0.02,
-    safe_serialization_max_shard: str | None = None,
-) -> Path:
+def write_numpy_checkpoint(out_dir: str | os.PathLike, **sizes) -> Path:
     """`write_tiny_checkpoint_qwen2`'s files written with NumPy and safetensors alone: the
     same config.json layout (`ModelConfig.to_hf_dict`), HF key names (`hf_io.to_hf_state_dict`,
     the table every load reads), preprocessor and tokenizer files. Weights: normal(0,
@@ -151,87 +168,62 @@ def write_numpy_checkpoint(
     from pr1_jax.model.config import ModelConfig, TextConfig, VisionConfig
     from pr1_jax.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    head_dim = hidden_size // num_heads
-    if sum(mrope_section) * 2 != head_dim:
-        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    z = Qwen2Sizes(**sizes)
     cfg = ModelConfig(
-        text=TextConfig(width=hidden_size, mlp_dim=intermediate_size, num_layers=num_layers, num_heads=num_heads,
-                        num_kv_heads=num_kv_heads, head_dim=head_dim, mrope_section=tuple(mrope_section),
-                        tie_word_embeddings=tie_word_embeddings),
-        vision=VisionConfig(depth=vision_depth, width=vision_width, num_heads=vision_heads, mlp_dim=4 * vision_width,
-                            out_width=hidden_size))
-    rng = np.random.default_rng(seed)
+        text=TextConfig(width=z.hidden_size, mlp_dim=z.intermediate_size, num_layers=z.num_layers,
+                        num_heads=z.num_heads, num_kv_heads=z.num_kv_heads, head_dim=z.head_dim,
+                        mrope_section=tuple(z.mrope_section), tie_word_embeddings=z.tie_word_embeddings),
+        vision=VisionConfig(depth=z.vision_depth, width=z.vision_width, num_heads=z.vision_heads,
+                            mlp_dim=4 * z.vision_width, out_width=z.hidden_size))
+    rng = np.random.default_rng(z.seed)
     flat = {}
     for path, shape in sorted(hf_io.param_shapes(cfg).items()):  # sorted: the draw does not depend on dict order
         leaf = path.rsplit("/", 1)[-1]
         flat[path] = (np.ones(shape, np.float32) if leaf == "scale" else np.zeros(shape, np.float32) if leaf == "bias"
-                      else rng.normal(0.0, init_std, shape).astype(np.float32))
+                      else rng.normal(0.0, z.init_std, shape).astype(np.float32))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = hf_io.to_hf_state_dict(hf_io.unflatten(flat), cfg)
-    write_safetensors(out, tensors, parse_size(safe_serialization_max_shard or "5GB"))
+    write_safetensors(out, tensors, parse_size(z.safe_serialization_max_shard or "5GB"))
     config = cfg.to_hf_dict()
-    config.update(torch_dtype="float32", initializer_range=init_std)
+    config.update(torch_dtype="float32", initializer_range=z.init_std)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     gen = dict(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     processor = dict(image_processor_type="Qwen2VLImageProcessor", do_resize=True, do_rescale=True,
                      do_normalize=True, do_convert_rgb=True, rescale_factor=1 / 255, resample=3,
                      image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
-                     min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2,
-                     size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+                     min_pixels=z.min_pixels, max_pixels=z.max_pixels, patch_size=14, temporal_patch_size=2,
+                     merge_size=2,
+                     size={"shortest_edge": z.min_pixels, "longest_edge": z.max_pixels})
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     write_tokenizer(out)
     return out
 
 
-def write_tiny_checkpoint_qwen2(
-    out_dir: str | os.PathLike,
-    *,
-    seed: int = 0,
-    hidden_size: int = 64,
-    intermediate_size: int = 128,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    mrope_section: tuple[int, int, int] = (2, 3, 3),
-    tie_word_embeddings: bool = True,
-    vision_depth: int = 2,
-    vision_width: int = 32,
-    vision_heads: int = 4,
-    min_pixels: int = 56 * 56,
-    max_pixels: int = 28 * 28 * 64,
-    init_std: float = 0.02,
-    safe_serialization_max_shard: str | None = None,
-) -> Path:
-    """Builds a random `Qwen2VLForConditionalGeneration` and saves it with its processors.
-
-    `mrope_section` must sum to head_dim/2 (head_dim = hidden_size/num_heads).
-    `init_std` > 0.02 gives sharper random logits (fewer greedy near-ties in tests).
-    `safe_serialization_max_shard` (e.g. "5MB") writes a sharded checkpoint with an index.
-    """
+def write_tiny_checkpoint_qwen2(out_dir: str | os.PathLike, **sizes) -> Path:
+    """Builds a random `Qwen2VLForConditionalGeneration` of `Qwen2Sizes(**sizes)` and saves it
+    with its processors."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    head_dim = hidden_size // num_heads
-    if sum(mrope_section) * 2 != head_dim:
-        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
-    text = dict(vocab_size=151936, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                num_key_value_heads=num_kv_heads, rms_norm_eps=1e-6, rope_theta=1e6,
-                max_position_embeddings=32768, tie_word_embeddings=tie_word_embeddings,
-                rope_scaling={"type": "mrope", "mrope_section": list(mrope_section)},
+    z = Qwen2Sizes(**sizes)
+    text = dict(vocab_size=151936, hidden_size=z.hidden_size, intermediate_size=z.intermediate_size,
+                num_hidden_layers=z.num_layers, num_attention_heads=z.num_heads,
+                num_key_value_heads=z.num_kv_heads, rms_norm_eps=1e-6, rope_theta=1e6,
+                max_position_embeddings=32768, tie_word_embeddings=z.tie_word_embeddings,
+                rope_scaling={"type": "mrope", "mrope_section": list(z.mrope_section)},
                 bos_token_id=151643, eos_token_id=151645)
-    vision = dict(depth=vision_depth, embed_dim=vision_width, hidden_size=hidden_size,
-                  num_heads=vision_heads, mlp_ratio=4, in_channels=3, patch_size=14,
+    vision = dict(depth=z.vision_depth, embed_dim=z.vision_width, hidden_size=z.hidden_size,
+                  num_heads=z.vision_heads, mlp_ratio=4, in_channels=3, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2)
     config = Qwen2VLConfig(text_config=text, vision_config=vision, **_IDS,
-                           tie_word_embeddings=tie_word_embeddings)
-    config.text_config.initializer_range = init_std
-    config.initializer_range = init_std
-    torch.manual_seed(seed)
+                           tie_word_embeddings=z.tie_word_embeddings)
+    config.text_config.initializer_range = z.init_std
+    config.initializer_range = z.init_std
+    torch.manual_seed(z.seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
-    return _save(model, out_dir, safe_serialization_max_shard, min_pixels, max_pixels)
+    return _save(model, out_dir, z.safe_serialization_max_shard, z.min_pixels, z.max_pixels)
 
 
 def write_tiny_checkpoint_qwen2_5(

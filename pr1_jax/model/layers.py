@@ -138,6 +138,20 @@ def attention(q: Array, k: Array, v: Array, mask: Array,
     return out.reshape(b, g, t, h, dh)
 
 
+def prefix_as_own_keys(k: Array, v: Array, mask: Array,
+                       prefix: tuple[Array, Array, Array] | None) -> tuple[Array, Array, Array]:
+    """A shared prefix broadcast to the G rows and put before their own keys, for the fused
+    kernels that take one key axis (cuDNN, splash): k, v [B, G, P+S, K, Dh], mask [B, G, T, P+S].
+    Without a prefix, the inputs unchanged."""
+    if prefix is None:
+        return k, v, mask
+    k_p, v_p, mask_p = prefix
+    b, g, t = mask.shape[:3]
+    rows = lambda a: jnp.broadcast_to(a[:, None], (b, g) + a.shape[1:])  # noqa: E731
+    k, v = jnp.concatenate([rows(k_p), k], axis=2), jnp.concatenate([rows(v_p), v], axis=2)
+    return k, v, jnp.concatenate([jnp.broadcast_to(mask_p[:, None, None, :], (b, g, t, mask_p.shape[-1])), mask], -1)
+
+
 def flash_attention(q: Array, k: Array, v: Array, mask: Array,
                     prefix: tuple[Array, Array, Array] | None = None) -> Array:
     """`attention` as one cuDNN flash-attention call (forward and backward; NVIDIA GPUs).
@@ -151,11 +165,7 @@ def flash_attention(q: Array, k: Array, v: Array, mask: Array,
     einsum path otherwise, see `cudnn_attention_fits`).
     """
     b, g, t, h, dh = q.shape
-    if prefix is not None:
-        k_p, v_p, mask_p = prefix
-        rows = lambda a: jnp.broadcast_to(a[:, None], (b, g) + a.shape[1:])  # noqa: E731
-        k, v = jnp.concatenate([rows(k_p), k], axis=2), jnp.concatenate([rows(v_p), v], axis=2)
-        mask = jnp.concatenate([jnp.broadcast_to(mask_p[:, None, None, :], (b, g, t, mask_p.shape[-1])), mask], -1)
+    k, v, mask = prefix_as_own_keys(k, v, mask, prefix)
     s, kv = k.shape[2], k.shape[3]
     out = jax.nn.dot_product_attention(
         q.reshape(b * g, t, h, dh), k.reshape(b * g, s, kv, dh), v.reshape(b * g, s, kv, dh),

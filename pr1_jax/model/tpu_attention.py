@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.sharding import PartitionSpec as P
 
+from pr1_jax.model import layers
+
 Array = jax.Array
 BATCH_AXES = ("data", "fsdp")  # the mesh axes rows are split over (`sharding.TRAIN_RULES` "batch")
 HEAD_AXIS = "tensor"
@@ -71,11 +73,7 @@ def _attention_local(q: Array, k: Array, v: Array, mask: Array, prefix, *, inter
                      block: int) -> Array:
     """`splash_attention` on one device's shard (same shapes as `layers.attention`)."""
     b, g, t, h, dh = q.shape
-    if prefix is not None:
-        k_p, v_p, mask_p = prefix
-        rows = lambda a: jnp.broadcast_to(a[:, None], (b, g) + a.shape[1:])  # noqa: E731
-        k, v = jnp.concatenate([rows(k_p), k], axis=2), jnp.concatenate([rows(v_p), v], axis=2)
-        mask = jnp.concatenate([jnp.broadcast_to(mask_p[:, None, None, :], (b, g, t, mask_p.shape[-1])), mask], -1)
+    k, v, mask = layers.prefix_as_own_keys(k, v, mask, prefix)
     s, kv = k.shape[2], k.shape[3]
     sizes = block_sizes(t, s, block)
     t_pad, s_pad = _round_up(t, sizes.block_q), _round_up(s, sizes.block_kv)
