@@ -13,7 +13,7 @@ from pr1_jax.processing.image import ImageProcessorConfig
 
 
 def test_numpy_checkpoint_is_a_transformers_checkpoint(tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")  # the transformers model class (torch is in requirements.txt; not on TPU VMs)
     from safetensors.numpy import load_file
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -28,7 +28,6 @@ def test_numpy_checkpoint_is_a_transformers_checkpoint(tmp_path):
         ours = [k for k in state if k.endswith(key.split("model.", 1)[-1])]
         assert ours, key
         np.testing.assert_array_equal(state[ours[0]].detach().numpy(), value)
-    assert torch is not None
     # the sampler's stop ids and the image pipeline are those of the transformers writer
     ref = tiny.write_tiny_checkpoint(tmp_path / "tf")
     gen = [json.loads((d / "generation_config.json").read_text()) for d in (out, ref)]
