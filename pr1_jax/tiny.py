@@ -136,15 +136,15 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, *, model_type: str = "qwen
 
     `writer="numpy"`: Qwen2-VL written by `write_numpy_checkpoint` instead (no torch, no
     transformers model class: what a TPU VM has)."""
+    from pr1_jax.errors import ConfigError  # config values: one line from the command line
+
     if writer == "numpy":
         if model_type != "qwen2_vl":
-            raise ValueError(f"tiny writer 'numpy' writes qwen2_vl only, not {model_type!r}")
+            raise ConfigError(f"--config.tiny.writer=numpy writes qwen2_vl only, not {model_type!r}")
         return write_numpy_checkpoint(out_dir, **kwargs)
     if writer != "transformers":
-        raise ValueError(f"tiny writer {writer!r}: 'transformers' or 'numpy'")
+        raise ConfigError(f"--config.tiny.writer={writer!r}: 'transformers' or 'numpy'")
     if importlib.util.find_spec("torch") is None:
-        from pr1_jax.errors import ConfigError
-
         raise ConfigError("the tiny model is written by transformers, which needs torch (not installed here): "
                          "--config.tiny.writer=numpy writes it with NumPy")
     writers = {"qwen2_vl": write_tiny_checkpoint_qwen2, "qwen2_5_vl": write_tiny_checkpoint_qwen2_5,
