@@ -105,7 +105,7 @@ def program_shapes(cfg, mesh, *, prompts_per_step: int, prompts_per_micro: int, 
                            positions=i32(3, b, seq_len), pixels=jax.ShapeDtypeStruct(lead + (b, patch_row_len, f),
                                                                                      jnp.float32),
                            segment_ids=i32(b, patch_row_len), pos_hw=i32(b, patch_row_len, 2),
-                           vision_index=i32(b, seq_len))
+                           vision_index=i32(b, seq_len), image_patches=i32(b, 1, patch_row_len))
 
     if prompts_per_step % prompts_per_micro:
         raise ConfigError(f"batch.prompts_per_step={prompts_per_step} is not a multiple of "

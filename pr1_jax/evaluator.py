@@ -64,6 +64,7 @@ class Plan:
     seq_len: int  # prompt tokens per row (left padded)
     row_len: int  # patches per packed image row
     num_rows: int  # packed image rows per process block of a batch
+    images_per_row: int  # the most images one packed row holds (`batch.pack_images`)
     batches: list[list[Example]]
     skipped: list[tuple[Example, str, str]]  # (example, reason, message)
 
@@ -109,18 +110,6 @@ def _peek_hw(src: Any) -> tuple[int, int]:
             return im.height, im.width
     except Exception as e:  # noqa: BLE001 - any failure to identify the image skips the row
         raise _Skip("bad_image", f"{image_name(src)}: not an image file ({type(e).__name__})") from e
-
-
-def _first_fit_rows(sizes: Sequence[int], row_len: int) -> int:
-    """Packed rows that `batch.pack_images` needs for these image sizes (same first-fit rule)."""
-    fill: list[int] = []
-    for n in sizes:
-        row = next((r for r, used in enumerate(fill) if used + n <= row_len), None)
-        if row is None:
-            fill.append(n)
-        else:
-            fill[row] += n
-    return len(fill)
 
 
 class Evaluator:
@@ -185,9 +174,12 @@ class Evaluator:
         bs = self.batch_size
         batches = [good[i:i + bs] for i in range(0, len(good), bs)]
         blocks = [patches[i:i + bs][self.local] for i in range(0, len(good), bs)]  # this process's share
-        num_rows = max([_first_fit_rows(s, row_len) for s in blocks] + [1])
-        num_rows = int(np.max(multihost.gather(np.array([num_rows]))))  # every process: the same shapes
-        return Plan(seq_len, row_len, num_rows, batches, skipped)
+        placements = [batch_lib.first_fit(s, row_len) for s in blocks]  # the packer's own rule
+        num_rows = max([max(r, default=0) + 1 for r in placements] + [1])
+        per_row = max([int(np.bincount(r).max()) for r in placements if r] + [1])
+        # every process: the same shapes (gather concatenates the processes' [rows, per_row])
+        num_rows, per_row = (int(x) for x in multihost.gather(np.array([[num_rows, per_row]])).max(axis=0))
+        return Plan(seq_len, row_len, num_rows, per_row, batches, skipped)
 
     # ------------------------------------------------------------------ the loop
     def __call__(self, params, examples: Sequence[Example], *, score_options: Mapping[str, Any] | None = None,
@@ -216,7 +208,8 @@ class Evaluator:
                 batch = self.pre.prompt_batch(
                     [images[i] for i in block], [texts[i] for i in block],
                     messages=[self.messages(texts[i], images[i] is not None) for i in block],
-                    seq_len=plan.seq_len, row_len=plan.row_len, num_rows=plan.num_rows)
+                    seq_len=plan.seq_len, row_len=plan.row_len, num_rows=plan.num_rows,
+                    images_per_row=plan.images_per_row)
                 t = time.perf_counter()
                 done = greedy_decode(self, params, batch, (live + [None] * pad)[self.local])[:len(live)]
                 decode_seconds += time.perf_counter() - t

@@ -77,8 +77,9 @@ class Pretrained:
     def prompt_batch(self, images: Sequence[Any | None], texts: Sequence[str], *,
                      system_prompt: str | None = None, messages: Sequence[list] | None = None,
                      seq_len: int | None = None, row_len: int | None = None,
-                     num_rows: int | None = None) -> PromptBatch:
-        """One prompt per (image or None, text); `messages` overrides the rendering per row."""
+                     num_rows: int | None = None, images_per_row: int | None = None) -> PromptBatch:
+        """One prompt per (image or None, text); `messages` overrides the rendering per row;
+        the shapes as `batch.build_inputs` takes them."""
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images but {len(texts)} texts")
         rows, packed_images, resized, original = [], [], [], []
@@ -107,5 +108,5 @@ class Pretrained:
         inputs = batch_lib.build_inputs(
             rows, packed_images, image_token_id=self.config.image_token_id, pad_id=self.special.pad_id,
             seq_len=seq_len, row_len=row_len, num_rows=num_rows, merge=self.config.vision.merge_size,
-            patch_dim=self.config.vision.patch_dim)
+            patch_dim=self.config.vision.patch_dim, images_per_row=images_per_row)
         return PromptBatch(inputs, rows, resized, original)

@@ -219,6 +219,7 @@ class Programs:
                  [b for b in range(prompts, 0, -1) if prompts % b == 0 and b % shards == 0] or [prompts])
         probe = make_batch(sizes[0])
         key = _shape_key(probe)[2:]  # the step's shapes, without (M, B)
+        per_prompt = _per_prompt(_shape_key(probe))
         if key in self._choice:
             b = self._choice[key][0]
             if step_key is not None:
@@ -233,7 +234,7 @@ class Programs:
         tried = []
         t0 = time.perf_counter()  # the compile time of every candidate tried, the rejected ones too
         for policy, b in combos:
-            footprint = _footprint(key, b)
+            footprint = tuple(b * x for x in per_prompt)
             if (policy, b) != combos[-1] and self._known_misfit(policy, footprint):
                 tried.append(f"{b} × {policy}: skipped (a smaller micro-batch did not fit)")
                 continue
@@ -324,15 +325,17 @@ def shard_apply(fn: Callable, mesh, rules: sharding.Rules = sharding.TRAIN_RULES
     return jax.jit(sharding.with_rules(fn, mesh, rules), **jit_kwargs)
 
 
-def _footprint(step_key: tuple[int, ...], prompts: int) -> tuple[int, int]:
-    """(decoder tokens, vision patches) of a micro-batch of `prompts` prompts of a step whose
-    shapes are `step_key` = (prompt tokens P, patches N, loss positions L, rows R, row length T):
-    what its activations, and so its memory, grow with."""
-    p, n, _, r, t = step_key
-    return prompts * (p + r * t), prompts * n
+def _per_prompt(shape_key: tuple[int, ...]) -> tuple[float, float]:
+    """(decoder tokens, vision patches) per prompt of a micro-batch of `_shape_key` shape: what
+    its activations, and so its memory, grow with (times the prompts of a micro-batch)."""
+    _, b, p, r_img, n, _, _, _, r, t = shape_key
+    return p + r * t, r_img * n / b
 
 
 def _shape_key(batch: train_step.Rollouts) -> tuple[int, ...]:
-    """(M, B, prompt tokens, patches per row, loss positions L, completion rows R, row length T)."""
+    """(M, B, prompt tokens P, image rows, patches per row N, images per row J, patches per image,
+    loss positions L, completion rows R, row length T)."""
     m, b, r, t = batch.completions.tokens.shape
-    return (m, b, batch.prompts.input_ids.shape[-1], batch.prompts.pixels.shape[-2], batch.mask.shape[-1], r, t)
+    r_img, n = batch.prompts.pixels.shape[-3:-1]
+    j, l_img = batch.prompts.image_patches.shape[-2:]
+    return (m, b, batch.prompts.input_ids.shape[-1], r_img, n, j, l_img, batch.mask.shape[-1], r, t)

@@ -1,7 +1,7 @@
 """Host side of a GRPO step (NumPy): examples → prompts; samples → texts → rewards → `Rollouts`.
 
     prompts = encode_examples(examples, task, special, tokenizer, image_config, system_prompt)
-    pshape = PromptSize.of(prompts).padded(shapes)        # rungs for the step's real sizes
+    pshape = PromptSize.of(prompts).padded(shapes)        # rungs for the step's real sizes (one block)
     inputs = prompt_inputs(prompts, special, pshape)
     texts = decode_completions(pre.tokenizer, out.tokens, skip_special_tokens)
     rewards_n, per_fn = score(texts, examples, reward_names, G)
@@ -38,31 +38,59 @@ class EncodedPrompt:
 
 @dataclasses.dataclass(frozen=True)
 class PromptShape:
-    """Static prompt-side shapes of a program: prompt tokens, patches per packed image row."""
+    """Static prompt-side shapes of a program for blocks of prompts: prompt tokens; images one
+    per row of `row_len` patches, or (`image_rows` > 0) a block's images packed into
+    `image_rows` rows of `row_len`, at most `images_per_row` each, none over `image_len`."""
 
     seq_len: int
     row_len: int
+    image_rows: int = 0
+    image_len: int = 0
+    images_per_row: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptSize:
-    """The real sizes of a set of prompts: the longest prompt, the largest image."""
+    """The real sizes of a set of prompts: the longest prompt, the largest image, and every
+    image's patches (one tuple per process, in its prompts' order: packing needs them all)."""
 
     tokens: int
     patches: int
+    patch_counts: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
     def of(cls, prompts: Sequence["EncodedPrompt"]) -> "PromptSize":
-        return cls(tokens=max(len(p.ids) for p in prompts), patches=max(p.image[0].shape[0] for p in prompts))
+        counts = tuple(int(p.image[0].shape[0]) for p in prompts)
+        return cls(tokens=max(len(p.ids) for p in prompts), patches=max(counts), patch_counts=(counts,))
 
-    def padded(self, shapes: StepShapes) -> PromptShape:
-        """The ladder's rungs for these sizes (a clear error when one is over its cap)."""
+    def padded(self, shapes: StepShapes, block: int | None = None) -> PromptShape:
+        """The ladder's rungs for these sizes (a clear error when one is over its cap), for
+        blocks of `block` prompts of each process (default: all of them, one block)."""
         try:
-            return PromptShape(seq_len=shapes.prompt(self.tokens), row_len=shapes.patches(self.patches))
+            seq_len, image_len = shapes.prompt(self.tokens), shapes.patches(self.patches)
         except ValueError as e:
             raise ValueError(f"a prompt of {self.tokens} tokens / an image of {self.patches} patches does not fit "
                              f"batch.seq_len={shapes.prompt.cap} / batch.patch_row_len={shapes.patches.cap} "
                              f"({e}): raise them or lower data.max_pixels") from None
+        if not shapes.image_rows or not self.patch_counts:
+            return PromptShape(seq_len=seq_len, row_len=image_len)
+        block = block or len(self.patch_counts[0])
+        rows = min(shapes.image_rows, block)
+        per_row = -(-block // rows)
+        fill = 0
+        for counts in self.patch_counts:  # every block of every process: the same shapes everywhere
+            for start in range(0, len(counts), block):
+                sums = np.zeros(rows, np.int64)
+                np.add.at(sums, image_rows_of(min(block, len(counts) - start), rows), counts[start:start + block])
+                fill = max(fill, int(sums.max()))
+        return PromptShape(seq_len=seq_len, row_len=shapes.packed_row(per_row)(fill), image_rows=rows,
+                           image_len=image_len, images_per_row=per_row)
+
+
+def image_rows_of(block: int, rows: int) -> np.ndarray:
+    """The packed row of each of a block's images: consecutive prompts share a row, so each
+    batch shard's row holds its own prompts' images (`pack_images` row_of)."""
+    return (np.arange(block) * rows) // block
 
 
 def encode_examples(examples: Sequence[Mapping[str, Any]], task: str, special: chat.SpecialTokens, tokenizer,
@@ -81,10 +109,16 @@ def encode_examples(examples: Sequence[Mapping[str, Any]], task: str, special: c
 
 def prompt_inputs(prompts: Sequence[EncodedPrompt], special: chat.SpecialTokens, shape: PromptShape,
                   merge: int = 2) -> ModelInputs:
-    """Left-padded ids to `shape.seq_len`, one image per packed row of `shape.row_len` patches."""
-    return batch_lib.build_inputs([p.ids for p in prompts], [p.image for p in prompts],
-                                  image_token_id=special.image_pad, pad_id=special.pad_id, seq_len=shape.seq_len,
-                                  row_len=shape.row_len, num_rows=len(prompts), merge=merge)
+    """Left-padded ids to `shape.seq_len`; the images one per row of `shape.row_len` patches, or
+    packed into `shape.image_rows` rows (`image_rows_of`)."""
+    ids, images = [p.ids for p in prompts], [p.image for p in prompts]
+    kw = dict(image_token_id=special.image_pad, pad_id=special.pad_id, seq_len=shape.seq_len,
+              row_len=shape.row_len, merge=merge)
+    if not shape.image_rows:  # one per row: the same table shape [B, 1, row_len] for every micro-batch
+        return batch_lib.build_inputs(ids, images, num_rows=len(prompts), row_of=range(len(prompts)), **kw)
+    return batch_lib.build_inputs(ids, images, num_rows=shape.image_rows, row_of=image_rows_of(len(prompts),
+                                  shape.image_rows), image_len=shape.image_len,
+                                  images_per_row=shape.images_per_row, **kw)
 
 
 def decode_completions(tokenizer, tokens_ngt: np.ndarray, skip_special_tokens: bool) -> list[str]:

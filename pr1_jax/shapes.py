@@ -32,6 +32,9 @@ import math
 
 # Fractions of a power of two that are rungs of the ladder.
 _STEPS = (1.0, 1.25, 1.5, 1.75)
+# Packed image rows hold a whole block's images: their total varies little from step to step,
+# so a finer ladder (≤ 12.5% padding) costs few programs.
+_FINE_STEPS = (1.0, 1.125, 1.25, 1.375, 1.5, 1.625, 1.75, 1.875)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,21 +90,38 @@ class StepShapes:
     completion: Ladder  # L: loss positions [B, G, L] (the longest completion; tensors this small cost ~nothing)
     row: Ladder  # T: length of the rows a prompt's completions are packed into (up to all G in one)
     rows: Ladder  # R ≤ G: rows per prompt
+    # Images of a block of prompts packed into `image_rows` rows (the block's share of each batch
+    # shard) of a rung of `packed_row` (finer steps; cap: every image at the `patches` cap);
+    # 0: one image per row of `patches` (models whose vision attention needs [N, N] masks).
+    image_rows: int = 0
 
     @classmethod
-    def from_caps(cls, *, seq_len: int, patch_row_len: int, max_new_tokens: int, num_samples: int) -> "StepShapes":
+    def from_caps(cls, *, seq_len: int, patch_row_len: int, max_new_tokens: int, num_samples: int,
+                  image_rows: int = 0) -> "StepShapes":
         return cls(prompt=Ladder(seq_len, quantum=16, minimum=64),
                    patches=Ladder(patch_row_len, quantum=64, minimum=64),
                    completion=Ladder(max_new_tokens, quantum=16, minimum=16, steps=(1.0,)),
                    row=Ladder(max_new_tokens * num_samples, quantum=16, minimum=16),
-                   rows=Ladder(num_samples, quantum=1, minimum=1, steps=(1.0, 1.5)))
+                   rows=Ladder(num_samples, quantum=1, minimum=1, steps=(1.0, 1.5)), image_rows=image_rows)
 
     @classmethod
-    def from_config(cls, c, num_samples: int | None = None) -> "StepShapes":
-        """The config's caps; `num_samples`: the largest G of the run (a curriculum may raise it)."""
+    def from_config(cls, c, num_samples: int | None = None, image_rows: int = 0) -> "StepShapes":
+        """The config's caps; `num_samples`: the largest G of the run (a curriculum may raise it);
+        `image_rows`: packed image rows per block of prompts (`packs_images`), 0 for one per image."""
         return cls.from_caps(seq_len=c.batch.seq_len, patch_row_len=c.batch.patch_row_len,
                              max_new_tokens=c.sampling.max_new_tokens,
-                             num_samples=num_samples or c.grpo.num_generations)
+                             num_samples=num_samples or c.grpo.num_generations, image_rows=image_rows)
+
+    def packed_row(self, images_per_row: int) -> Ladder:
+        """Rungs for a packed image row of up to `images_per_row` images at the patch cap."""
+        return Ladder(self.patches.cap * images_per_row, quantum=64, minimum=64, steps=_FINE_STEPS)
+
+
+def packs_images(model_cfg) -> bool:
+    """Whether a block's images may share rows: the vision tower attends per image through the
+    image table (`model.vision.image_attention`), so a row's length costs only its patches.
+    Window attention (Qwen2.5-VL) and Qwen3-VL's position taps still use [N, N] masks."""
+    return model_cfg.model_type != "qwen3_vl" and not model_cfg.vision.window_size
 
 
 def attention_weight(cfg) -> float:

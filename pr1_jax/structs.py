@@ -38,6 +38,7 @@ class ModelInputs:
     segment_ids: Array  # [R, N] int32 image id of each patch, -1 = padding
     pos_hw: Array  # [R, N, 2] int32 patch (row, column) inside its image
     vision_index: Array  # [B, T] int32 row of the merged features each image token takes
+    image_patches: Array  # [R, J, L] int32 index in its row of each patch of the row's j-th image, -1 after
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -56,7 +57,7 @@ from pr1_jax.errors import ConfigError
 from pr1_jax.evaluator import Evaluator, Example
 from pr1_jax.programs import Programs, enable_compile_cache, resolve_kernels
 from pr1_jax.structs import SamplingConfig, TrainState
-from pr1_jax.shapes import StepShapes, attention_weight
+from pr1_jax.shapes import StepShapes, attention_weight, packs_images
 from pr1_jax.train_step import OptimConfig, make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
@@ -122,7 +123,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     # ---------------------------------------------------------------- programs (pr1_jax/programs.py)
     programs = Programs.from_config(c, pre.config, mesh, special.eos_ids, special.pad_id, total_steps=total_steps)
     grpo_cfg = programs.grpo_cfg
-    shapes = StepShapes.from_config(c, num_samples=curriculum.max_generations)  # per-step ladders, the config's caps
+    # Per-step ladders under the config's caps; a block's images packed into one row per batch shard.
+    image_rows = sharding.batch_shards(mesh) // jax.process_count() if packs_images(pre.config) else 0
+    shapes = StepShapes.from_config(c, num_samples=curriculum.max_generations, image_rows=image_rows)
     attn_weight = attention_weight(pre.config.text)  # how completions are packed (shapes.packing_cost)
     params = pre.params
     # ---------------------------------------------------------------- held-out evaluation (pr1_jax/evaluator.py)
@@ -186,7 +189,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         with acct.phase("data"):  # this process's prompts of the step (read during the last update)
             examples, prompts = upcoming or next_prompts(step)
             upcoming = None
-            pshape = global_prompt_size(prompts).padded(shapes)  # the same shapes on every process
+            size = global_prompt_size(prompts)
+            pshape = size.padded(shapes)  # the same shapes on every process
             inputs = sharding.shard_batch(rollouts.prompt_inputs(prompts, special, pshape), mesh, process_local=True)
         temperature = grpo.temperature_at(step, grpo_cfg, total_steps)
         g = curriculum.num_generations(step)  # G, grpo.num_generations unless a curriculum stage raises it
@@ -213,8 +217,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         with acct.phase("update"):
             cshape = global_completion_shape(mask, shapes, pshape.seq_len, attn_weight)
             make_batch = lambda micro: sharding.shard_batch(  # noqa: E731
-                rollouts.assemble(prompts, special, pshape, cshape, tokens, mask, np.asarray(advantages), logp,
-                                  np.asarray(adv_stats["loss_weight"]), multihost.local_batch_size(micro)),
+                rollouts.assemble(prompts, special, size.padded(shapes, multihost.local_batch_size(micro)), cshape,
+                                  tokens, mask, np.asarray(advantages), logp, np.asarray(adv_stats["loss_weight"]),
+                                  multihost.local_batch_size(micro)),
                 mesh, process_local=True)
             batch = programs.update_batch(state, ref_params, make_batch, p_step, shards, step_key=(pshape, cshape, g))
             for _ in range(grpo_cfg.num_iterations):  # μ = 1 in PR1: one update per rollout batch
@@ -230,7 +235,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
             (total, per_fn, np.asarray(adv_stats["std_g"]), np.asarray(adv_stats["zero_std_g"], np.float32), lengths))
         acct.completions(lengths, lengths >= c.sampling.max_new_tokens, int(out.decode_steps))
         acct.count(prompt_real=sum(len(p.ids) for p in prompts), prompt_padded=pshape.seq_len * len(prompts),
-                   patches_real=sum(p.image[0].shape[0] for p in prompts), patches_padded=pshape.row_len * len(prompts),
+                   patches_real=sum(p.image[0].shape[0] for p in prompts), patches_padded=math.prod(batch.prompts.pixels.shape[:3]) // jax.process_count(),
                    completion_real=int(mask.sum()), completion_padded=cshape.rows * cshape.row_len * len(prompts))
         # TRL's names: frac_reward_zero_std = groups whose G rewards are all equal (advantages 0);
         # reward/<fn>/std = that reward's std over the step's completions (ddof=1, as TRL's).
@@ -285,8 +290,8 @@ def _score_at(history: dict, step: int) -> float | None:
 def global_prompt_size(prompts) -> rollouts.PromptSize:
     """The largest prompt and image of the step over every process (all must pick one shape)."""
     size = rollouts.PromptSize.of(prompts)
-    tokens, patches = multihost.gather((np.array([size.tokens]), np.array([size.patches])))
-    return rollouts.PromptSize(int(tokens.max()), int(patches.max()))
+    tokens, counts = multihost.gather((np.array([size.tokens]), np.array([size.patch_counts[0]])))
+    return rollouts.PromptSize(int(tokens.max()), int(counts.max()), tuple(tuple(int(n) for n in c) for c in counts))
 
 
 def global_completion_shape(mask_ngt: np.ndarray, shapes: StepShapes, prompt_len: int,

@@ -79,7 +79,7 @@ def packed_hidden(model: Qwen2VL, params, prompts: ModelInputs, comp: Completion
     b, r, t = comp.tokens.shape
 
     def forward(m: Qwen2VL):
-        vision = m.encode_images(prompts.pixels, prompts.segment_ids, prompts.pos_hw)
+        vision = m.encode_images(prompts.pixels, prompts.segment_ids, prompts.pos_hw, prompts.image_patches)
         x = m.embed(prompts.input_ids, vision, prompts.vision_index)[:, None]
         next_pos = jnp.max(jnp.where(prompts.attention_mask[None], prompts.positions, 0), axis=(0, 2)) + 1
         pos = jnp.broadcast_to((next_pos[:, None, None] + comp.offset)[None], (3, b, r, t))

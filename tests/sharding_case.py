@@ -80,8 +80,9 @@ def model_inputs(indices, num_rows: int | None = None):
     from pr1_jax.processing import batch as pb
 
     rows, images = zip(*(prompt(i) for i in indices))
-    return pb.build_inputs(list(rows), [im for im in images if im is not None], image_token_id=IMAGE, pad_id=PAD,
-                           seq_len=SEQ_LEN, row_len=ROW_LEN, num_rows=num_rows or len(indices))
+    images = [im for im in images if im is not None]
+    return pb.build_inputs(list(rows), images, image_token_id=IMAGE, pad_id=PAD, seq_len=SEQ_LEN, row_len=ROW_LEN,
+                           num_rows=num_rows or len(indices), row_of=range(len(images)))  # one per row, as training
 
 
 def rollouts(micro):

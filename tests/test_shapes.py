@@ -1,6 +1,8 @@
 """Per-step shapes: the ladder's rungs, the packing choice, and no new program for a step
 whose sizes change within their rungs (image sizes, answer lengths)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,22 @@ def test_ladder_rungs():
     with pytest.raises(ValueError, match="over the cap"):
         lad(2049)
     assert Ladder(8, quantum=1, minimum=1, steps=(1.0, 1.5)).rungs() == [1, 2, 3, 4, 6, 8]
+
+def test_packed_image_rows_from_every_block():
+    """With `image_rows`, a block's images share rows (consecutive prompts per row); the row
+    length is the fine ladder's rung for the fullest row of any block of any process."""
+    shapes = StepShapes.from_caps(seq_len=1024, patch_row_len=2048, max_new_tokens=256, num_samples=8, image_rows=1)
+    size = rollouts.PromptSize(tokens=500, patches=2000, patch_counts=((1600, 1200, 2000, 1500), (400, 400, 400, 400)))
+    whole = size.padded(shapes)  # one block of 4 per process: the fullest row holds 6,300 patches
+    assert (whole.image_rows, whole.images_per_row, whole.image_len) == (1, 4, 2048)
+    assert 6300 <= whole.row_len <= 6300 * 1.125 + 64 and whole.row_len % 64 == 0
+    half = size.padded(shapes, block=2)  # blocks (1600, 1200), (2000, 1500), (400, 400), (400, 400)
+    assert (half.images_per_row, half.image_len) == (2, 2048) and 3500 <= half.row_len <= 3500 * 1.125 + 64
+    two = dataclasses.replace(shapes, image_rows=2).packed_row(1)  # the per-image ladder's cap
+    assert two.cap == 2048
+    np.testing.assert_array_equal(rollouts.image_rows_of(6, 2), [0, 0, 0, 1, 1, 1])
+    assert rollouts.PromptSize(500, 2000, ((2000,),)).padded(dataclasses.replace(shapes, image_rows=0)) == \
+        rollouts.PromptShape(seq_len=512, row_len=2048)  # images one per row: the largest image's rung
 
 
 def test_packing_choice_follows_the_cost():

@@ -106,6 +106,34 @@ def test_packed_update_equals_padded(setup):
         np.testing.assert_allclose(np.asarray(a), np.asarray(hf_io.flatten(s2.params)[path]), atol=1e-6, err_msg=path)
 
 
+def test_update_with_packed_images_equals_one_image_per_row(setup):
+    """The step's images packed into one row (`StepShapes.image_rows`) instead of one per row:
+    the same GRPO step — loss, metrics and parameters (float32, ≤ 1e-6)."""
+    cfg, params, rows, images, prompts, comp = setup
+    sizes = [im[0].shape[0] for im in images]
+    packed_prompts = pb.build_inputs(rows, images, image_token_id=cfg.image_token_id, pad_id=PAD, num_rows=1,
+                                     row_of=[0, 0], row_len=-(-sum(sizes) // 64) * 64, image_len=max(sizes))
+    prompts = pb.build_inputs(rows, images, image_token_id=cfg.image_token_id, pad_id=PAD, num_rows=2,
+                              row_of=[0, 1])
+    assert packed_prompts.image_patches.shape[:2] == (1, 2) and prompts.image_patches.shape[:2] == (2, 1)
+    mask = (np.arange(comp.shape[-1]) < LENGTHS[..., None])[None]
+    adv = np.asarray([[[1.0, -0.5, 0.2], [0.3, -1.0, 0.7]]], np.float32)
+    rest = (comp[None], mask, adv, np.zeros(mask.shape, np.float32), np.ones((1, 2, 3), np.float32))
+    from pr1_jax.train_step import grpo_update
+
+    opt = make_optimizer(OptimConfig(learning_rate=1.0, eps=1.0, total_steps=10, schedule="constant"))
+    ref = jax.tree.map(lambda a: a * 1.01, params)
+    step = jax.jit(lambda s, r, x: grpo_update(Qwen2VL(cfg), opt, grpo.GRPOConfig(num_generations=3), s, r, x,
+                                               chunk_size=4))
+    run = lambda p: step(init_state(params, opt), ref, jax.tree.map(jnp.asarray, rollouts_from_padded(  # noqa: E731
+        jax.tree.map(lambda a: a[None], p), *rest, pad_id=PAD)))
+    (s1, m1), (s2, m2) = run(packed_prompts), run(prompts)
+    for k in m1:
+        np.testing.assert_allclose(float(m1[k]), float(m2[k]), rtol=1e-6, atol=1e-6, err_msg=k)
+    for path, a in hf_io.flatten(s1.params).items():
+        np.testing.assert_allclose(np.asarray(a), np.asarray(hf_io.flatten(s2.params)[path]), atol=1e-6, err_msg=path)
+
+
 def _rollouts(prompts, comp, adv):
     b, g, tc = comp.shape
     return jax.tree.map(jnp.asarray, rollouts_from_padded(

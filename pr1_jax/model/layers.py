@@ -138,6 +138,27 @@ def attention(q: Array, k: Array, v: Array, mask: Array,
     return out.reshape(b, g, t, h, dh)
 
 
+def prefix_attention(q: Array, k: Array, v: Array, lengths: Array, impl: str = "xla") -> Array:
+    """Bidirectional attention of each row's first `lengths` tokens among themselves.
+
+    q, k, v: [B, L, H, Dh]; lengths: [B] int32 (0 allowed: that row's output is undefined).
+    "cudnn" passes the lengths as cuDNN's sequence lengths, so the kernel does no work past
+    them (a mask as a bias costs the whole L×L); the other implementations mask.
+    Returns [B, L, H, Dh] (positions past a row's length: undefined, never read).
+    """
+    if impl == "auto":
+        impl = "cudnn" if cudnn_attention_fits(q[:, None], k.shape[1]) else (
+            "splash" if jax.default_backend() == "tpu" else "xla")
+    if impl == "cudnn":
+        n = jnp.maximum(lengths, 1).astype(jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=n, key_value_seq_lengths=n,
+                                            implementation="cudnn")
+    pos = jnp.arange(k.shape[1])
+    valid = pos[None, :] < lengths[:, None]  # [B, L]
+    mask = (valid[:, :, None] & valid[:, None, :]) | (pos[:, None] == pos[None, :])  # a pad sees itself
+    return attention(q[:, None], k[:, None], v[:, None], mask[:, None], impl=impl)[:, 0]
+
+
 def prefix_as_own_keys(k: Array, v: Array, mask: Array,
                        prefix: tuple[Array, Array, Array] | None) -> tuple[Array, Array, Array]:
     """A shared prefix broadcast to the G rows and put before their own keys, for the fused

@@ -101,10 +101,12 @@ class Qwen2VL(nn.Module):
             self.lm_head = nn.Dense(t.vocab_size, use_bias=False, name="lm_head", **kw,
                                     kernel_init=layers.dense_init(("embed", "vocab")))
 
-    def encode_images(self, pixels_rnf: Array, segment_rn: Array, pos_hw_rn2: Array) -> Array:
+    def encode_images(self, pixels_rnf: Array, segment_rn: Array, pos_hw_rn2: Array,
+                      image_patches_rjl: Array | None = None) -> Array:
         """Packed patches → merged visual tokens, flattened in packing order: [M, D]
-        (Qwen3-VL: [M, 1 + S, D], each token's embedding then its S DeepStack features)."""
-        feats = self.visual(pixels_rnf, segment_rn, pos_hw_rn2)
+        (Qwen3-VL: [M, 1 + S, D], each token's embedding then its S DeepStack features).
+        `image_patches_rjl`: the image table of `ModelInputs` (`vision.image_attention`)."""
+        feats = self.visual(pixels_rnf, segment_rn, pos_hw_rn2, image_patches_rjl)
         return feats.reshape(-1, *feats.shape[2:])
 
     def embed(self, ids: Array, vision_md: Array | None = None, vision_index: Array | None = None) -> Array:
@@ -173,7 +175,7 @@ class Qwen2VL(nn.Module):
 
     def hidden_states(self, inputs: ModelInputs) -> Array:
         """Full causal forward to the final hidden states [B, T, D]."""
-        vision = self.encode_images(inputs.pixels, inputs.segment_ids, inputs.pos_hw)
+        vision = self.encode_images(inputs.pixels, inputs.segment_ids, inputs.pos_hw, inputs.image_patches)
         x = self.embed(inputs.input_ids, vision, inputs.vision_index)[:, None]
         t = inputs.input_ids.shape[1]
         causal = jnp.tril(jnp.ones((t, t), bool))
@@ -190,7 +192,7 @@ class Qwen2VL(nn.Module):
         """Vision once per prompt, then the prompt: (float32 next-token logits [B, V] after its last
         column — left padding, so the last column is real —, the prompt's K/V [L, B, 1, K, P, Dh])."""
         p = inputs.input_ids.shape[1]
-        vision = self.encode_images(inputs.pixels, inputs.segment_ids, inputs.pos_hw)
+        vision = self.encode_images(inputs.pixels, inputs.segment_ids, inputs.pos_hw, inputs.image_patches)
         x = self.embed(inputs.input_ids, vision, inputs.vision_index)[:, None]
         causal = jnp.tril(jnp.ones((p, p), bool))[None, None] & inputs.attention_mask[:, None, None, :]
         hidden, kv = self.decode(x, inputs.positions[:, :, None], causal, return_kv=True)
@@ -230,5 +232,6 @@ def init_params(cfg: ModelConfig, rng: Array | None = None, dtype: Any = jnp.flo
         input_ids=jnp.zeros((1, 4), jnp.int32), attention_mask=jnp.ones((1, 4), bool),
         positions=jnp.zeros((3, 1, 4), jnp.int32), pixels=jnp.zeros((1, 4, v.patch_dim), jnp.float32),
         segment_ids=jnp.zeros((1, 4), jnp.int32), pos_hw=jnp.zeros((1, 4, 2), jnp.int32),
+        image_patches=jnp.arange(4, dtype=jnp.int32).reshape(1, 1, 4),
         vision_index=jnp.zeros((1, 4), jnp.int32))
     return Qwen2VL(cfg, dtype=dtype, param_dtype=dtype).init(rng, inputs)["params"]

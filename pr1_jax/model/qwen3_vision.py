@@ -86,7 +86,11 @@ class Qwen3VisionTower(nn.Module):
     scan_unroll: int = 1
 
     @nn.compact
-    def __call__(self, pixels_rnf: Array, segment_rn: Array, pos_hw_rn2: Array) -> Array:
+    def __call__(self, pixels_rnf: Array, segment_rn: Array, pos_hw_rn2: Array,
+                 image_patches_rjl: Array | None = None) -> Array:
+        """As `VisionTower`; attention and the position taps use [R, N, N] segment masks (the
+        image table is not used: training keeps Qwen3-VL's images one per row, `StepShapes`)."""
+        del image_patches_rjl
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # HF patch_embed.proj: Conv3d(3→W, kernel=stride=(2,16,16), bias) ≡ Linear on the flat patch.
         pixels_rnf = _rows(pixels_rnf.astype(self.dtype))

@@ -13,9 +13,17 @@ of `window_size` pixels (112 px = 8×8 patches = 4×4 merged tokens, the last wi
 row or column cut short by the image edge); the blocks in `fullatt_block_indexes`
 attend over the whole image. See `window_attention_mask` for why we never permute.
 
+Full attention (every Qwen2-VL block) runs per image, not per row: the image table
+`image_patches` [R, J, L] (`pack_images`) gathers each image's q, k, v into a row of its
+own ([R·J, L]; L ≥ the largest image), attention there with the image's length (cuDNN does
+no work past it), and the outputs go back to their patches. Its cost follows the images,
+so a row may hold many of them: the matmuls see the packed rows with little padding, and
+attention never sees another image (a mask over the whole row costs N² per row).
+Window attention (Qwen2.5-VL) and Qwen3-VL keep the [R, N, N] masks.
+
 Shapes: R packed rows, N patches per row (a multiple of 4: every image occupies whole
 2×2 merge blocks), F = C·T·14·14 = 1176 patch features, W ViT width, M = N/4 merged
-tokens, D LLM width, L ViT depth.
+tokens, D LLM width, L ViT depth (J, L of the image table: images per row, patches per image).
 """
 
 from __future__ import annotations
@@ -90,6 +98,33 @@ def window_attention_mask(segment_rn: Array, pos_hw_rn2: Array, cfg: VisionConfi
     return same
 
 
+def per_image(x_rn: Array, image_patches_rjl: Array) -> Array:
+    """x [R, N, ...] → each image's patches in a row of its own: [R·J, L, ...] (a row's J
+    image slots in order; positions past an image's end hold its row's patch 0)."""
+    r, j, size = image_patches_rjl.shape
+    at = jnp.maximum(image_patches_rjl, 0).reshape(r, j * size)
+    out = jax.vmap(lambda a, i: jnp.take(a, i, axis=0))(x_rn, at)  # [R, J·L, ...]
+    return _rows(out).reshape(r * j, size, *x_rn.shape[2:])
+
+
+def back_to_rows(y: Array, image_patches_rjl: Array, row_len: int) -> Array:
+    """`per_image`'s inverse: y [R·J, L, ...] → [R, N, ...] (patches of no image: 0)."""
+    r, j, size = image_patches_rjl.shape
+    spare = row_len + jnp.arange(j * size).reshape(j, size)  # distinct, out of the row: dropped
+    to = jnp.where(image_patches_rjl >= 0, image_patches_rjl, spare[None]).reshape(r, j * size)
+    y = y.reshape(r, j * size, *y.shape[2:])
+    put = lambda i, v: jnp.zeros((row_len,) + v.shape[1:], v.dtype).at[i].set(v, mode="drop", unique_indices=True)  # noqa: E731
+    return _rows(jax.vmap(put)(to, y))
+
+
+def image_attention(q: Array, k: Array, v: Array, image_patches_rjl: Array, impl: str) -> Array:
+    """Each image's patches attend among themselves: q, k, v [R, N, H, Dh] → [R, N, H, Dh]."""
+    lengths = jnp.sum(image_patches_rjl >= 0, axis=-1).reshape(-1)  # [R·J]
+    gather = lambda a: per_image(a, image_patches_rjl)  # noqa: E731
+    out = layers.prefix_attention(gather(q), gather(k), gather(v), lengths, impl=impl)
+    return back_to_rows(out, image_patches_rjl, q.shape[1])
+
+
 class VisionBlock(nn.Module):
     """Pre-norm ViT block (HF `Qwen2VLVisionBlock` / `Qwen2_5_VLVisionBlock` / `Qwen3VLVisionBlock`):
     x += attn(norm1(x)); x += mlp(norm2(x))."""
@@ -103,12 +138,12 @@ class VisionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, ctx: tuple[Array, Array, Array, Array | None],
                  full_attention: Array) -> tuple[Array, None]:
-        """ctx = (cos, sin, image mask, window mask or None), shared by all blocks;
-        full_attention: scalar bool, this block's entry of the scanned [L] flags."""
-        cos, sin, image_mask_rnn, window_mask_rnn = ctx
-        mask_rnn = image_mask_rnn
+        """ctx = (cos, sin, image mask or the image table [R, J, L], window mask or None),
+        shared by all blocks; full_attention: scalar bool, this block's entry of the scanned [L] flags."""
+        cos, sin, images, window_mask_rnn = ctx
+        mask_rnn = images
         if window_mask_rnn is not None:
-            mask_rnn = jnp.where(full_attention, image_mask_rnn, window_mask_rnn)
+            mask_rnn = jnp.where(full_attention, images, window_mask_rnn)
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = vit_norm(cfg, kw)
         x = nn.with_logical_constraint(x, ROWS_W)
@@ -120,7 +155,10 @@ class VisionBlock(nn.Module):
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [R, N, heads, Dh]
         q = layers.apply_rotary(q, cos, sin)[:, None]
         k = layers.apply_rotary(k, cos, sin)[:, None]
-        out = layers.attention(q, k, v[:, None], mask_rnn[:, None], impl=self.attention)[:, 0]
+        if images.dtype == jnp.int32:  # the image table (full attention only: the tower gives no window mask)
+            out = image_attention(q[:, 0], k[:, 0], v, images, self.attention)
+        else:
+            out = layers.attention(q, k, v[:, None], mask_rnn[:, None], impl=self.attention)[:, 0]
         x = x + nn.DenseGeneral(cfg.width, axis=(-2, -1), name="proj", **kw,  # HF attn.proj
                                 kernel_init=layers.dense_init(("vit_heads", "head_dim", "vit_embed")),
                                 bias_init=layers.zeros_init(("vit_embed",)))(out)
@@ -156,7 +194,8 @@ class VisionTower(nn.Module):
     """Packed patches → merged visual tokens in the LLM width.
 
     pixels_rnf [R, N, F] float, segment_rn [R, N] int32 (image id per patch; padding
-    patches carry -1 and only see each other), pos_hw_rn2 [R, N, 2] int32 → [R, N/4, D].
+    patches carry -1 and only see each other), pos_hw_rn2 [R, N, 2] int32, image_patches_rjl
+    [R, J, L] int32 (the image table; None: masks over the rows) → [R, N/4, D].
     """
 
     cfg: VisionConfig
@@ -168,7 +207,8 @@ class VisionTower(nn.Module):
     scan_unroll: int = 1  # blocks per scan step (depth: straight-line; no per-block copies in/out of the loop)
 
     @nn.compact
-    def __call__(self, pixels_rnf: Array, segment_rn: Array, pos_hw_rn2: Array) -> Array:
+    def __call__(self, pixels_rnf: Array, segment_rn: Array, pos_hw_rn2: Array,
+                 image_patches_rjl: Array | None = None) -> Array:
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # HF patch_embed.proj: Conv3d(3→W, kernel=stride=(2,14,14)) ≡ Linear on the flat patch.
         pixels_rnf = _rows(pixels_rnf.astype(self.dtype))
@@ -176,8 +216,11 @@ class VisionTower(nn.Module):
                      kernel_init=layers.dense_init(("patch", "vit_embed")))(pixels_rnf)
         x = nn.with_logical_constraint(x, ROWS_W)
         cos, sin = vision_rope(pos_hw_rn2, cfg.head_dim, cfg.rope_theta)
-        image_mask_rnn = segment_rn[:, :, None] == segment_rn[:, None, :]
         windowed = bool(cfg.window_size)  # Qwen2.5-VL
+        if image_patches_rjl is not None and not windowed:
+            images = image_patches_rjl.astype(jnp.int32)  # attention per image (`image_attention`)
+        else:
+            images = segment_rn[:, :, None] == segment_rn[:, None, :]  # [R, N, N]
         window_mask_rnn = window_attention_mask(segment_rn, pos_hw_rn2, cfg) if windowed else None
         # Scanned per block: attend over the whole image (True) or within the window (False).
         full_l = jnp.asarray([not windowed or i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
@@ -187,7 +230,7 @@ class VisionTower(nn.Module):
         blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, 0), length=cfg.depth, unroll=self.scan_unroll,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = blocks(cfg, name="blocks", attention=self.attention, **kw)(x, (cos, sin, image_mask_rnn, window_mask_rnn), full_l)
+        x, _ = blocks(cfg, name="blocks", attention=self.attention, **kw)(x, (cos, sin, images, window_mask_rnn), full_l)
         return PatchMerger(cfg, name="merger", **kw)(x)
 
 

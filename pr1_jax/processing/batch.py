@@ -42,15 +42,34 @@ class PackedImages:
     segment_ids: np.ndarray  # [R, N] int32, -1 = padding
     pos_hw: np.ndarray  # [R, N, 2] int32
     token_offset: np.ndarray  # [num_images] int32: first merged-token row of each image
+    image_patches: np.ndarray  # [R, J, L] int32: where in its row each patch of the row's j-th image sits, -1 after
+
+
+def first_fit(sizes: Sequence[int], row_len: int) -> list[int]:
+    """The packed row of each image: the first row with room, in the images' order."""
+    fill: list[int] = []
+    rows = []
+    for n in sizes:
+        row = next((r for r, used in enumerate(fill) if used + n <= row_len), None)
+        if row is None:
+            row, _ = len(fill), fill.append(0)
+        fill[row] += n
+        rows.append(row)
+    return rows
 
 
 def pack_images(images: Sequence[Image], *, row_len: int | None = None, num_rows: int | None = None,
-                merge: int = 2, patch_dim: int | None = None) -> PackedImages:
-    """Packs images first-fit into rows of `row_len` patches (each image whole, in one row).
+                merge: int = 2, patch_dim: int | None = None, row_of: Sequence[int] | None = None,
+                image_len: int | None = None, images_per_row: int | None = None) -> PackedImages:
+    """Packs images into rows of `row_len` patches (each image whole, in one row), back to back.
 
-    Images keep their patch order; every image starts at a multiple of merge² patches so
-    that the merger's 2×2 groups never straddle two images. `patch_dim`: features per patch
-    (default: the first image's, else Qwen2-VL's 1176 = 3·2·14²; Qwen3-VL's are 3·2·16² = 1536).
+    `row_of`: the row of each image (default `first_fit`). Images keep their patch order;
+    every image starts at a multiple of merge² patches so that the merger's 2×2 groups never
+    straddle two images. `patch_dim`: features per patch (default: the first image's, else
+    Qwen2-VL's 1176 = 3·2·14²; Qwen3-VL's are 3·2·16² = 1536). The attention table
+    `image_patches` [R, J, L] lists each row's images (J slots, default the most a row holds)
+    by their patches (L ≥ the largest image, default `row_len`): the vision tower attends
+    within each image through it, so its cost follows the images, not the row.
     """
     unit = merge * merge
     if patch_dim is None:
@@ -62,27 +81,37 @@ def pack_images(images: Sequence[Image], *, row_len: int | None = None, num_rows
     row_len = row_len or bucket(max(sizes, default=unit), minimum=64)
     if sizes and max(sizes) > row_len:
         raise ValueError(f"an image has {max(sizes)} patches, more than the packed row length {row_len}")
-    fill: list[int] = []  # patches used per row
-    placement = []
-    for n in sizes:
-        row = next((r for r, used in enumerate(fill) if used + n <= row_len), None)
-        if row is None:
-            row, _ = len(fill), fill.append(0)
-        placement.append((row, fill[row]))
-        fill[row] += n
-    num_rows = num_rows or bucket(len(fill), minimum=1)
-    if len(fill) > num_rows:
-        raise ValueError(f"{len(images)} images need {len(fill)} packed rows, more than num_rows={num_rows}")
+    rows = list(first_fit(sizes, row_len) if row_of is None else row_of)
+    if len(rows) != len(sizes):
+        raise ValueError(f"row_of names {len(rows)} rows for {len(sizes)} images")
+    used = max(rows, default=-1) + 1
+    num_rows = num_rows or bucket(used, minimum=1)
+    if used > num_rows:
+        raise ValueError(f"{len(images)} images need {used} packed rows, more than num_rows={num_rows}")
+    per_row = np.bincount(np.asarray(rows, np.int64), minlength=num_rows) if rows else np.zeros(num_rows, np.int64)
+    images_per_row = images_per_row or max(1, int(per_row.max(initial=0)))
+    image_len = image_len or row_len
+    if per_row.max(initial=0) > images_per_row or max(sizes, default=0) > image_len:
+        raise ValueError(f"a row holds {per_row.max()} images / an image has {max(sizes)} patches, more than "
+                         f"images_per_row={images_per_row} / image_len={image_len}")
     pixels = np.zeros((num_rows, row_len, patch_dim), np.float32)
     segment = np.full((num_rows, row_len), -1, np.int32)
     pos_hw = np.zeros((num_rows, row_len, 2), np.int32)
+    table = np.full((num_rows, images_per_row, image_len), -1, np.int32)
     offsets = np.zeros(len(images), np.int32)
-    for i, ((pix, g), n, (row, start)) in enumerate(zip(images, sizes, placement)):
+    fill, slot = np.zeros(num_rows, np.int64), np.zeros(num_rows, np.int64)
+    for i, ((pix, g), n, row) in enumerate(zip(images, sizes, rows)):
+        start = int(fill[row])
+        if start + n > row_len:
+            raise ValueError(f"the images given to packed row {row} have more than row_len={row_len} patches")
         pixels[row, start:start + n] = pix
         segment[row, start:start + n] = i
         pos_hw[row, start:start + n] = patch_positions(g, merge)
+        table[row, slot[row], :n] = start + np.arange(n)
         offsets[i] = (row * row_len + start) // unit
-    return PackedImages(pixels, segment, pos_hw, offsets)
+        fill[row] += n
+        slot[row] += 1
+    return PackedImages(pixels, segment, pos_hw, offsets, table)
 
 
 def image_token_tables(grids: Sequence[Sequence[int]], token_offset: np.ndarray, merge: int = 2):
@@ -156,12 +185,17 @@ def left_pad(token_rows: Sequence[np.ndarray], pad_id: int, length: int | None =
 
 def build_inputs(token_rows: Sequence[np.ndarray], images: Sequence[Image], *, image_token_id: int,
                  pad_id: int, seq_len: int | None = None, row_len: int | None = None,
-                 num_rows: int | None = None, merge: int = 2, patch_dim: int | None = None) -> ModelInputs:
+                 num_rows: int | None = None, merge: int = 2, patch_dim: int | None = None,
+                 row_of: Sequence[int] | None = None, image_len: int | None = None,
+                 images_per_row: int | None = None) -> ModelInputs:
     """Everything the model's forward pass needs, as NumPy arrays (see `ModelInputs`).
-    `patch_dim`: features per patch (default: the images' own, else Qwen2-VL's 1176)."""
+    `patch_dim`: features per patch (default: the images' own, else Qwen2-VL's 1176); the
+    packing arguments as `pack_images`."""
     ids, mask = left_pad(token_rows, pad_id, seq_len)
-    packed = pack_images(images, row_len=row_len, num_rows=num_rows, merge=merge, patch_dim=patch_dim)
+    packed = pack_images(images, row_len=row_len, num_rows=num_rows, merge=merge, patch_dim=patch_dim,
+                         row_of=row_of, image_len=image_len, images_per_row=images_per_row)
     grids = [g for _, g in images]
     positions, _, vision_index = mrope_positions(ids, mask, grids, image_token_id, merge, packed.token_offset)
     return ModelInputs(input_ids=ids, attention_mask=mask, positions=positions, pixels=packed.pixels,
-                       segment_ids=packed.segment_ids, pos_hw=packed.pos_hw, vision_index=vision_index)
+                       segment_ids=packed.segment_ids, pos_hw=packed.pos_hw, vision_index=vision_index,
+                       image_patches=packed.image_patches)
