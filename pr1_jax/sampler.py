@@ -20,6 +20,14 @@ A decode step is a few hundred small kernels (latency-bound, not bandwidth-bound
     major, K before P/Tc; see `layers.cached_attention`), the prefix transposed once after
     prefill: no per-token transpose of cache-sized arrays.
 
+Rows that have ended still cost a decode step (each reads its cache and makes V logits).
+Answer lengths are long-tailed (grounding: mean 40 tokens, the longest of a step ≈ 200), so
+most steps run for a few rows: once at most a quarter (then a sixteenth) of the B·G rows
+are left, the live rows are gathered into a compact batch [C, 1] (each with its group's
+prefix) and the loop goes on with those (`compact_sizes`). Each row draws from its own
+random stream (the key folded with its index in B·G), so its samples do not depend on the
+layout: compacted or not, the same tokens (`tests/test_sampler.py`).
+
 Sampling follows vLLM/HF order: temperature → top-k → top-p (smallest set with
 cumulative probability ≥ top_p) → categorical. Returned log-probs: `logp` at temperature 1
 over the full vocabulary (what PR1's loss uses) and `logp_sample` under the sampling
@@ -56,6 +64,30 @@ class _LoopState:
     logp_sample: Array  # [B, G, Tp] float32
     cache: list[tuple[Array, Array]]  # per layer (K, V), each [B, G, K, Tc, Dh]
     logits: Array | None  # [B, G, Tp, V] float32 or None
+
+
+@flax.struct.dataclass
+class _Rows:
+    """What the rows of a decode loop need besides their state: the full [B, G] layout, or a
+    compacted [C, 1] one (each row with its group's prefix)."""
+
+    ids: Array  # [b, g] int32: each row's index in the full B·G (its random stream, its output row)
+    prefixes: list[tuple[Array, Array]]  # per layer (K, V), each [b, K, P, Dh]
+    prefix_mask: Array  # [b, P] bool
+    next_pos: Array  # [b] int32
+    end_at: Array | None  # [b, g] int32 (benchmarks)
+
+
+def compact_sizes(rows: int) -> tuple[int, ...]:
+    """Row counts the decode loop compacts to when that few rows are left: a quarter, then a
+    sixteenth of `rows` (multiples of 8 from 64 rows on), each smaller than the last."""
+    out = []
+    for frac in (4, 16):
+        c = -(-rows // frac)
+        c = -(-c // 8) * 8 if rows >= 64 else c
+        if c < (out[-1] if out else rows):
+            out.append(c)
+    return tuple(out)
 
 
 def _top_p_sorted(sorted_logits: Array, top_p: Array) -> Array:
@@ -160,6 +192,15 @@ def _choose(logits: Array, rng: Array, temperature: Array, top_p: Array, *, top_
     return token, logp_of(token), _pick(jax.nn.log_softmax(scaled, axis=-1), choice)
 
 
+def _choose_rows(logits_bgv: Array, keys_n: Array, temperature: Array, top_p: Array,
+                 **static) -> tuple[Array, Array, Array]:
+    """`_choose` for every row with its own key: [B, G, V] logits, B·G keys → [B, G] each."""
+    b, g, v = logits_bgv.shape
+    one = lambda x, k: _choose(x, k, temperature, top_p, **static)  # noqa: E731
+    out = jax.vmap(one)(logits_bgv.reshape(b * g, v), keys_n)
+    return tuple(a.reshape(b, g) for a in out)
+
+
 @flax.struct.dataclass
 class Prefix:
     """What the prefill hands the decode loop: the group's shared prompt cache and first logits."""
@@ -198,7 +239,7 @@ def decode(model: Qwen2VL, params, prefix: Prefix, rng: Array, temperature: Arra
            end_at: Array | None = None, *, num_samples: int, max_new_tokens: int, top_k: int, use_top_p: bool,
            greedy: bool, eos_ids: tuple[int, ...], pad_id: int, ignore_eos: bool, return_logits: bool,
            steps_per_check: int = 16, decode_attention: str = "xla", decode_splits: int = 0,
-           first_window: int = 64) -> SampleOutput:
+           first_window: int = 64, compact: bool = True) -> SampleOutput:
     """G samples per prompt from its prefix, in a loop with a KV cache (wrapped in `jax.jit`).
 
     steps_per_check: decode steps per chunk between "all rows done?" checks (module docstring).
@@ -206,11 +247,13 @@ def decode(model: Qwen2VL, params, prefix: Prefix, rng: Array, temperature: Arra
     decode_attention: "xla", "pallas" (one fused kernel per layer, `model.decode_attention`) or
     "pallas_tpu" (`model.tpu_decode_attention`);
     decode_splits: with "pallas", key splits per program (0: automatic).
+    compact: gather the live rows into smaller batches as rows end (`compact_sizes`).
     end_at [B, G] int32 (benchmarks only, `Sampler.__call__`): completion lengths at which
     EOS is forced.
     """
     b, p = prefix.mask.shape
     g, tc = num_samples, max_new_tokens
+    n = b * g
     # Token 0 comes from the prefill, tokens 1..Tc-1 from decode steps run in whole chunks.
     chunk = max(1, min(steps_per_check, tc - 1))
     tp = 1 + -(-(tc - 1) // chunk) * chunk  # padded buffer length
@@ -220,16 +263,18 @@ def decode(model: Qwen2VL, params, prefix: Prefix, rng: Array, temperature: Arra
     prefixes = unstack_layers((jnp.swapaxes(prefix.k[:, :, 0], 2, 3), jnp.swapaxes(prefix.v[:, :, 0], 2, 3)),
                               num_layers)  # each [B, K, P, Dh]
     weights = model.decoding_weights(params)  # per layer, fused: read in place at every step
-    next_pos = prefix.next_pos
 
     eos = jnp.asarray(eos_ids, jnp.int32)
     stop = (lambda tok: jnp.zeros(tok.shape, bool)) if ignore_eos else (lambda tok: jnp.isin(tok, eos))
+    choose = functools.partial(_choose_rows, temperature=temperature, top_p=top_p, top_k=top_k,
+                               use_top_p=use_top_p, greedy=greedy)
 
-    def record(state: _LoopState, logits_bgv: Array, key: Array) -> _LoopState:
-        token, lp, lps = _choose(logits_bgv, key, temperature, top_p, top_k=top_k, use_top_p=use_top_p,
-                                 greedy=greedy)
-        if end_at is not None:  # the benchmark hook: EOS at the drawn length
-            forced = state.step == end_at - 1
+    def record(state: _LoopState, rows: _Rows, logits_bgv: Array) -> _LoopState:
+        step_key = jax.random.fold_in(rng, state.step)
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, rows.ids.reshape(-1))  # one per row
+        token, lp, lps = choose(logits_bgv, keys)
+        if rows.end_at is not None:  # the benchmark hook: EOS at the drawn length
+            forced = state.step == rows.end_at - 1
             # log_softmax at EOS from the chosen token's: lp = z_tok − lse (no second pass over V)
             eos_lp = lp + logits_bgv[..., eos_ids[0]] - _pick(logits_bgv, token)
             token, lp = jnp.where(forced, eos_ids[0], token), jnp.where(forced, eos_lp, lp)
@@ -256,37 +301,77 @@ def decode(model: Qwen2VL, params, prefix: Prefix, rng: Array, temperature: Arra
         cache=[(jnp.zeros(cache_shape, prefix.k.dtype), jnp.zeros(cache_shape, prefix.v.dtype))
                for _ in range(num_layers)],
         logits=jnp.zeros((b, g, tp, vocab), jnp.float32) if return_logits else None)
+    rows = _Rows(ids=jnp.arange(n, dtype=jnp.int32).reshape(b, g), prefixes=prefixes, prefix_mask=prefix.mask,
+                 next_pos=prefix.next_pos, end_at=end_at)
     # The G first tokens are G draws from the prompt's next-token distribution.
-    state = record(state, jnp.broadcast_to(prefix.logits[:, None], (b, g, vocab)), jax.random.fold_in(rng, 0))
+    state = record(state, rows, jnp.broadcast_to(prefix.logits[:, None], (b, g, vocab)))
 
     # Feed token t-1 (position next_pos + t-1), write its K/V at slot t-1, attend over the
     # window's first `window` slots (all written slots: t-1 < window).
-    def body(state: _LoopState, window: int) -> _LoopState:
+    def body(state: _LoopState, rows: _Rows, window: int) -> _LoopState:
         t = state.step
-        pos = jnp.broadcast_to((next_pos + t - 1)[None, :, None, None], (3, b, g, 1))
-        mask = jnp.broadcast_to(jnp.arange(window) <= t - 1, (b, g, 1, window))
+        rb, rg = rows.ids.shape
+        pos = jnp.broadcast_to((rows.next_pos + t - 1)[None, :, None, None], (3, rb, rg, 1))
+        mask = jnp.broadcast_to(jnp.arange(window) <= t - 1, (rb, rg, 1, window))
         cos, sin = mrope(pos, model.cfg.text)
-        ctx = DecoderContext(cos=cos, sin=sin, mask=mask, prefix_mask=prefix.mask, cache_index=t - 1)
-        logits, cache = model.decode_step(params, weights, state.last, ctx, state.cache, prefixes,
+        ctx = DecoderContext(cos=cos, sin=sin, mask=mask, prefix_mask=rows.prefix_mask, cache_index=t - 1)
+        logits, cache = model.decode_step(params, weights, state.last, ctx, state.cache, rows.prefixes,
                                           decode_attention, decode_splits)
-        return record(state.replace(cache=cache), logits, jax.random.fold_in(rng, t))
+        return record(state.replace(cache=cache), rows, logits)
 
-    # One while loop per window; a chunk runs only if all its steps fit the window (the last
-    # window is the whole cache). A loop whose rows are all done exits at once.
+    # Per stage of rows (all, then compacted), one while loop per window; a chunk runs only if
+    # all its steps fit the window (the last window is the whole cache) and more rows are live
+    # than the next stage holds. A loop whose rows are all done exits at once.
     windows = decode_windows(tc, chunk, decode_attention, first_window)
-    for window in windows:
-        fits = (lambda s: True) if window == tc else (lambda s, w=window: s.step + chunk - 1 <= w)
+    sizes = compact_sizes(n) if compact else ()
+    out = None  # [B·G, ...] outputs of the rows compacted away
+    for stage, keep in enumerate(sizes + (0,)):
+        for window in windows:
+            fits = (lambda s: True) if window == tc else (lambda s, w=window: s.step + chunk - 1 <= w)
 
-        def cond(s: _LoopState, fits=fits) -> Array:
-            return (s.step < tc) & ~jnp.all(s.done) & fits(s)
+            def cond(s: _LoopState, fits=fits, keep=keep) -> Array:
+                return (s.step < tc) & (jnp.sum(~s.done) > keep) & fits(s)
 
-        def run_chunk(s: _LoopState, window=window) -> _LoopState:  # static trip count: no per-step predicate
-            return jax.lax.fori_loop(0, chunk, lambda _, x: body(x, window), s)
+            def run_chunk(s: _LoopState, rows=rows, window=window) -> _LoopState:  # static trip count
+                return jax.lax.fori_loop(0, chunk, lambda _, x: body(x, rows, window), s)
 
-        state = jax.lax.while_loop(cond, run_chunk, state)
-    cut = lambda a: None if a is None else a[:, :, :tc]  # noqa: E731
-    return SampleOutput(tokens=cut(state.tokens), logp=cut(state.logp), logp_sample=cut(state.logp_sample),
-                        lengths=state.lengths, decode_steps=state.step, logits=cut(state.logits))
+            state = jax.lax.while_loop(cond, run_chunk, state)
+        out = _put_home(out, state, rows, n)
+        if keep:
+            state, rows = _compacted(state, rows, keep)
+    cut = lambda a: None if a is None else a.reshape(b, g, *a.shape[1:])[:, :, :tc]  # noqa: E731
+    return SampleOutput(tokens=cut(out["tokens"]), logp=cut(out["logp"]), logp_sample=cut(out["logp_sample"]),
+                        lengths=out["lengths"].reshape(b, g), decode_steps=state.step, logits=cut(out["logits"]))
+
+
+_OUTPUTS = ("tokens", "logp", "logp_sample", "lengths", "logits")
+
+
+def _put_home(out: dict | None, state: _LoopState, rows: _Rows, n: int) -> dict:
+    """The loop's outputs written to their rows of the full B·G layout (`out`; None: the first,
+    full-layout stage, whose rows are all of them in order). A row listed twice (the filler
+    of a compacted batch, done) carries the same values both times."""
+    flat = {k: None if getattr(state, k) is None else getattr(state, k).reshape(-1, *getattr(state, k).shape[2:])
+            for k in _OUTPUTS}
+    if out is None:
+        return flat
+    ids = rows.ids.reshape(-1)
+    return {k: None if v is None else out[k].at[ids].set(v) for k, v in flat.items()}
+
+
+def _compacted(state: _LoopState, rows: _Rows, size: int) -> tuple[_LoopState, _Rows]:
+    """The live rows of a loop (at most `size` once its loop has run) gathered into [size, 1],
+    each with its group's prefix; fillers are a done row (which records nothing)."""
+    done = state.done.reshape(-1)
+    idx = jnp.nonzero(~done, size=size, fill_value=jnp.argmax(done))[0]  # [size]
+    take = lambda a: None if a is None else a.reshape(-1, *a.shape[2:])[idx][:, None]  # noqa: E731
+    group = idx // rows.ids.shape[1]
+    state = state.replace(last=take(state.last), done=take(state.done), lengths=take(state.lengths),
+                          tokens=take(state.tokens), logp=take(state.logp), logp_sample=take(state.logp_sample),
+                          cache=[(take(k), take(v)) for k, v in state.cache], logits=take(state.logits))
+    rows = _Rows(ids=take(rows.ids), prefixes=[(k[group], v[group]) for k, v in rows.prefixes],
+                 prefix_mask=rows.prefix_mask[group], next_pos=rows.next_pos[group], end_at=take(rows.end_at))
+    return state, rows
 
 
 def generate(model: Qwen2VL, params, prompts: ModelInputs, rng: Array, temperature: Array, top_p: Array,
@@ -304,13 +389,15 @@ class Sampler:
     Pallas kernel (`model.decode_attention`; interpreted on CPU), its keys split over
     `decode_splits` programs per (row, sample, kv head) (0: enough programs to fill the GPU);
     "pallas_tpu": the TPU kernel (`model.tpu_decode_attention`; interpreted off TPU).
+    compact: as rows end, decode only the live ones in smaller batches (module docstring).
     """
 
     STATIC = ("num_samples", "max_new_tokens", "top_k", "use_top_p", "greedy", "eos_ids", "pad_id", "ignore_eos",
-              "return_logits", "steps_per_check", "decode_attention", "decode_splits", "first_window")
+              "return_logits", "steps_per_check", "decode_attention", "decode_splits", "first_window", "compact")
 
     def __init__(self, model: Qwen2VL, eos_ids: Sequence[int], pad_id: int, steps_per_check: int = 16,
-                 decode_attention: str = "xla", decode_splits: int = 0, first_window: int = 64):
+                 decode_attention: str = "xla", decode_splits: int = 0, first_window: int = 64,
+                 compact: bool = True):
         if steps_per_check <= 0:
             raise ValueError(f"steps_per_check must be positive, got {steps_per_check}")
         if decode_attention not in DECODE_ATTENTION:
@@ -323,6 +410,7 @@ class Sampler:
         self.pad_id = int(pad_id)
         self.steps_per_check = int(steps_per_check)
         self.first_window = int(first_window)
+        self.compact = bool(compact)
         self._prefill = jax.jit(functools.partial(prefill, model))
         self._decode = jax.jit(functools.partial(decode, model), static_argnames=self.STATIC)
 
@@ -331,7 +419,7 @@ class Sampler:
                     use_top_p=cfg.top_p < 1.0, greedy=cfg.temperature == 0, eos_ids=self.eos_ids,
                     pad_id=self.pad_id, ignore_eos=cfg.ignore_eos, return_logits=return_logits,
                     steps_per_check=self.steps_per_check, decode_attention=self.decode_attention,
-                    decode_splits=self.decode_splits, first_window=self.first_window)
+                    decode_splits=self.decode_splits, first_window=self.first_window, compact=self.compact)
 
     def __call__(self, params, prompts: ModelInputs, rng: Array, cfg: SamplingConfig,
                  return_logits: bool = False, end_at: Array | None = None,

@@ -36,7 +36,9 @@ class ShardedSampler(sampler_lib.Sampler):
 
     def __init__(self, model: Qwen2VL, eos_ids: Sequence[int], pad_id: int, mesh: Mesh,
                  rules: Rules = SAMPLE_RULES, steps_per_check: int = 16, decode_attention: str = "xla"):
-        super().__init__(model, eos_ids, pad_id, steps_per_check, decode_attention=decode_attention)
+        # Compacting live rows gathers them across devices: one device (or batch shard) only.
+        super().__init__(model, eos_ids, pad_id, steps_per_check, decode_attention=decode_attention,
+                         compact=batch_shards(mesh, rules) == 1)
         self.mesh, self.rules = mesh, rules
         sample_sh = param_shardings(model.cfg, mesh, rules)
 

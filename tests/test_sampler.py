@@ -203,6 +203,38 @@ def test_windowed_decode_equals_full_cache(setup):
     np.testing.assert_allclose(np.asarray(windowed.logp), np.asarray(full.logp), atol=1e-5)
 
 
+@pytest.mark.parametrize("decode_attention", ["xla", "pallas"])
+def test_compacted_decode_equals_all_rows(setup, decode_attention):
+    """Decoding only the live rows once few are left (16 rows → 4 → 1, `compact_sizes`) gives
+    the same tokens, log-probs and lengths as decoding every row to the end: each row has its
+    own random stream. Answers end at drawn lengths (`end_at`) from 2 to 30 tokens; the XLA
+    attention also crosses its cache windows (16, 32, 40) after compacting."""
+    s = setup
+    b = s["inputs"].input_ids.shape[0]
+    end_at = jnp.asarray(np.minimum(np.random.default_rng(0).geometric(0.15, (b, 4)) + 1, 30), jnp.int32)
+    end_at = end_at.at[0, 0].set(30)  # one long answer: the last stage runs for one row
+    cfg = sampler_lib.SamplingConfig(num_samples=4, max_new_tokens=40, temperature=1.0, top_p=0.9, top_k=50)
+    assert sampler_lib.compact_sizes(b * 4) == (4, 1)
+
+    def run(compact):
+        sam = sampler_lib.Sampler(s["model"], EOS, PAD, steps_per_check=4, first_window=16, compact=compact,
+                                  decode_attention=decode_attention)
+        out = sam(s["params"], s["inputs"], jax.random.PRNGKey(7), cfg, end_at=end_at)
+        return out, sam._decode.lower(s["params"], sam._prefill(s["params"], s["inputs"]), jax.random.PRNGKey(7),
+                                      jnp.float32(1.0), jnp.float32(0.9), end_at,
+                                      **sam.static_args(cfg)).as_text().count("stablehlo.while")
+
+    (ref, loops_ref), (out, loops) = run(False), run(True)
+    assert loops > loops_ref  # the compacted program has a loop per stage
+    np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(end_at))
+    assert int(out.decode_steps) == int(ref.decode_steps)
+    for name in ("tokens", "lengths"):
+        np.testing.assert_array_equal(np.asarray(getattr(out, name)), np.asarray(getattr(ref, name)), name)
+    for name in ("logp", "logp_sample"):
+        np.testing.assert_allclose(np.asarray(getattr(out, name)), np.asarray(getattr(ref, name)), atol=1e-5,
+                                   err_msg=name)
+
+
 def test_end_at_hook_ends_completions(setup):
     """The benchmark hook: EOS forced as token end_at − 1; the loop stops once all are done."""
     s = setup
