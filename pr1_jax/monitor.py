@@ -163,6 +163,13 @@ class Monitor:
                 f.unlink()
         self._sync(force=True)
         if self._tensorboard:
+            # Readers take a run's event files in name order: "…tfevents.<second>.<host>.<pid>.<n>"
+            # with n unpadded (".9" sorts after ".10"). A new file must come after the old ones,
+            # so it is started in a later second than theirs (only a resume within a second waits).
+            stamps = [int(f.name.split(".")[3]) for f in self._local.glob("events.out.tfevents.*")
+                      if f.name.split(".")[3].isdigit()]
+            while stamps and time.time() < max(stamps) + 1:
+                time.sleep(0.05)
             # TensorBoard drops every event at or after a START's step seen before it; its server
             # ignores a run's first START, so a fresh run writes one (before all of its steps).
             from tensorboard.compat.proto import event_pb2
