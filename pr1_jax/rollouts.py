@@ -228,15 +228,21 @@ class CompletionShape:
 
 def assemble(prompts: Sequence[EncodedPrompt], special: chat.SpecialTokens, prompt_shape: PromptShape,
              completion_shape: CompletionShape, completions: np.ndarray, mask: np.ndarray, advantages: np.ndarray,
-             old_logp: np.ndarray, group_weight: np.ndarray, prompts_per_micro: int) -> Rollouts:
+             old_logp: np.ndarray, group_weight: np.ndarray, prompts_per_micro: int,
+             prompt_batch: ModelInputs | None = None) -> Rollouts:
     """Splits a step's P prompts × G completions into M = P / prompts_per_micro micro-batches,
-    the completions packed into rows (`pack_completions`) and the loss tensors cut to L."""
+    the completions packed into rows (`pack_completions`) and the loss tensors cut to L.
+    `prompt_batch`: `prompt_inputs(prompts, …, prompt_shape)` already built (one micro-batch
+    only), used as it is (a view, no copy)."""
     p = len(prompts)
     if p % prompts_per_micro:
         raise ValueError(f"{p} prompts per step is not a multiple of prompts_per_micro={prompts_per_micro}")
     m, b = p // prompts_per_micro, prompts_per_micro
-    micro = [prompt_inputs(prompts[i * b:(i + 1) * b], special, prompt_shape) for i in range(m)]
-    stacked = jax.tree.map(lambda *xs: np.stack(xs), *micro)
+    if prompt_batch is not None and m == 1:
+        stacked = jax.tree.map(lambda a: a[None], prompt_batch)
+    else:
+        micro = [prompt_inputs(prompts[i * b:(i + 1) * b], special, prompt_shape) for i in range(m)]
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *micro)
     g, t = completions.shape[1], completion_shape.length
     mask = mask[..., :t]
     packed = pack_completions(completions, completion_extents(mask), t, completion_shape.rows,

@@ -226,6 +226,17 @@ def batch_shardings(tree, mesh: Mesh, rules: Rules = TRAIN_RULES, global_shapes:
     return jax.tree_util.tree_map_with_path(one, shapes)
 
 
+def as_one_micro_batch(inputs: ModelInputs, mesh: Mesh, rules: Rules = TRAIN_RULES) -> ModelInputs:
+    """Prompts already on the mesh ([B, ...], `shard_batch`) → the prompts of a one-micro-batch
+    `Rollouts` ([1, B, ...], laid out as `shard_batch` lays out a batch's): no second transfer."""
+    shapes = Rollouts(prompts=jax.tree.map(lambda a: jax.ShapeDtypeStruct((1,) + a.shape, a.dtype), inputs),
+                      completions=None, mask=None, advantages=None, old_logp=None, group_weight=None)
+    return jax.device_put(_with_micro_axis(inputs), batch_shardings(shapes, mesh, rules).prompts)
+
+
+_with_micro_axis = jax.jit(lambda t: jax.tree.map(lambda a: a[None], t))  # compiled once per shape
+
+
 def constrain_batch(tree, mesh: Mesh, rules: Rules = TRAIN_RULES):
     """Inside a jitted program: `with_sharding_constraint` of a batch to `batch_shardings`."""
     return jax.lax.with_sharding_constraint(tree, batch_shardings(tree, mesh, rules))
@@ -287,6 +298,8 @@ def _offset_vision_index(tree, shardings, global_shapes, merge: int):
         return inputs.replace(vision_index=(global_row[vi // per_row] * per_row + vi % per_row).astype(vi.dtype))
 
     if isinstance(tree, Rollouts):
+        if tree.prompts is None:  # sharded on their own (`as_one_micro_batch`)
+            return tree
         return tree.replace(prompts=fix(tree.prompts, shardings.prompts.pixels, global_shapes.prompts.pixels.shape))
     if isinstance(tree, ModelInputs):
         return fix(tree, shardings.pixels, global_shapes.pixels.shape)

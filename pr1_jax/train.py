@@ -56,7 +56,7 @@ from pr1_jax.processing import chat
 from pr1_jax.errors import ConfigError
 from pr1_jax.evaluator import Evaluator, Example
 from pr1_jax.programs import Programs, enable_compile_cache, resolve_kernels
-from pr1_jax.structs import SamplingConfig, TrainState
+from pr1_jax.structs import Rollouts, SamplingConfig, TrainState
 from pr1_jax.shapes import StepShapes, attention_weight, packs_images
 from pr1_jax.train_step import OptimConfig, make_optimizer
 
@@ -175,10 +175,15 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     shards = sharding.batch_shards(mesh)
 
     def next_prompts(step: int):
+        """The step's examples, encoded, laid out (the same shapes on every process) and sent to
+        the mesh: (examples, prompts, sizes, shapes, host inputs, device inputs)."""
         curriculum.advance(data, step)  # the step's curriculum stage
         examples = [next(data) for _ in range(p_local)]
-        return examples, rollouts.encode_examples(examples, c.task, special, pre.tokenizer, pre.image_config,
-                                                  system_prompt)
+        prompts = rollouts.encode_examples(examples, c.task, special, pre.tokenizer, pre.image_config, system_prompt)
+        size = global_prompt_size(prompts)
+        pshape = size.padded(shapes)
+        host = rollouts.prompt_inputs(prompts, special, pshape)
+        return examples, prompts, size, pshape, host, sharding.shard_batch(host, mesh, process_local=True)
 
     upcoming = None
     stop = False
@@ -186,12 +191,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
                disable=not main)
     for step in bar:
         acct = StepAccount(programs)
-        with acct.phase("data"):  # this process's prompts of the step (read during the last update)
-            examples, prompts = upcoming or next_prompts(step)
+        with acct.phase("data"):  # this process's prompts of the step (made during the last update)
+            examples, prompts, size, pshape, host_inputs, inputs = upcoming or next_prompts(step)
             upcoming = None
-            size = global_prompt_size(prompts)
-            pshape = size.padded(shapes)  # the same shapes on every process
-            inputs = sharding.shard_batch(rollouts.prompt_inputs(prompts, special, pshape), mesh, process_local=True)
         temperature = grpo.temperature_at(step, grpo_cfg, total_steps)
         g = curriculum.num_generations(step)  # G, grpo.num_generations unless a curriculum stage raises it
         rng, key = jax.random.split(rng)
@@ -216,11 +218,19 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
                 pr1_mask_quirk=grpo_cfg.pr1_mask_quirk)).reshape(tokens.shape)
         with acct.phase("update"):
             cshape = global_completion_shape(mask, shapes, pshape.seq_len, attn_weight)
-            make_batch = lambda micro: sharding.shard_batch(  # noqa: E731
-                rollouts.assemble(prompts, special, size.padded(shapes, multihost.local_batch_size(micro)), cshape,
-                                  tokens, mask, np.asarray(advantages), logp, np.asarray(adv_stats["loss_weight"]),
-                                  multihost.local_batch_size(micro)),
-                mesh, process_local=True)
+
+            def make_batch(micro: int) -> Rollouts:
+                b = multihost.local_batch_size(micro)
+                psh = size.padded(shapes, b)
+                # One micro-batch laid out as the rollout's: its prompts are on the mesh already.
+                reuse = b == p_local and psh == pshape
+                host = rollouts.assemble(prompts, special, psh, cshape, tokens, mask, np.asarray(advantages), logp,
+                                         np.asarray(adv_stats["loss_weight"]), b,
+                                         prompt_batch=host_inputs if reuse else None)
+                if not reuse:
+                    return sharding.shard_batch(host, mesh, process_local=True)
+                rest = sharding.shard_batch(host.replace(prompts=None), mesh, process_local=True)
+                return rest.replace(prompts=sharding.as_one_micro_batch(inputs, mesh))
             batch = programs.update_batch(state, ref_params, make_batch, p_step, shards, step_key=(pshape, cshape, g))
             for _ in range(grpo_cfg.num_iterations):  # μ = 1 in PR1: one update per rollout batch
                 state, m = programs.update(state, ref_params, batch)
