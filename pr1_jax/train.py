@@ -245,7 +245,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
             (total, per_fn, np.asarray(adv_stats["std_g"]), np.asarray(adv_stats["zero_std_g"], np.float32), lengths))
         acct.completions(lengths, lengths >= c.sampling.max_new_tokens, int(out.decode_steps))
         acct.count(prompt_real=sum(len(p.ids) for p in prompts), prompt_padded=pshape.seq_len * len(prompts),
-                   patches_real=sum(p.image[0].shape[0] for p in prompts), patches_padded=math.prod(batch.prompts.pixels.shape[:3]) // jax.process_count(),
+                   patches_real=sum(p.image[0].shape[0] for p in prompts),
+                   patches_padded=math.prod(batch.prompts.pixels.shape[:3]) // jax.process_count(),  # [M, R, N]
                    completion_real=int(mask.sum()), completion_padded=cshape.rows * cshape.row_len * len(prompts))
         # TRL's names: frac_reward_zero_std = groups whose G rewards are all equal (advantages 0);
         # reward/<fn>/std = that reward's std over the step's completions (ddof=1, as TRL's).
