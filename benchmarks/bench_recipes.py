@@ -157,8 +157,9 @@ def summarize(name: str, rows: list[dict], c, sizes: dict, flops_per_s: float, b
     """Medians per phase over the steady steps: steps that compiled nothing, and (`_excl`)
     steps whose rollout compiled nothing, with the update programs' compile time taken out of
     their update phase (`time/update_compile_s` is measured exactly: programs compile before
-    they run). The first step and the last (its checkpoint) are left out of both."""
-    body = rows[1:-1] or rows
+    they run). The first step and the last (its checkpoint) are left out of both, and a
+    profiled step (`--profile_update`)."""
+    body = [r for r in rows[1:-1] if not r.get("traced")] or rows
     steady = [r for r in body if r["compiled"] == 0]
     excl = [r for r in body if r["compiled_rollout"] == 0] or body
     med = lambda key, rs: statistics.median(r.get(key, 0.0) for r in rs)  # noqa: E731
@@ -198,6 +199,34 @@ def print_table(rec: dict) -> None:
         print(f"{k:12s}{rec['measured_s'][k]:10.3f}{v:10.3f}{ideal:10.3f}{ratio}")
 
 
+def profile_updates(k: int, top: int, trace_dir: Path) -> dict:
+    """Wraps `Programs.update` so that its first call from the k-th on whose program is compiled
+    already runs under `jax.profiler.trace`, and prints the kernels of that update taking most
+    time: the training loop's own update, not a copy of it. Returns the counters (`main` resets
+    them per recipe and leaves the traced step out of the timings)."""
+    from benchmarks.profile_rollout import kernel_times
+    from pr1_jax import programs
+
+    real, calls = programs.Programs.update, {"n": 0, "traced": False}
+
+    def update(self, state, ref_params, batch):
+        calls["n"] += 1
+        compiled = ("update",) + programs._shape_key(batch) in self._compiled
+        if calls["traced"] or calls["n"] < k or not compiled:
+            return real(self, state, ref_params, batch)
+        calls["traced"] = calls["n"]  # = the GRPO step (one update per step)
+        with jax.profiler.trace(str(trace_dir)):
+            out = jax.block_until_ready(real(self, state, ref_params, batch))
+        total, count = kernel_times(str(trace_dir))
+        print(f"# update call {calls['n']}: {sum(total.values()) / 1e6:.1f} ms of kernels; top {top}:")
+        for name, ns in total.most_common(top):
+            print(f"{ns / 1e6:10.3f} ms {count[name]:6d}x  {name[:110]}")
+        return out
+
+    programs.Programs.update = update
+    return calls
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipes", default="grounding")
@@ -207,6 +236,10 @@ def main():
     p.add_argument("--peak_tflops", type=float, default=None, help="dense bf16 peak (default: by device)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--smoke", action="store_true", help="a tiny model and small shapes, to check the script on a CPU")
+    p.add_argument("--profile_update", type=int, default=0,
+                   help="trace the K-th GRPO update of each recipe (leave it to the last step: that step's time "
+                        "then includes the trace) and print its kernels taking most time")
+    p.add_argument("--profile_top", type=int, default=30)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)  # pr1_jax's lines: compiles, the update's micro-batch choice
     from benchmarks.bench_model import copy_bandwidth
@@ -225,9 +258,14 @@ def main():
         model_dirs.setdefault(preset, "tiny")
     print(f"# checkpoints written in {time.perf_counter() - t0:.0f} s; copy bandwidth {bw / 1e12:.2f} TB/s; "
           f"peak {peak:.0f} TFLOP/s × {MFU}")
+    calls = profile_updates(args.profile_update, args.profile_top, root / "trace") if args.profile_update else None
     for name in names:
         run_dir = root / f"run_{name}_{len(list(root.glob(f'run_{name}_*')))}"
+        if calls is not None:
+            calls.update(n=0, traced=False)
         rows, c = run_recipe(name, args.steps, run_dir, model_dirs, args.set, args.smoke)
+        for r in rows:  # the traced step's time includes the trace: left out of the medians
+            r["traced"] = calls is not None and r["step"] == calls["traced"]
         from pr1_jax.model.config import ModelConfig
 
         model_cfg = ModelConfig.from_pretrained(model_dirs[RECIPES[name][1]] if not args.smoke
