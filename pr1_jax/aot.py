@@ -113,7 +113,8 @@ def program_shapes(cfg, mesh, *, prompts_per_step: int, prompts_per_micro: int, 
     m, b, g, tc = prompts_per_step // prompts_per_micro, prompts_per_micro, num_generations, max_new_tokens
     sds = lambda shape, dt: jax.ShapeDtypeStruct((m, b) + shape, dt)  # noqa: E731
     packed = train_step.Completions(tokens=sds((g, tc), jnp.int32), sample=sds((g, tc), jnp.int32),
-                                    offset=sds((g, tc), jnp.int32), unpack=sds((g, tc), jnp.int32))
+                                    offset=sds((g, tc), jnp.int32), group=sds((g,), jnp.int32),
+                                    unpack=sds((g, tc), jnp.int32))
     batch = train_step.Rollouts(prompts=inputs(b, (m,)), completions=packed,
                                 mask=sds((g, tc), bool), advantages=sds((g,), jnp.float32),
                                 old_logp=sds((g, tc), jnp.float32), group_weight=sds((g,), jnp.float32))

@@ -328,14 +328,15 @@ def shard_apply(fn: Callable, mesh, rules: sharding.Rules = sharding.TRAIN_RULES
 def _per_prompt(shape_key: tuple[int, ...]) -> tuple[float, float]:
     """(decoder tokens, vision patches) per prompt of a micro-batch of `_shape_key` shape: what
     its activations, and so its memory, grow with (times the prompts of a micro-batch)."""
-    _, b, p, r_img, n, _, _, _, r, t = shape_key
-    return p + r * t, r_img * n / b
+    _, b, p, r_img, n, _, _, _, k, r, t = shape_key
+    return p + k * r * t / b, r_img * n / b
 
 
 def _shape_key(batch: train_step.Rollouts) -> tuple[int, ...]:
     """(M, B, prompt tokens P, image rows, patches per row N, images per row J, patches per image,
-    loss positions L, completion rows R, row length T)."""
-    m, b, r, t = batch.completions.tokens.shape
+    loss positions L, completion blocks K, rows per block R, row length T)."""
+    m, k, r, t = batch.completions.tokens.shape
     r_img, n = batch.prompts.pixels.shape[-3:-1]
     j, l_img = batch.prompts.image_patches.shape[-2:]
-    return (m, b, batch.prompts.input_ids.shape[-1], r_img, n, j, l_img, batch.mask.shape[-1], r, t)
+    return (m, batch.mask.shape[1], batch.prompts.input_ids.shape[-1], r_img, n, j, l_img, batch.mask.shape[-1],
+            k, r, t)

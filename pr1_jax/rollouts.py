@@ -171,59 +171,81 @@ def pack_rows(extents_g: np.ndarray, row_len: int) -> list[list[int]]:
 
 
 def pack_completions(tokens_ngt: np.ndarray, extents_ng: np.ndarray, length: int, rows: int, row_len: int,
-                     pad_id: int) -> Completions:
-    """Each prompt's G completions packed whole, back to back, into `rows` rows of `row_len`
-    tokens (`pack_rows`): tokens/sample/offset [N, R, T]; unpack [N, G, L] (L = `length`
-    loss positions) into the flattened R·T."""
+                     pad_id: int, prompts_per_block: int = 1) -> Completions:
+    """The completions of each block of `prompts_per_block` consecutive prompts packed whole,
+    back to back, into the block's `rows` rows of `row_len` tokens; a row holds completions of
+    one prompt (`group`), a prompt takes as many rows as its completions need (`pack_rows`).
+    tokens/sample/offset [N/Bs, R, T], group [N/Bs, R]; unpack [N, G, L] (L = `length` loss
+    positions) into its block's flattened R·T. Bs = 1: R rows for each prompt."""
     n, g, _ = tokens_ngt.shape
+    bs = prompts_per_block
+    if n % bs:
+        raise ValueError(f"{n} prompts do not split into blocks of {bs}")
     if extents_ng.max(initial=0) > min(length, row_len):
         raise ValueError(f"a completion of {extents_ng.max()} tokens does not fit L={length} / T={row_len}")
-    tokens = np.full((n, rows, row_len), pad_id, np.int32)
-    sample = np.full((n, rows, row_len), -1, np.int32)
-    offset = np.zeros((n, rows, row_len), np.int32)
+    tokens = np.full((n // bs, rows, row_len), pad_id, np.int32)
+    sample = np.full((n // bs, rows, row_len), -1, np.int32)
+    offset = np.zeros((n // bs, rows, row_len), np.int32)
+    group = np.zeros((n // bs, rows), np.int32)
     unpack = np.zeros((n, g, length), np.int32)
-    for i in range(n):
-        placement = pack_rows(extents_ng[i], row_len)
-        if len(placement) > rows:
-            raise ValueError(f"prompt {i}'s completions (extents {extents_ng[i].tolist()}) need {len(placement)} "
-                             f"rows of {row_len}, more than {rows}")
-        for r, members in enumerate(placement):
-            at = 0
-            for j in members:
-                e = int(extents_ng[i, j])
-                tokens[i, r, at:at + e] = tokens_ngt[i, j, :e]
-                sample[i, r, at:at + e] = j
-                offset[i, r, at:at + e] = np.arange(e)
-                unpack[i, j, :e] = r * row_len + at + np.arange(e)
-                at += e
-    return Completions(tokens=tokens, sample=sample, offset=offset, unpack=unpack)
+    for blk in range(n // bs):
+        r = 0
+        for i in range(blk * bs, (blk + 1) * bs):
+            placement = pack_rows(extents_ng[i], row_len)
+            if r + len(placement) > rows:
+                raise ValueError(f"the completions of prompts {blk * bs}–{(blk + 1) * bs - 1} need more than {rows} "
+                                 f"rows of {row_len} (prompt {i}: extents {extents_ng[i].tolist()})")
+            for members in placement:
+                at = 0
+                group[blk, r] = i - blk * bs
+                for j in members:
+                    e = int(extents_ng[i, j])
+                    tokens[blk, r, at:at + e] = tokens_ngt[i, j, :e]
+                    sample[blk, r, at:at + e] = j
+                    offset[blk, r, at:at + e] = np.arange(e)
+                    unpack[i, j, :e] = r * row_len + at + np.arange(e)
+                    at += e
+                r += 1
+    return Completions(tokens=tokens, sample=sample, offset=offset, group=group, unpack=unpack)
+
+
+def rows_needed(extents_ng: np.ndarray, row_len: int, prompts_per_block: int = 1) -> int:
+    """The most rows of `row_len` any block of `prompts_per_block` prompts needs (`pack_completions`)."""
+    per_prompt = [len(pack_rows(e, row_len)) for e in extents_ng]
+    return max(sum(per_prompt[i:i + prompts_per_block]) for i in range(0, len(per_prompt), prompts_per_block))
 
 
 @dataclasses.dataclass(frozen=True)
 class CompletionShape:
-    """Static completion shapes of an update program: L loss positions, R rows of T tokens."""
+    """Static completion shapes of an update program: L loss positions, R rows of T tokens for
+    each block of `prompts_per_block` prompts (`pack_completions`)."""
 
     length: int
     rows: int
     row_len: int
+    prompts_per_block: int = 1
 
     @classmethod
-    def choose(cls, extents_ng: np.ndarray, shapes: StepShapes, prompt_len: int, weight: float) -> "CompletionShape":
+    def choose(cls, extents_ng: np.ndarray, shapes: StepShapes, prompt_len: int, weight: float,
+               prompts_per_block: int = 1) -> "CompletionShape":
         """The cheapest packing (`shapes.packing_cost`) over the row-length rungs from the longest
-        completion to the largest group total; `extents_ng` are the whole step's."""
+        completion to the largest group total; `extents_ng` are the whole step's (every process's,
+        in order: blocks never span two processes when they hold whole blocks)."""
         longest = max(1, int(extents_ng.max(initial=1)))
         group = max(1, int(extents_ng.sum(-1).max(initial=1)))
+        rows_ladder = shapes.block_rows(prompts_per_block)
         best = None
         t = shapes.row(longest)
         while True:
-            r = shapes.rows(max(len(pack_rows(e, t)) for e in extents_ng))
+            r = rows_ladder(rows_needed(extents_ng, t, prompts_per_block))
             cost = packing_cost(r, t, prompt_len, weight)
             if best is None or cost < best[0]:
                 best = (cost, r, t)
             if t >= group or t >= shapes.row.cap:
                 break
             t = shapes.row(t + 1)
-        return cls(length=shapes.completion(longest), rows=best[1], row_len=best[2])
+        return cls(length=shapes.completion(longest), rows=best[1], row_len=best[2],
+                   prompts_per_block=prompts_per_block)
 
 
 def assemble(prompts: Sequence[EncodedPrompt], special: chat.SpecialTokens, prompt_shape: PromptShape,
@@ -244,10 +266,12 @@ def assemble(prompts: Sequence[EncodedPrompt], special: chat.SpecialTokens, prom
         micro = [prompt_inputs(prompts[i * b:(i + 1) * b], special, prompt_shape) for i in range(m)]
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *micro)
     g, t = completions.shape[1], completion_shape.length
+    if b % completion_shape.prompts_per_block:
+        raise ValueError(f"{b} prompts per micro-batch do not split into blocks of {completion_shape.prompts_per_block}")
     mask = mask[..., :t]
     packed = pack_completions(completions, completion_extents(mask), t, completion_shape.rows,
-                              completion_shape.row_len, special.pad_id)
-    split = lambda a: a.reshape(m, b, *a.shape[1:])  # noqa: E731
+                              completion_shape.row_len, special.pad_id, completion_shape.prompts_per_block)
+    split = lambda a: a.reshape(m, -1, *a.shape[1:])  # noqa: E731  [M, B, ...] or [M, blocks, ...]
     return Rollouts(prompts=stacked, completions=jax.tree.map(split, packed), mask=split(mask),
                     advantages=advantages.reshape(m, b, g).astype(np.float32),
                     old_logp=split(old_logp[..., :t]).astype(np.float32), group_weight=group_weight.reshape(m, b, g))
@@ -264,14 +288,15 @@ def rollouts_from_padded(prompts: ModelInputs, completions: np.ndarray, mask: np
     m, b, g, tc = completions.shape
     flat = lambda a: np.asarray(a).reshape(m * b, *np.shape(a)[2:])  # noqa: E731
     ext = completion_extents(flat(mask)) if trim else np.full((m * b, g), tc, np.int32)
+    bs = 1 if shape is None else shape.prompts_per_block
     if shape is not None:
         length, rows, row_len = shape.length, shape.rows, shape.row_len
     elif trim:
         length, rows, row_len = max(1, int(ext.max())), 1, max(1, int(ext.sum(-1).max()))
     else:
         length, rows, row_len = tc, g, tc
-    packed = pack_completions(flat(completions), ext, length, rows, row_len, pad_id)
-    split = lambda a: a.reshape(m, b, *a.shape[1:])  # noqa: E731
+    packed = pack_completions(flat(completions), ext, length, rows, row_len, pad_id, bs)
+    split = lambda a: a.reshape(m, -1, *a.shape[1:])  # noqa: E731
     return Rollouts(prompts=prompts, completions=jax.tree.map(split, packed), mask=np.asarray(mask)[..., :length],
                     advantages=np.asarray(advantages, np.float32),
                     old_logp=np.asarray(old_logp, np.float32)[..., :length], group_weight=np.asarray(group_weight,

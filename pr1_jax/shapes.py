@@ -112,6 +112,13 @@ class StepShapes:
                              max_new_tokens=c.sampling.max_new_tokens,
                              num_samples=num_samples or c.grpo.num_generations, image_rows=image_rows)
 
+    def block_rows(self, prompts_per_block: int) -> Ladder:
+        """Rungs for the completion rows of a block of prompts (`rollouts.pack_completions`): R ≤ G
+        for one prompt (`rows`), up to G per prompt for a block of several."""
+        if prompts_per_block <= 1:
+            return self.rows
+        return Ladder(self.rows.cap * prompts_per_block, quantum=1, minimum=1)
+
     def packed_row(self, images_per_row: int) -> Ladder:
         """Rungs for a packed image row of up to `images_per_row` images at the patch cap."""
         return Ladder(self.patches.cap * images_per_row, quantum=64, minimum=64, steps=_FINE_STEPS)

@@ -2,7 +2,7 @@
 
     ModelInputs      a batch of prompts and their packed images (`processing.batch.build_inputs`)
     SamplingConfig   how to sample; SampleOutput: what the sampler returns
-    Completions      a prompt's G completions packed into R rows of T tokens (`rollouts`)
+    Completions      a block's completions packed into R rows of T tokens (`rollouts`)
     Rollouts         one optimizer step's data in M micro-batches (`rollouts.assemble`)
     TrainState       step, parameters, optimizer state (`train_step`, `checkpoint`)
 
@@ -86,12 +86,15 @@ class TrainState:
 
 @flax.struct.dataclass
 class Completions:
-    """A prompt's G completions packed whole into R ≤ G rows of T tokens (`rollouts.pack_completions`)."""
+    """The completions of blocks of Bs prompts, each block's packed whole into its R rows of T
+    tokens; a row holds completions of one prompt of its block (`rollouts.pack_completions`).
+    Bs = 1: a prompt's G completions in R ≤ G rows of its own. K = B / Bs blocks."""
 
-    tokens: Array  # [..., B, R, T] int32: completions back to back in each row; pad after
-    sample: Array  # [..., B, R, T] int32: which of the G completions a token belongs to; -1 = padding
-    offset: Array  # [..., B, R, T] int32: the token's index inside its completion
-    unpack: Array  # [..., B, G, L] int32: where token t of completion g sits in the flat R·T (0 off the mask)
+    tokens: Array  # [..., K, R, T] int32: completions back to back in each row; pad after
+    sample: Array  # [..., K, R, T] int32: which of the G completions a token belongs to; -1 = padding
+    offset: Array  # [..., K, R, T] int32: the token's index inside its completion
+    group: Array  # [..., K, R] int32: the row's prompt, counted inside its block (0 for Bs = 1)
+    unpack: Array  # [..., B, G, L] int32: where token t of completion g sits in its block's flat R·T
 
 
 @flax.struct.dataclass
@@ -99,7 +102,7 @@ class Rollouts:
     """One optimizer step's data, split into M micro-batches of B prompts × G completions."""
 
     prompts: ModelInputs  # every field with a leading [M] axis
-    completions: Completions  # [M, B, R, T] packed, unpack [M, B, G, L]
+    completions: Completions  # [M, K, R, T] packed, unpack [M, B, G, L]
     mask: Array  # [M, B, G, L] bool: tokens that count in the loss
     advantages: Array  # [M, B, G] float32
     old_logp: Array  # [M, B, G, L] float32 (sampler's log-probs; used when μ > 1)

@@ -124,7 +124,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     programs = Programs.from_config(c, pre.config, mesh, special.eos_ids, special.pad_id, total_steps=total_steps)
     grpo_cfg = programs.grpo_cfg
     # Per-step ladders under the config's caps; a block's images packed into one row per batch shard.
-    image_rows = sharding.batch_shards(mesh) // jax.process_count() if packs_images(pre.config) else 0
+    local_shards = sharding.batch_shards(mesh) // jax.process_count()  # a block of prompts per shard
+    image_rows = local_shards if packs_images(pre.config) else 0
     shapes = StepShapes.from_config(c, num_samples=curriculum.max_generations, image_rows=image_rows)
     attn_weight = attention_weight(pre.config.text)  # how completions are packed (shapes.packing_cost)
     params = pre.params
@@ -217,14 +218,17 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
                 lengths_b=jnp.asarray(lengths.reshape(-1)),
                 pr1_mask_quirk=grpo_cfg.pr1_mask_quirk)).reshape(tokens.shape)
         with acct.phase("update"):
-            cshape = global_completion_shape(mask, shapes, pshape.seq_len, attn_weight)
+            # Completions packed per block of prompts (one block per batch shard of a micro-batch).
+            cshape_of = functools.partial(global_completion_shape, mask, shapes, pshape.seq_len, attn_weight)
+            cshape = cshape_of(p_local // local_shards)
 
             def make_batch(micro: int) -> Rollouts:
                 b = multihost.local_batch_size(micro)
                 psh = size.padded(shapes, b)
                 # One micro-batch laid out as the rollout's: its prompts are on the mesh already.
                 reuse = b == p_local and psh == pshape
-                host = rollouts.assemble(prompts, special, psh, cshape, tokens, mask, np.asarray(advantages), logp,
+                csh = cshape if b == p_local else cshape_of(b // local_shards)
+                host = rollouts.assemble(prompts, special, psh, csh, tokens, mask, np.asarray(advantages), logp,
                                          np.asarray(adv_stats["loss_weight"]), b,
                                          prompt_batch=host_inputs if reuse else None)
                 if not reuse:
@@ -247,7 +251,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         acct.count(prompt_real=sum(len(p.ids) for p in prompts), prompt_padded=pshape.seq_len * len(prompts),
                    patches_real=sum(p.image[0].shape[0] for p in prompts),
                    patches_padded=math.prod(batch.prompts.pixels.shape[:3]) // jax.process_count(),  # [M, R, N]
-                   completion_real=int(mask.sum()), completion_padded=cshape.rows * cshape.row_len * len(prompts))
+                   completion_real=int(mask.sum()), completion_padded=math.prod(batch.completions.tokens.shape) // jax.process_count())
         # TRL's names: frac_reward_zero_std = groups whose G rewards are all equal (advantages 0);
         # reward/<fn>/std = that reward's std over the step's completions (ddof=1, as TRL's).
         m.update(reward=float(total.mean()), reward_std=float(std_g.mean()),
@@ -305,11 +309,12 @@ def global_prompt_size(prompts) -> rollouts.PromptSize:
     return rollouts.PromptSize(int(tokens.max()), int(counts.max()), tuple(tuple(int(n) for n in c) for c in counts))
 
 
-def global_completion_shape(mask_ngt: np.ndarray, shapes: StepShapes, prompt_len: int,
-                            weight: float) -> rollouts.CompletionShape:
-    """The update's completion shapes, chosen from every process's extents (all pick the same)."""
+def global_completion_shape(mask_ngt: np.ndarray, shapes: StepShapes, prompt_len: int, weight: float,
+                            prompts_per_block: int = 1) -> rollouts.CompletionShape:
+    """The update's completion shapes, chosen from every process's extents (all pick the same),
+    for blocks of `prompts_per_block` prompts."""
     return rollouts.CompletionShape.choose(multihost.gather(rollouts.completion_extents(mask_ngt)), shapes,
-                                           prompt_len, weight)
+                                           prompt_len, weight, prompts_per_block)
 
 
 def sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, evaluator, history, mon):

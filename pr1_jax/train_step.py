@@ -71,26 +71,34 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
 
 
 def packed_hidden(model: Qwen2VL, params, prompts: ModelInputs, comp: Completions) -> Array:
-    """Hidden states that predict each packed completion token: [B, R, T, D].
+    """Hidden states that predict each packed completion token: [K, R, T, D].
 
-    The state before a completion's token 0 is the prompt's last state (shared by the group);
+    The state before a completion's token 0 is its prompt's last state (shared by the group);
     before token j > 0, the state after its token j − 1: the previous position of its row.
     """
-    b, r, t = comp.tokens.shape
+    k, r, t = comp.tokens.shape
+    bs = prompts.input_ids.shape[0] // k  # prompts per block
+
+    def of_row(x_b: Array) -> Array:
+        """[B, ...] per prompt → [K, R, ...] per completion row (its prompt's), inside each block:
+        a gather batched over the blocks, which stay on their devices."""
+        if bs == 1:
+            return jnp.broadcast_to(x_b[:, None], (k, r) + x_b.shape[1:])
+        return jax.vmap(lambda x, i: x[i])(x_b.reshape(k, bs, *x_b.shape[1:]), comp.group)
 
     def forward(m: Qwen2VL):
         vision = m.encode_images(prompts.pixels, prompts.segment_ids, prompts.pos_hw, prompts.image_patches)
         x = m.embed(prompts.input_ids, vision, prompts.vision_index)[:, None]
         next_pos = jnp.max(jnp.where(prompts.attention_mask[None], prompts.positions, 0), axis=(0, 2)) + 1
-        pos = jnp.broadcast_to((next_pos[:, None, None] + comp.offset)[None], (3, b, r, t))
+        pos = jnp.broadcast_to((of_row(next_pos)[:, :, None] + comp.offset)[None], (3, k, r, t))
         idx = jnp.arange(t)
         # own earlier tokens of the same completion; a padding token sees itself (no empty row)
         same = comp.sample[..., :, None] == comp.sample[..., None, :]
         mask = (same & (idx[:, None] >= idx[None, :]) & (comp.sample[..., :, None] >= 0)) | (idx[:, None] == idx)
         hidden_p, hidden_c = m.decode_group(x, m.embed(comp.tokens), prompts.positions[:, :, None], pos,
-                                            prompts.attention_mask, mask)
-        last = hidden_p[:, :, -1:]  # [B, 1, 1, D]
-        before = jnp.concatenate([jnp.broadcast_to(last, (b, r, 1, last.shape[-1])), hidden_c[:, :, :-1]], axis=2)
+                                            prompts.attention_mask, mask, comp.group)
+        last = of_row(hidden_p[:, 0, -1])[:, :, None]  # [K, R, 1, D]: its prompt's last state
+        before = jnp.concatenate([last, hidden_c[:, :, :-1]], axis=2)
         return jnp.where((comp.offset == 0)[..., None], last, before)
 
     return model.apply({"params": params}, method=forward)
@@ -99,15 +107,17 @@ def packed_hidden(model: Qwen2VL, params, prompts: ModelInputs, comp: Completion
 def completion_log_probs(model: Qwen2VL, params, prompts: ModelInputs, comp: Completions,
                          chunk_size: int = 128) -> tuple[Array, Array]:
     """log π(token) at temperature 1 over the full vocabulary, and entropy: [B, G, L] each."""
-    b, r, t = comp.tokens.shape
-    # The LM head runs over [B·R, T] (rows as batch): chunks of `chunk_size` positions of every
-    # row at once, as many chunks as a row has — not R times more chunks of B rows each.
-    hidden = packed_hidden(model, params, prompts, comp).reshape(b * r, t, -1)
+    k, r, t = comp.tokens.shape
+    b, g, length = comp.unpack.shape
+    # The LM head runs over [K·R, T] (rows as batch): chunks of `chunk_size` positions of every
+    # row at once, as many chunks as a row has — not R times more chunks of K rows each.
+    hidden = packed_hidden(model, params, prompts, comp).reshape(k * r, t, -1)
     logits_fn = lambda h: model.apply({"params": params}, h, method=Qwen2VL.logits)  # noqa: E731
     # rows over the batch axes, width whole: the LM head gathers its (FSDP) weight per chunk
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "act_embed"))
-    logp, entropy = grpo.chunked_token_log_probs(hidden, comp.tokens.reshape(b * r, t), logits_fn, chunk_size)
-    unpack = lambda a: jnp.take_along_axis(a.reshape(b, 1, r * t), comp.unpack, axis=-1)  # noqa: E731  [B, G, L]
+    logp, entropy = grpo.chunked_token_log_probs(hidden, comp.tokens.reshape(k * r, t), logits_fn, chunk_size)
+    at = comp.unpack.reshape(k, (b // k) * g, length)  # each prompt's positions in its block's flat R·T
+    unpack = lambda a: jnp.take_along_axis(a.reshape(k, 1, r * t), at, axis=-1).reshape(b, g, length)  # noqa: E731
     return unpack(logp), unpack(entropy)
 
 

@@ -56,6 +56,13 @@ def test_packing_choice_follows_the_cost():
     assert short.rows * short.row_len == 8 * 20 and short.rows < 8 and short.length == 32
     long = rollouts.CompletionShape.choose(np.full((4, 8), 256), shapes, 320, w)
     assert (long.rows, long.row_len, long.length) == (8, 256, 256)
+    # Long-tailed answers (one long, the rest short) in blocks of 4 prompts: a prompt takes the
+    # rows its answers need, not the most any prompt needs — fewer positions than per prompt.
+    tail = np.full((4, 8), 12)
+    tail[0, 0], tail[1, :4] = 200, 100
+    own, shared = (rollouts.CompletionShape.choose(tail, shapes, 448, w, bs) for bs in (1, 4))
+    assert shared.prompts_per_block == 4 and shared.rows * shared.row_len < 4 * own.rows * own.row_len
+    assert shared.rows >= rollouts.rows_needed(tail, shared.row_len, 4) and shared.row_len >= 200
 
 
 @pytest.fixture(scope="module")

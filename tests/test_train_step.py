@@ -12,7 +12,7 @@ from pr1_jax.model import hf_io
 from pr1_jax.model.config import ModelConfig
 from pr1_jax.model.qwen2_vl import Qwen2VL
 from pr1_jax.processing import batch as pb
-from pr1_jax.rollouts import completion_extents, pack_completions, rollouts_from_padded
+from pr1_jax.rollouts import CompletionShape, completion_extents, pack_completions, rollouts_from_padded
 from pr1_jax.train_step import OptimConfig, completion_log_probs, init_state, make_optimizer, make_sft_fn, make_update_fn
 from tests.helpers import mixed_batch
 
@@ -77,8 +77,9 @@ def test_packed_scoring_equals_full_forward(setup):
 
 
 def test_packed_update_equals_padded(setup):
-    """The GRPO step on completions packed by length and cut to the longest equals the step on
-    every completion padded to Tc: loss, metrics and gradients (float32, ≤ 1e-6)."""
+    """The GRPO step on completions packed by length and cut to the longest — each prompt's in
+    rows of its own, or a block of prompts sharing its rows — equals the step on every
+    completion padded to Tc: loss, metrics and gradients (float32, ≤ 1e-6)."""
     cfg, params, _, _, prompts, comp = setup
     model = Qwen2VL(cfg)
     mask = (np.arange(comp.shape[-1]) < LENGTHS[..., None])[None]
@@ -98,7 +99,17 @@ def test_packed_update_equals_padded(setup):
     ref = jax.tree.map(lambda a: a * 1.01, params)  # a reference unequal to the policy: the KL term counts
     run = lambda b: jax.jit(lambda s, r, x: grpo_update(model, opt, grpo_cfg, s, r, x, chunk_size=4))(  # noqa: E731
         init_state(params, opt), ref, jax.tree.map(jnp.asarray, b))
+    blocks = rollouts_from_padded(*args, pad_id=PAD, shape=CompletionShape(length=7, rows=4, row_len=8,
+                                                                         prompts_per_block=2))
+    # both prompts' completions in one block of 4 rows: 7 | 5 + 2 (prompt 0), 7 + 1 | 4 (prompt 1)
+    assert blocks.completions.tokens.shape[-3:] == (1, 4, 8)
+    np.testing.assert_array_equal(blocks.completions.group[0, 0], [0, 0, 1, 1])
     (s1, m1), (s2, m2) = run(packed), run(padded)
+    s3, m3 = run(blocks)
+    for k in m1:
+        np.testing.assert_allclose(float(m3[k]), float(m2[k]), rtol=1e-6, atol=1e-6, err_msg=k)
+    for path, a in hf_io.flatten(s3.params).items():
+        np.testing.assert_allclose(np.asarray(a), np.asarray(hf_io.flatten(s2.params)[path]), atol=1e-6, err_msg=path)
     assert m1.keys() == m2.keys()
     for k in m1:
         np.testing.assert_allclose(float(m1[k]), float(m2[k]), rtol=1e-6, atol=1e-6, err_msg=k)

@@ -10,11 +10,12 @@ One layer definition serves every way the model is run, through the K/V it is gi
   * grouped decoding: x [B, G, T, D] — G samples of one prompt — attending to the
     prompt's K/V *shared* by the group (read once, never copied G times) plus their own
     cache [B, G, K, S, Dh] into which this chunk's K/V are written at `cache_index`;
-  * a packed group (training, scoring): x [B, 1, P + G·Tc, D], each row a prompt followed by
-    its G completions (`DecoderContext.prompt_len` > 0). Every weight matmul, norm and MLP
-    runs once over all of a row's tokens; only attention splits the row (`group_attention`):
-    the prompt attends causally to itself, each completion to the prompt's K/V of the same
-    layer plus its own tokens. (Two passes — prompt, then completions over its K/V — made
+  * a packed group (training, scoring): x [K, 1, Bs·P + R·T, D], each row a block of Bs
+    prompts followed by their completions in R rows of T (`DecoderContext.prompt_len` > 0;
+    Bs = 1: a prompt and its own rows). Every weight matmul, norm and MLP runs once over all
+    of a row's tokens; only attention splits the row (`group_attention`): a prompt attends
+    causally to itself, each completion to its prompt's K/V of the same layer plus its own
+    tokens. (Two passes — prompt, then completions over its K/V — made
     XLA, with the layer scan unrolled, concatenate both passes' activations into one matmul
     per weight: a copy of every [tokens, 8960] MLP activation, 27–30 ms of a 0.62 s update
     step at the 2B size.)
@@ -94,28 +95,47 @@ class DecoderContext:
     # prefix_mask the prompt's valid keys, prompt_mask the prompt's causal [B, 1, P, P].
     prompt_mask: Array | None = None
     prompt_len: int = flax.struct.field(pytree_node=False, default=0)  # P; 0: not packed
-    num_samples: int = flax.struct.field(pytree_node=False, default=1)  # G
+    num_samples: int = flax.struct.field(pytree_node=False, default=1)  # G (a packed group: rows R per block)
+    # A packed group of blocks (`Qwen2VL.decode_group`): Bs prompts per row, and the prompt of
+    # each completion row inside its block, row_group [K, R] (None when Bs = 1).
+    prompts_per_block: int = flax.struct.field(pytree_node=False, default=1)
+    row_group: Array | None = None
     # Qwen3-VL DeepStack: [S, B, G, T, D] added to x after layer s < S (zero off image tokens);
     # None: no DeepStack (Qwen2-VL, decode steps).
     deepstack: Array | None = None
 
 
 def group_attention(q: Array, k: Array, v: Array, ctx: DecoderContext, impl: str) -> Array:
-    """Attention of packed group rows: q [B, 1, P + G·Tc, H, Dh], k/v [.., K, Dh] → like q.
+    """Attention of packed group rows: q [K, 1, Bs·P + R·T, H, Dh], k/v [.., K, Dh] → like q.
 
-    The prompt's P tokens attend causally among themselves (ctx.prompt_mask); the G·Tc
-    completion tokens, as G samples of Tc, attend to the prompt's keys (ctx.prefix_mask:
-    the shared prefix of `layers.attention`) and their own (ctx.mask).
+    Each of a row's Bs prompts (P tokens) attends causally to itself (ctx.prompt_mask); each
+    of its R completion rows of T tokens attends to its prompt's keys (ctx.prefix_mask, the
+    prefix of `layers.attention`: shared by the R rows when Bs = 1, else the prompt of
+    ctx.row_group) and to its own completion's tokens (ctx.mask).
     """
-    b, p, g = q.shape[0], ctx.prompt_len, ctx.num_samples
+    nk, p, bs, r = q.shape[0], ctx.prompt_len, ctx.prompts_per_block, ctx.num_samples
 
     def split(a: Array) -> tuple[Array, Array]:
-        return a[:, :, :p], a[:, :, p:].reshape(b, g, -1, *a.shape[3:])
+        return (a[:, 0, :bs * p].reshape(nk * bs, 1, p, *a.shape[3:]),
+                a[:, 0, bs * p:].reshape(nk, r, -1, *a.shape[3:]))
 
     (q_p, q_c), (k_p, k_c), (v_p, v_c) = split(q), split(k), split(v)
     out_p = layers.attention(q_p, k_p, v_p, ctx.prompt_mask, None, impl=impl)
-    out_c = layers.attention(q_c, k_c, v_c, ctx.mask, (k_p[:, 0], v_p[:, 0], ctx.prefix_mask), impl=impl)
-    return jnp.concatenate([out_p, out_c.reshape(b, 1, -1, *out_c.shape[3:])], axis=2)
+    if bs == 1:
+        out_c = layers.attention(q_c, k_c, v_c, ctx.mask, (k_p[:, 0], v_p[:, 0], ctx.prefix_mask), impl=impl)
+    else:  # every row its own group: its prompt's keys gathered from the block
+        t = q_c.shape[2]
+
+        def of_row(a: Array) -> Array:  # [B, ...] → [K·R, ...]: the row's prompt's
+            blocks = a.reshape(nk, bs, *a.shape[1:])
+            return jax.vmap(lambda x, i: x[i])(blocks, ctx.row_group).reshape(nk * r, *a.shape[1:])
+
+        one = lambda a: a.reshape(nk * r, 1, *a.shape[2:])  # noqa: E731  rows as groups of one
+        prefix = (of_row(k_p[:, 0]), of_row(v_p[:, 0]), of_row(ctx.prefix_mask))
+        out_c = layers.attention(one(q_c), one(k_c), one(v_c), one(ctx.mask), prefix, impl=impl)
+        out_c = out_c.reshape(nk, r, t, *out_c.shape[3:])
+    return jnp.concatenate([out_p.reshape(nk, 1, bs * p, *out_p.shape[3:]),
+                            out_c.reshape(nk, 1, -1, *out_c.shape[3:])], axis=2)
 
 
 class DecoderLayer(nn.Module):

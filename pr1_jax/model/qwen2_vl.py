@@ -143,29 +143,36 @@ class Qwen2VL(nn.Module):
         return self.decoder(x_bgtd, DecoderContext(cos=cos, sin=sin, mask=mask_bgts, deepstack=deepstack), return_kv)
 
     def decode_group(self, x_prompt: Array, x_comp: Array, pos_prompt: Array, pos_comp: Array,
-                     prompt_mask_bp: Array, comp_mask_brtt: Array) -> tuple[Array, Array]:
+                     prompt_mask_bp: Array, comp_mask_krtt: Array, group_kr: Array | None = None
+                     ) -> tuple[Array, Array]:
         """Prompts and their completions in one decoder pass over packed rows (`Decoder`).
 
-        x_prompt [B, 1, P, D] (Qwen3-VL: planes [B, 1, P, 1 + S, D], `embed`); x_comp [B, R, T, D]:
-        each prompt's completions in R rows (`train_step.Completions`); pos_prompt [3, B, 1, P],
-        pos_comp [3, B, R, T];
-        prompt_mask_bp [B, P] bool (left padding); comp_mask_brtt [B, R, T, T] bool: which
+        The B prompts form K blocks of Bs = B / K consecutive prompts; a block is one decoder row:
+        its prompts, then its completion rows. x_prompt [B, 1, P, D] (Qwen3-VL: planes
+        [B, 1, P, 1 + S, D], `embed`); x_comp [K, R, T, D]: each block's completions in R rows
+        (`train_step.Completions`), row r of block k holding completions of prompt group_kr[k, r]
+        of the block (None: Bs = 1); pos_prompt [3, B, 1, P], pos_comp [3, K, R, T];
+        prompt_mask_bp [B, P] bool (left padding); comp_mask_krtt [K, R, T, T] bool: which
         tokens of its row each completion token sees (its own completion's earlier ones).
-        Every completion token also sees the prompt's valid tokens.
-        → hidden [B, 1, P, D], [B, R, T, D].
+        Every completion token also sees its prompt's valid tokens.
+        → hidden [B, 1, P, D], [K, R, T, D].
         """
-        b, r, t, d = x_comp.shape
-        p = x_prompt.shape[2]
+        k, r, t, d = x_comp.shape
+        b, p = x_prompt.shape[0], x_prompt.shape[2]
+        bs = b // k
         x_prompt, deepstack = self.split_deepstack(x_prompt)
-        x = jnp.concatenate([x_prompt, x_comp.reshape(b, 1, r * t, d)], axis=2)
-        if deepstack is not None:  # the completions get none: zeros after the prompt
+        x = jnp.concatenate([x_prompt.reshape(k, 1, bs * p, d), x_comp.reshape(k, 1, r * t, d)], axis=2)
+        if deepstack is not None:  # the completions get none: zeros after the prompts
+            deepstack = deepstack.reshape(deepstack.shape[0], k, 1, bs * p, d)
             deepstack = jnp.pad(deepstack, [(0, 0)] * 3 + [(0, r * t), (0, 0)])
-        cos, sin = mrope(jnp.concatenate([pos_prompt, pos_comp.reshape(3, b, 1, r * t)], axis=-1), self.cfg.text)
+        pos = jnp.concatenate([pos_prompt.reshape(3, k, 1, bs * p), pos_comp.reshape(3, k, 1, r * t)], axis=-1)
+        cos, sin = mrope(pos, self.cfg.text)
         prompt_causal = jnp.tril(jnp.ones((p, p), bool))[None, None] & prompt_mask_bp[:, None, None, :]
-        ctx = DecoderContext(cos=cos, sin=sin, mask=comp_mask_brtt, prefix_mask=prompt_mask_bp,
-                             prompt_mask=prompt_causal, prompt_len=p, num_samples=r, deepstack=deepstack)
+        ctx = DecoderContext(cos=cos, sin=sin, mask=comp_mask_krtt, prefix_mask=prompt_mask_bp,
+                             prompt_mask=prompt_causal, prompt_len=p, num_samples=r, prompts_per_block=bs,
+                             row_group=group_kr if bs > 1 else None, deepstack=deepstack)
         hidden, _ = self.decoder(x, ctx)
-        return hidden[:, :, :p], hidden[:, :, p:].reshape(b, r, t, d)
+        return hidden[:, :, :bs * p].reshape(b, 1, p, d), hidden[:, :, bs * p:].reshape(k, r, t, d)
 
     def logits(self, hidden: Array) -> Array:
         """hidden [..., D] → logits [..., V] in the compute dtype."""
