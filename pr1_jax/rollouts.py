@@ -267,7 +267,8 @@ def assemble(prompts: Sequence[EncodedPrompt], special: chat.SpecialTokens, prom
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *micro)
     g, t = completions.shape[1], completion_shape.length
     if b % completion_shape.prompts_per_block:
-        raise ValueError(f"{b} prompts per micro-batch do not split into blocks of {completion_shape.prompts_per_block}")
+        raise ValueError(f"{b} prompts per micro-batch do not split into blocks of "
+                         f"{completion_shape.prompts_per_block}")
     mask = mask[..., :t]
     packed = pack_completions(completions, completion_extents(mask), t, completion_shape.rows,
                               completion_shape.row_len, special.pad_id, completion_shape.prompts_per_block)

@@ -251,7 +251,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         acct.count(prompt_real=sum(len(p.ids) for p in prompts), prompt_padded=pshape.seq_len * len(prompts),
                    patches_real=sum(p.image[0].shape[0] for p in prompts),
                    patches_padded=math.prod(batch.prompts.pixels.shape[:3]) // jax.process_count(),  # [M, R, N]
-                   completion_real=int(mask.sum()), completion_padded=math.prod(batch.completions.tokens.shape) // jax.process_count())
+                   completion_real=int(mask.sum()),
+                   completion_padded=math.prod(batch.completions.tokens.shape) // jax.process_count())
         # TRL's names: frac_reward_zero_std = groups whose G rewards are all equal (advantages 0);
         # reward/<fn>/std = that reward's std over the step's completions (ddof=1, as TRL's).
         m.update(reward=float(total.mean()), reward_std=float(std_g.mean()),

@@ -13,7 +13,8 @@ from pr1_jax.model.config import ModelConfig
 from pr1_jax.model.qwen2_vl import Qwen2VL
 from pr1_jax.processing import batch as pb
 from pr1_jax.rollouts import CompletionShape, completion_extents, pack_completions, rollouts_from_padded
-from pr1_jax.train_step import OptimConfig, completion_log_probs, init_state, make_optimizer, make_sft_fn, make_update_fn
+from pr1_jax.train_step import (OptimConfig, completion_log_probs, init_state, make_optimizer, make_sft_fn,
+                                make_update_fn)
 from tests.helpers import mixed_batch
 
 PAD = 151643

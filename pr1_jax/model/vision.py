@@ -230,7 +230,8 @@ class VisionTower(nn.Module):
         blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, 0), length=cfg.depth, unroll=self.scan_unroll,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = blocks(cfg, name="blocks", attention=self.attention, **kw)(x, (cos, sin, images, window_mask_rnn), full_l)
+        ctx = (cos, sin, images, window_mask_rnn)
+        x, _ = blocks(cfg, name="blocks", attention=self.attention, **kw)(x, ctx, full_l)
         return PatchMerger(cfg, name="merger", **kw)(x)
 
 
