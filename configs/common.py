@@ -82,6 +82,12 @@ def base() -> ml_collections.ConfigDict:
     c.batch.seq_len = 2048
     # ≥ patches of the largest image data.max_pixels allows: 1e6 px / 14² → ≤ 5,102 patches.
     c.batch.patch_row_len = 5120
+    # The update's completions packed per block of prompts (one block per batch shard), each prompt
+    # taking the rows its answers need (fewer padded positions for long-tailed answers, the same
+    # math), instead of the rows the step's longest group needs for every prompt. Off until its
+    # speed is measured: its finer row shapes compiled a new update program at most steps of a
+    # short grounding run on an H200 (benchmarks/RESULTS.md, tenth session).
+    c.batch.completion_blocks = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-6

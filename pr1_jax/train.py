@@ -125,6 +125,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     grpo_cfg = programs.grpo_cfg
     # Per-step ladders under the config's caps; a block's images packed into one row per batch shard.
     local_shards = sharding.batch_shards(mesh) // jax.process_count()  # a block of prompts per shard
+    completion_blocks = bool(c.batch.get("completion_blocks", False))
     image_rows = local_shards if packs_images(pre.config) else 0
     shapes = StepShapes.from_config(c, num_samples=curriculum.max_generations, image_rows=image_rows)
     attn_weight = attention_weight(pre.config.text)  # how completions are packed (shapes.packing_cost)
@@ -218,16 +219,17 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
                 lengths_b=jnp.asarray(lengths.reshape(-1)),
                 pr1_mask_quirk=grpo_cfg.pr1_mask_quirk)).reshape(tokens.shape)
         with acct.phase("update"):
-            # Completions packed per block of prompts (one block per batch shard of a micro-batch).
+            # Each prompt's completions in rows of its own, or (batch.completion_blocks) a block of
+            # prompts sharing its rows, one block per batch shard of a micro-batch.
             cshape_of = functools.partial(global_completion_shape, mask, shapes, pshape.seq_len, attn_weight)
-            cshape = cshape_of(p_local // local_shards)
+            cshape = cshape_of(p_local // local_shards if completion_blocks else 1)
 
             def make_batch(micro: int) -> Rollouts:
                 b = multihost.local_batch_size(micro)
                 psh = size.padded(shapes, b)
                 # One micro-batch laid out as the rollout's: its prompts are on the mesh already.
                 reuse = b == p_local and psh == pshape
-                csh = cshape if b == p_local else cshape_of(b // local_shards)
+                csh = cshape if b == p_local or not completion_blocks else cshape_of(b // local_shards)
                 host = rollouts.assemble(prompts, special, psh, csh, tokens, mask, np.asarray(advantages), logp,
                                          np.asarray(adv_stats["loss_weight"]), b,
                                          prompt_batch=host_inputs if reuse else None)

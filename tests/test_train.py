@@ -100,6 +100,30 @@ def test_sharded_run_equals_one_device(one_device, tmp_path):
             np.testing.assert_allclose(y, x, **TOL)
 
 
+def test_completion_blocks_run_equals_rows_per_prompt(one_device, tmp_path):
+    """`batch.completion_blocks`: a micro-batch's prompts share their completion rows (same math):
+    the same metrics, evaluations and parameters as each prompt's rows of its own."""
+    ref, _ = one_device
+    run = tmp_path / "blocks"
+    c = config(run, fsdp=1)
+    c.batch.completion_blocks = True
+    train.train_and_evaluate(c, devices=jax.devices()[:1])
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        got, want = _jsonl(run / name), _jsonl(ref / name)
+        assert len(got) == len(want) > 0, name
+        for g, w in zip(got, want):
+            for k in {k for k in w if k not in TIMING_KEYS and not k.startswith(("time/", "tokens/completion_"))}:
+                if isinstance(w[k], str):
+                    assert g[k] == w[k], k
+                else:
+                    np.testing.assert_allclose(g[k], w[k], **TOL, err_msg=f"{name}: {k}")
+    for step in (0, 1):
+        a = checkpoint.Checkpoints(ref / "checkpoints", read_only=True).restore_params(step)
+        b = checkpoint.Checkpoints(run / "checkpoints", read_only=True).restore_params(step)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(y, x, **TOL)
+
+
 def test_batch_sizes_must_divide_over_the_mesh(tmp_path):
     c = config(tmp_path, data=1, fsdp=4, tensor=1)
     c.batch.prompts_per_micro = 2
