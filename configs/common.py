@@ -84,10 +84,14 @@ def base() -> ml_collections.ConfigDict:
     c.batch.patch_row_len = 5120
     # The update's completions packed per block of prompts (one block per batch shard), each prompt
     # taking the rows its answers need (fewer padded positions for long-tailed answers, the same
-    # math), instead of the rows the step's longest group needs for every prompt. Off until its
-    # speed is measured: its finer row shapes compiled a new update program at most steps of a
-    # short grounding run on an H200 (benchmarks/RESULTS.md, tenth session).
-    c.batch.completion_blocks = False
+    # math), instead of the rows the step's longest group needs for every prompt. Grounding on an
+    # H200: 6,144 completion positions instead of 8,960, 1.41 s per step instead of 1.54
+    # (benchmarks/RESULTS.md, eleventh session). False: each prompt's completions in rows of their own.
+    c.batch.completion_blocks = True
+    # A step reuses a shape (so a program) the run has compiled already when it costs at most this
+    # fraction more than the step's own rungs (pr1_jax.shapes.ShapeMemo): fewer programs, a little
+    # more padding; 0 = always the step's own rungs. Never changes the math.
+    c.batch.shape_slack = 0.1
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-6

@@ -26,7 +26,7 @@ from pr1_jax.structs import Completions, ModelInputs, Rollouts
 from pr1_jax.processing import batch as batch_lib
 from pr1_jax.processing import chat
 from pr1_jax.processing import image as image_lib
-from pr1_jax.shapes import StepShapes, packing_cost
+from pr1_jax.shapes import ShapeMemo, StepShapes, packing_cost
 
 
 @dataclasses.dataclass
@@ -63,9 +63,24 @@ class PromptSize:
         counts = tuple(int(p.image[0].shape[0]) for p in prompts)
         return cls(tokens=max(len(p.ids) for p in prompts), patches=max(counts), patch_counts=(counts,))
 
-    def padded(self, shapes: StepShapes, block: int | None = None) -> PromptShape:
+    def padded(self, shapes: StepShapes, block: int | None = None, memo: ShapeMemo | None = None) -> PromptShape:
         """The ladder's rungs for these sizes (a clear error when one is over its cap), for
-        blocks of `block` prompts of each process (default: all of them, one block)."""
+        blocks of `block` prompts of each process (default: all of them, one block); with a
+        `memo`, a shape used before that holds them when it costs little more (`ShapeMemo`)."""
+        fresh = self._rungs(shapes, block)
+        if memo is None:
+            return fresh
+        counts = self.patch_counts or ((0,),)
+        n = sum(len(c) for c in counts)  # prompts; their image rows: one each, or `image_rows` per block
+        blocks = sum(-(-len(c) // (block or len(counts[0]))) for c in counts)
+        image_rows = lambda s: blocks * s.image_rows if s.image_rows else n  # noqa: E731
+        return memo.pick(fresh, fits=lambda s: (s.image_rows, s.images_per_row) == (fresh.image_rows,
+                                                                                    fresh.images_per_row)
+                         and s.seq_len >= fresh.seq_len and s.row_len >= fresh.row_len
+                         and s.image_len >= fresh.image_len,
+                         cost=lambda s: n * s.seq_len + image_rows(s) * s.row_len)  # tokens, patches alike
+
+    def _rungs(self, shapes: StepShapes, block: int | None) -> PromptShape:
         try:
             seq_len, image_len = shapes.prompt(self.tokens), shapes.patches(self.patches)
         except ValueError as e:
@@ -227,10 +242,23 @@ class CompletionShape:
 
     @classmethod
     def choose(cls, extents_ng: np.ndarray, shapes: StepShapes, prompt_len: int, weight: float,
-               prompts_per_block: int = 1) -> "CompletionShape":
+               prompts_per_block: int = 1, memo: ShapeMemo | None = None, fixed: float = 0.0) -> "CompletionShape":
         """The cheapest packing (`shapes.packing_cost`) over the row-length rungs from the longest
         completion to the largest group total; `extents_ng` are the whole step's (every process's,
-        in order: blocks never span two processes when they hold whole blocks)."""
+        in order: blocks never span two processes when they hold whole blocks). With a `memo`, a
+        shape used before that holds them when the update costs little more: `fixed` is the rest
+        of the update's cost per block in the same units (its prompt tokens and patches)."""
+        fresh = cls._cheapest(extents_ng, shapes, prompt_len, weight, prompts_per_block)
+        if memo is None:
+            return fresh
+        longest = int(extents_ng.max(initial=0))
+        return memo.pick(fresh, fits=lambda s: s.prompts_per_block == prompts_per_block and s.length >= fresh.length
+                         and s.row_len >= longest and s.rows >= rows_needed(extents_ng, s.row_len, prompts_per_block),
+                         cost=lambda s: fixed + packing_cost(s.rows, s.row_len, prompt_len, weight))
+
+    @classmethod
+    def _cheapest(cls, extents_ng: np.ndarray, shapes: StepShapes, prompt_len: int, weight: float,
+                  prompts_per_block: int) -> "CompletionShape":
         longest = max(1, int(extents_ng.max(initial=1)))
         group = max(1, int(extents_ng.sum(-1).max(initial=1)))
         rows_ladder = shapes.block_rows(prompts_per_block)

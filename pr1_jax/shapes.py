@@ -144,3 +144,50 @@ def packing_cost(rows: int, row_len: int, prompt_len: int, weight: float) -> flo
     """Relative update cost of a prompt's completions in `rows` rows of `row_len`: every token's
     matmuls, plus attention over the prompt and the whole row (masks do not skip work)."""
     return rows * row_len * (1.0 + weight * (prompt_len + row_len))
+
+
+@dataclasses.dataclass
+class ShapeMemo:
+    """The shapes a run has used so far (each one a compiled program), and the rule that reuses
+    them: a step takes the cheapest used shape that holds its sizes when that costs at most
+    `slack` more than its own rungs; else its own rungs, which are then remembered.
+
+    Rungs alone compile a new program whenever one of a step's sizes crosses a rung of any
+    dimension (prompt tokens, packed image row, loss positions, completion rows × length):
+    on the grounding recipe that was a new program at most of the first ten steps, each
+    costing seconds to a minute and a half on an H200. With a 10% slack a run settles on a few
+    shapes and pays at most 10% more padding on the side (prompts or completions) it reuses.
+    Shapes never change the math (padding is masked), so the choice is free to depend on the
+    run's history; the memo is checkpointed so that a resumed run chooses as the first did.
+
+        memo = ShapeMemo(slack=0.1)
+        shape = memo.pick(fresh, fits=lambda s: ..., cost=lambda s: ...)
+    """
+
+    slack: float = 0.1
+    used: list = dataclasses.field(default_factory=list)
+
+    def pick(self, fresh, fits, cost):
+        """`fresh` (the step's own rungs) or the cheapest used shape of its type for which
+        `fits` holds, if `cost` of it is ≤ (1 + slack) · cost(fresh)."""
+        held = [s for s in self.used if type(s) is type(fresh) and fits(s)]
+        best = min(held, key=cost, default=None)  # the earliest used of equal cost: deterministic
+        if best is not None and cost(best) <= (1.0 + self.slack) * cost(fresh):
+            return best
+        self.used.append(fresh)
+        return fresh
+
+    def state(self) -> list[dict]:
+        """JSON for the checkpoint: [{"type": class name, fields...}, ...] in the order used."""
+        return [dict(type=type(s).__name__, **dataclasses.asdict(s)) for s in self.used]
+
+    def load(self, state: list[dict] | None, types) -> None:
+        """Restores `state()`; `types`: the shape classes by name (unknown entries are dropped:
+        a checkpoint of another version reuses nothing, which changes speed, not the math)."""
+        by_name = {t.__name__: t for t in types}
+        self.used = []
+        for d in state or ():
+            t = by_name.get(d.get("type"))
+            names = {f.name for f in dataclasses.fields(t)} if t else set()
+            if t and set(d) - {"type"} == names:
+                self.used.append(t(**{k: d[k] for k in names}))

@@ -57,7 +57,7 @@ from pr1_jax.errors import ConfigError
 from pr1_jax.evaluator import Evaluator, Example
 from pr1_jax.programs import Programs, enable_compile_cache, resolve_kernels
 from pr1_jax.structs import Rollouts, SamplingConfig, TrainState
-from pr1_jax.shapes import StepShapes, attention_weight, packs_images
+from pr1_jax.shapes import ShapeMemo, StepShapes, attention_weight, packs_images
 from pr1_jax.train_step import OptimConfig, make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
@@ -128,6 +128,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     completion_blocks = bool(c.batch.get("completion_blocks", False))
     image_rows = local_shards if packs_images(pre.config) else 0
     shapes = StepShapes.from_config(c, num_samples=curriculum.max_generations, image_rows=image_rows)
+    # The shapes used so far (so compiled): a step reuses one that costs ≤ batch.shape_slack more.
+    memo = ShapeMemo(slack=c.batch.get("shape_slack", 0.1))
     attn_weight = attention_weight(pre.config.text)  # how completions are packed (shapes.packing_cost)
     params = pre.params
     # ---------------------------------------------------------------- held-out evaluation (pr1_jax/evaluator.py)
@@ -152,6 +154,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     mon.resume_at(start if resumed is not None else None)
     if resumed is not None:  # GRPO goes on from `start`; the SFT warm-up, if any, is done
         state, rng, history = resumed.state, resumed.rng, resumed.meta["history"]
+        memo.load(resumed.meta.get("shapes_used"), (rollouts.PromptShape, rollouts.CompletionShape))
         if resumed.data_state is not None:  # None: saved by another number of processes (a warning said so)
             data.set_state(resumed.data_state)
         # The frozen reference is read from its source: step 0 (after SFT) or the base model.
@@ -183,7 +186,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         examples = [next(data) for _ in range(p_local)]
         prompts = rollouts.encode_examples(examples, c.task, special, pre.tokenizer, pre.image_config, system_prompt)
         size = global_prompt_size(prompts)
-        pshape = size.padded(shapes)
+        pshape = size.padded(shapes, memo=memo)
         host = rollouts.prompt_inputs(prompts, special, pshape)
         return examples, prompts, size, pshape, host, sharding.shard_batch(host, mesh, process_local=True)
 
@@ -221,12 +224,16 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         with acct.phase("update"):
             # Each prompt's completions in rows of its own, or (batch.completion_blocks) a block of
             # prompts sharing its rows, one block per batch shard of a micro-batch.
-            cshape_of = functools.partial(global_completion_shape, mask, shapes, pshape.seq_len, attn_weight)
+            # the prompt side's share of the update per prompt (tokens and patches): reusing a
+            # completion shape is judged against the whole program's cost
+            per_prompt = pshape.seq_len + math.prod(host_inputs.pixels.shape[:2]) / p_local
+            cshape_of = lambda bs: global_completion_shape(  # noqa: E731
+                mask, shapes, pshape.seq_len, attn_weight, bs, memo=memo, fixed=bs * per_prompt)
             cshape = cshape_of(p_local // local_shards if completion_blocks else 1)
 
             def make_batch(micro: int) -> Rollouts:
                 b = multihost.local_batch_size(micro)
-                psh = size.padded(shapes, b)
+                psh = size.padded(shapes, b, memo=memo)
                 # One micro-batch laid out as the rollout's: its prompts are on the mesh already.
                 reuse = b == p_local and psh == pshape
                 csh = cshape if b == p_local or not completion_blocks else cshape_of(b // local_shards)
@@ -276,7 +283,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         saved = stop or (step + 1) % c.checkpoint_every == 0 or step + 1 == total_steps
         if saved:
             with acct.phase("checkpoint"):
-                ckpt.save(step + 1, state, rng=rng, data_state=data_state, meta=dict(run_meta, history=history))
+                ckpt.save(step + 1, state, rng=rng, data_state=data_state,
+                          meta=dict(run_meta, history=history, shapes_used=memo.state()))
         m.update(acct.as_metrics())
         m["step_time"] = m["time/step_s"]
         m["tokens_per_s"] = float(lengths.sum()) / m["step_time"]
@@ -313,11 +321,12 @@ def global_prompt_size(prompts) -> rollouts.PromptSize:
 
 
 def global_completion_shape(mask_ngt: np.ndarray, shapes: StepShapes, prompt_len: int, weight: float,
-                            prompts_per_block: int = 1) -> rollouts.CompletionShape:
+                            prompts_per_block: int = 1, memo: ShapeMemo | None = None,
+                            fixed: float = 0.0) -> rollouts.CompletionShape:
     """The update's completion shapes, chosen from every process's extents (all pick the same),
     for blocks of `prompts_per_block` prompts."""
     return rollouts.CompletionShape.choose(multihost.gather(rollouts.completion_extents(mask_ngt)), shapes,
-                                           prompt_len, weight, prompts_per_block)
+                                           prompt_len, weight, prompts_per_block, memo=memo, fixed=fixed)
 
 
 def sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, evaluator, history, mon):

@@ -14,7 +14,7 @@ from pr1_jax.model.config import PRESETS, ModelConfig
 from pr1_jax.processing import chat, image
 from pr1_jax.programs import Programs, resolve_kernels
 from pr1_jax.sampler import SamplingConfig
-from pr1_jax.shapes import Ladder, StepShapes, attention_weight
+from pr1_jax.shapes import Ladder, ShapeMemo, StepShapes, attention_weight
 
 G = 2
 
@@ -63,6 +63,38 @@ def test_packing_choice_follows_the_cost():
     own, shared = (rollouts.CompletionShape.choose(tail, shapes, 448, w, bs) for bs in (1, 4))
     assert shared.prompts_per_block == 4 and shared.rows * shared.row_len < 4 * own.rows * own.row_len
     assert shared.rows >= rollouts.rows_needed(tail, shared.row_len, 4) and shared.row_len >= 200
+
+
+def test_memo_reuses_a_used_shape_within_the_slack():
+    """A step whose own rungs are new takes a shape used before that holds its sizes when that
+    costs ≤ 10% more; else its own rungs, remembered. The memo's state restores it."""
+    shapes = StepShapes.from_caps(seq_len=1024, patch_row_len=2048, max_new_tokens=256, num_samples=8, image_rows=1)
+    memo = ShapeMemo(slack=0.1)
+    first = rollouts.PromptSize(576, 2000, ((2000, 1900, 1800, 1700),)).padded(shapes, memo=memo)
+    # fewer patches (a lower rung of the packed row): the first shape costs < 10% more → reused
+    smaller = rollouts.PromptSize(600, 1800, ((1800, 1700, 1800, 1700),))
+    assert smaller.padded(shapes) != first and smaller.padded(shapes, memo=memo) == first
+    # much smaller images: the first shape would cost > 10% more → the step's own rungs
+    small = rollouts.PromptSize(300, 600, ((600, 500, 600, 500),))
+    own = small.padded(shapes, memo=memo)
+    assert own == small.padded(shapes) and own != first
+    # a larger prompt fits no used shape → its own rungs
+    big = rollouts.PromptSize(900, 2000, ((2000,) * 4,)).padded(shapes, memo=memo)
+    assert big.seq_len >= 900 and len(memo.used) == 3
+    w = attention_weight(PRESETS["qwen2_vl_2b"]().text)
+    ext = np.full((4, 8), 40)
+    ext[0, 0] = 200
+    c1 = rollouts.CompletionShape.choose(ext, shapes, 576, w, memo=memo)
+    ext2 = ext.copy()
+    ext2[0, 1] = 30  # a little shorter: a lower rung of its own, the used one within 10%
+    assert rollouts.CompletionShape.choose(ext2, shapes, 576, w, memo=memo) == c1
+    assert rollouts.CompletionShape.choose(np.full((4, 8), 200), shapes, 576, w, memo=memo) != c1  # does not fit
+    again = ShapeMemo(slack=0.1)
+    again.load(memo.state(), (rollouts.PromptShape, rollouts.CompletionShape))
+    assert again.used == memo.used
+    again.load([{"type": "PromptShape", "seq_len": 1}, {"type": "Other"}], (rollouts.PromptShape,))
+    assert again.used == []  # entries of another version: dropped, not a crash
+    assert ShapeMemo(slack=0.0).pick(own, lambda s: True, lambda s: 1.0) == own
 
 
 @pytest.fixture(scope="module")

@@ -101,12 +101,12 @@ def test_sharded_run_equals_one_device(one_device, tmp_path):
 
 
 def test_completion_blocks_run_equals_rows_per_prompt(one_device, tmp_path):
-    """`batch.completion_blocks`: a micro-batch's prompts share their completion rows (same math):
-    the same metrics, evaluations and parameters as each prompt's rows of its own."""
+    """`batch.completion_blocks` (the default): a micro-batch's prompts share their completion rows
+    (same math): the same metrics, evaluations and parameters as each prompt's rows of its own."""
     ref, _ = one_device
-    run = tmp_path / "blocks"
+    run = tmp_path / "rows_per_prompt"
     c = config(run, fsdp=1)
-    c.batch.completion_blocks = True
+    c.batch.completion_blocks = False
     train.train_and_evaluate(c, devices=jax.devices()[:1])
     for name in ("metrics.jsonl", "eval.jsonl"):
         got, want = _jsonl(run / name), _jsonl(ref / name)
