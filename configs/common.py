@@ -88,6 +88,11 @@ def base() -> ml_collections.ConfigDict:
     # H200: 6,144 completion positions instead of 8,960, 1.41 s per step instead of 1.54
     # (benchmarks/RESULTS.md, eleventh session). False: each prompt's completions in rows of their own.
     c.batch.completion_blocks = True
+    # With completion blocks: a block's prompts packed back to back in the update too, instead of
+    # each left-padded to the step's longest (grounding: ≈ 6,000 real prompt tokens computed as
+    # 8,000–9,000). The same math (tests/test_train_step.py, tests/test_train.py); off until its
+    # speed is measured on a GPU (its q/k/v moves per layer against the matmuls it saves).
+    c.batch.pack_prompts = False
     # A step reuses a shape (so a program) the run has compiled already when it costs at most this
     # fraction more than the step's own rungs (pr1_jax.shapes.ShapeMemo): fewer programs, a little
     # more padding; 0 = always the step's own rungs. Never changes the math.

@@ -328,15 +328,17 @@ def shard_apply(fn: Callable, mesh, rules: sharding.Rules = sharding.TRAIN_RULES
 def _per_prompt(shape_key: tuple[int, ...]) -> tuple[float, float]:
     """(decoder tokens, vision patches) per prompt of a micro-batch of `_shape_key` shape: what
     its activations, and so its memory, grow with (times the prompts of a micro-batch)."""
-    _, b, p, r_img, n, _, _, _, k, r, t = shape_key
-    return p + k * r * t / b, r_img * n / b
+    _, b, p, r_img, n, _, _, _, k, r, t, pq = shape_key
+    return (k * pq if pq else b * p) / b + k * r * t / b, r_img * n / b
 
 
 def _shape_key(batch: train_step.Rollouts) -> tuple[int, ...]:
     """(M, B, prompt tokens P, image rows, patches per row N, images per row J, patches per image,
-    loss positions L, completion blocks K, rows per block R, row length T)."""
+    loss positions L, completion blocks K, rows per block R, row length T, packed prompt tokens
+    per block Pq or 0)."""
     m, k, r, t = batch.completions.tokens.shape
     r_img, n = batch.prompts.pixels.shape[-3:-1]
     j, l_img = batch.prompts.image_patches.shape[-2:]
+    pq = 0 if batch.completions.prompt_pack is None else batch.completions.prompt_pack.shape[-1]
     return (m, batch.mask.shape[1], batch.prompts.input_ids.shape[-1], r_img, n, j, l_img, batch.mask.shape[-1],
-            k, r, t)
+            k, r, t, pq)

@@ -224,6 +224,27 @@ def pack_completions(tokens_ngt: np.ndarray, extents_ng: np.ndarray, length: int
     return Completions(tokens=tokens, sample=sample, offset=offset, group=group, unpack=unpack)
 
 
+def prompt_pack(attention_mask_bp: np.ndarray, prompts_per_block: int, length: int) -> np.ndarray:
+    """[B/Bs, Pq]: each block's real prompt tokens, in order, as places in its flattened Bs·P
+    left-padded prompts (`Completions.prompt_pack`); 0 past the block's last token."""
+    b, p = attention_mask_bp.shape
+    flat = np.asarray(attention_mask_bp, bool).reshape(b // prompts_per_block, prompts_per_block * p)
+    out = np.zeros((flat.shape[0], length), np.int32)
+    for k, valid in enumerate(flat):
+        at = np.flatnonzero(valid)
+        if len(at) > length:
+            raise ValueError(f"a block of {prompts_per_block} prompts holds {len(at)} tokens, over the packed "
+                             f"length {length}")
+        out[k, :len(at)] = at
+    return out
+
+
+def block_tokens(token_counts: Sequence[int], prompts_per_block: int) -> int:
+    """The most prompt tokens any block of `prompts_per_block` consecutive prompts holds."""
+    n = np.asarray(token_counts)
+    return int(max(n[i:i + prompts_per_block].sum() for i in range(0, len(n), prompts_per_block)))
+
+
 def rows_needed(extents_ng: np.ndarray, row_len: int, prompts_per_block: int = 1) -> int:
     """The most rows of `row_len` any block of `prompts_per_block` prompts needs (`pack_completions`)."""
     per_prompt = [len(pack_rows(e, row_len)) for e in extents_ng]
@@ -232,29 +253,39 @@ def rows_needed(extents_ng: np.ndarray, row_len: int, prompts_per_block: int = 1
 
 @dataclasses.dataclass(frozen=True)
 class CompletionShape:
-    """Static completion shapes of an update program: L loss positions, R rows of T tokens for
-    each block of `prompts_per_block` prompts (`pack_completions`)."""
+    """Static shapes of an update program's rows: L loss positions, R rows of T tokens for the
+    completions of each block of `prompts_per_block` prompts (`pack_completions`), and the
+    block's prompts packed into `prompt_tokens` (0: left-padded rows, `prompt_pack`)."""
 
     length: int
     rows: int
     row_len: int
     prompts_per_block: int = 1
+    prompt_tokens: int = 0
 
     @classmethod
     def choose(cls, extents_ng: np.ndarray, shapes: StepShapes, prompt_len: int, weight: float,
-               prompts_per_block: int = 1, memo: ShapeMemo | None = None, fixed: float = 0.0) -> "CompletionShape":
+               prompts_per_block: int = 1, memo: ShapeMemo | None = None, fixed: float = 0.0,
+               block_prompt_tokens: int = 0) -> "CompletionShape":
         """The cheapest packing (`shapes.packing_cost`) over the row-length rungs from the longest
         completion to the largest group total; `extents_ng` are the whole step's (every process's,
         in order: blocks never span two processes when they hold whole blocks). With a `memo`, a
         shape used before that holds them when the update costs little more: `fixed` is the rest
-        of the update's cost per block in the same units (its prompt tokens and patches)."""
+        of the update's cost per block in the same units (its patches, and its prompt tokens
+        unless they are packed). `block_prompt_tokens` > 0: a block's prompts are packed, and
+        this is the most tokens a block holds (`block_tokens`)."""
         fresh = cls._cheapest(extents_ng, shapes, prompt_len, weight, prompts_per_block)
+        if block_prompt_tokens:
+            fresh = dataclasses.replace(fresh, prompt_tokens=shapes.packed_prompts(prompts_per_block)(
+                block_prompt_tokens))
         if memo is None:
             return fresh
         longest = int(extents_ng.max(initial=0))
         return memo.pick(fresh, fits=lambda s: s.prompts_per_block == prompts_per_block and s.length >= fresh.length
-                         and s.row_len >= longest and s.rows >= rows_needed(extents_ng, s.row_len, prompts_per_block),
-                         cost=lambda s: fixed + packing_cost(s.rows, s.row_len, prompt_len, weight))
+                         and s.row_len >= longest and s.rows >= rows_needed(extents_ng, s.row_len, prompts_per_block)
+                         and bool(s.prompt_tokens) == bool(fresh.prompt_tokens)
+                         and s.prompt_tokens >= block_prompt_tokens,
+                         cost=lambda s: fixed + s.prompt_tokens + packing_cost(s.rows, s.row_len, prompt_len, weight))
 
     @classmethod
     def _cheapest(cls, extents_ng: np.ndarray, shapes: StepShapes, prompt_len: int, weight: float,
@@ -301,6 +332,10 @@ def assemble(prompts: Sequence[EncodedPrompt], special: chat.SpecialTokens, prom
     packed = pack_completions(completions, completion_extents(mask), t, completion_shape.rows,
                               completion_shape.row_len, special.pad_id, completion_shape.prompts_per_block)
     split = lambda a: a.reshape(m, -1, *a.shape[1:])  # noqa: E731  [M, B, ...] or [M, blocks, ...]
+    if completion_shape.prompt_tokens:  # each block's prompts packed too
+        packed = packed.replace(prompt_pack=np.concatenate([
+            prompt_pack(np.asarray(stacked.attention_mask[i]), completion_shape.prompts_per_block,
+                        completion_shape.prompt_tokens) for i in range(m)]))
     return Rollouts(prompts=stacked, completions=jax.tree.map(split, packed), mask=split(mask),
                     advantages=advantages.reshape(m, b, g).astype(np.float32),
                     old_logp=split(old_logp[..., :t]).astype(np.float32), group_weight=group_weight.reshape(m, b, g))
@@ -325,6 +360,10 @@ def rollouts_from_padded(prompts: ModelInputs, completions: np.ndarray, mask: np
     else:
         length, rows, row_len = tc, g, tc
     packed = pack_completions(flat(completions), ext, length, rows, row_len, pad_id, bs)
+    if shape is not None and shape.prompt_tokens:
+        attn = np.asarray(prompts.attention_mask)
+        packed = packed.replace(prompt_pack=np.concatenate([prompt_pack(attn[i], bs, shape.prompt_tokens)
+                                                            for i in range(m)]))
     split = lambda a: a.reshape(m, -1, *a.shape[1:])  # noqa: E731
     return Rollouts(prompts=prompts, completions=jax.tree.map(split, packed), mask=np.asarray(mask)[..., :length],
                     advantages=np.asarray(advantages, np.float32),

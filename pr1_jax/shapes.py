@@ -119,6 +119,10 @@ class StepShapes:
             return self.rows
         return Ladder(self.rows.cap * prompts_per_block, quantum=1, minimum=1)
 
+    def packed_prompts(self, prompts_per_block: int) -> Ladder:
+        """Rungs for a block's prompt tokens packed back to back in the update (finer steps)."""
+        return Ladder(self.prompt.cap * prompts_per_block, quantum=16, minimum=64, steps=_FINE_STEPS)
+
     def packed_row(self, images_per_row: int) -> Ladder:
         """Rungs for a packed image row of up to `images_per_row` images at the patch cap."""
         return Ladder(self.patches.cap * images_per_row, quantum=64, minimum=64, steps=_FINE_STEPS)

@@ -95,6 +95,10 @@ class Completions:
     offset: Array  # [..., K, R, T] int32: the token's index inside its completion
     group: Array  # [..., K, R] int32: the row's prompt, counted inside its block (0 for Bs = 1)
     unpack: Array  # [..., B, G, L] int32: where token t of completion g sits in its block's flat R·T
+    # With the block's prompts packed too (`rollouts.prompt_pack`): [..., K, Pq] int32, the place of
+    # each of the block's real prompt tokens, in order, in its flattened Bs·P left-padded prompts
+    # (0 past the last); None: the prompts stay left-padded rows of P.
+    prompt_pack: Array | None = None
 
 
 @flax.struct.dataclass

@@ -126,6 +126,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
     # Per-step ladders under the config's caps; a block's images packed into one row per batch shard.
     local_shards = sharding.batch_shards(mesh) // jax.process_count()  # a block of prompts per shard
     completion_blocks = bool(c.batch.get("completion_blocks", False))
+    # ... and a block's prompts packed too (not with Qwen3-VL's DeepStack planes)
+    pack_prompts = completion_blocks and bool(c.batch.get("pack_prompts", False)) and \
+        pre.config.model_type != "qwen3_vl"
     image_rows = local_shards if packs_images(pre.config) else 0
     shapes = StepShapes.from_config(c, num_samples=curriculum.max_generations, image_rows=image_rows)
     # The shapes used so far (so compiled): a step reuses one that costs ≤ batch.shape_slack more.
@@ -224,11 +227,16 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         with acct.phase("update"):
             # Each prompt's completions in rows of its own, or (batch.completion_blocks) a block of
             # prompts sharing its rows, one block per batch shard of a micro-batch.
-            # the prompt side's share of the update per prompt (tokens and patches): reusing a
-            # completion shape is judged against the whole program's cost
-            per_prompt = pshape.seq_len + math.prod(host_inputs.pixels.shape[:2]) / p_local
-            cshape_of = lambda bs: global_completion_shape(  # noqa: E731
-                mask, shapes, pshape.seq_len, attn_weight, bs, memo=memo, fixed=bs * per_prompt)
+            # Reusing a completion shape is judged against the whole program's cost: its patches
+            # and prompt tokens too (packed prompts: part of the shape).
+            patches = math.prod(host_inputs.pixels.shape[:2]) / p_local  # per prompt
+            counts = multihost.gather(np.array([len(p.ids) for p in prompts])) if pack_prompts else None
+
+            def cshape_of(bs: int) -> rollouts.CompletionShape:
+                need = rollouts.block_tokens(counts, bs) if counts is not None else 0
+                return global_completion_shape(mask, shapes, pshape.seq_len, attn_weight, bs, memo=memo,
+                                               fixed=bs * (patches + (0 if need else pshape.seq_len)),
+                                               block_prompt_tokens=need)
             cshape = cshape_of(p_local // local_shards if completion_blocks else 1)
 
             def make_batch(micro: int) -> Rollouts:
@@ -260,6 +268,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         acct.count(prompt_real=sum(len(p.ids) for p in prompts), prompt_padded=pshape.seq_len * len(prompts),
                    patches_real=sum(p.image[0].shape[0] for p in prompts),
                    patches_padded=math.prod(batch.prompts.pixels.shape[:3]) // jax.process_count(),  # [M, R, N]
+                   update_prompt_padded=(math.prod(batch.completions.prompt_pack.shape) if
+                                         batch.completions.prompt_pack is not None else
+                                         math.prod(batch.prompts.input_ids.shape)) // jax.process_count(),
                    completion_real=int(mask.sum()),
                    completion_padded=math.prod(batch.completions.tokens.shape) // jax.process_count())
         # TRL's names: frac_reward_zero_std = groups whose G rewards are all equal (advantages 0);
@@ -322,11 +333,12 @@ def global_prompt_size(prompts) -> rollouts.PromptSize:
 
 def global_completion_shape(mask_ngt: np.ndarray, shapes: StepShapes, prompt_len: int, weight: float,
                             prompts_per_block: int = 1, memo: ShapeMemo | None = None,
-                            fixed: float = 0.0) -> rollouts.CompletionShape:
+                            fixed: float = 0.0, block_prompt_tokens: int = 0) -> rollouts.CompletionShape:
     """The update's completion shapes, chosen from every process's extents (all pick the same),
-    for blocks of `prompts_per_block` prompts."""
+    for blocks of `prompts_per_block` prompts (`block_prompt_tokens` > 0: packed prompts)."""
     return rollouts.CompletionShape.choose(multihost.gather(rollouts.completion_extents(mask_ngt)), shapes,
-                                           prompt_len, weight, prompts_per_block, memo=memo, fixed=fixed)
+                                           prompt_len, weight, prompts_per_block, memo=memo, fixed=fixed,
+                                           block_prompt_tokens=block_prompt_tokens)
 
 
 def sft_warmup(c, pre, programs, params, mesh, data, shapes, system_prompt, evaluator, history, mon):

@@ -96,7 +96,7 @@ def packed_hidden(model: Qwen2VL, params, prompts: ModelInputs, comp: Completion
         same = comp.sample[..., :, None] == comp.sample[..., None, :]
         mask = (same & (idx[:, None] >= idx[None, :]) & (comp.sample[..., :, None] >= 0)) | (idx[:, None] == idx)
         hidden_p, hidden_c = m.decode_group(x, m.embed(comp.tokens), prompts.positions[:, :, None], pos,
-                                            prompts.attention_mask, mask, comp.group)
+                                            prompts.attention_mask, mask, comp.group, comp.prompt_pack)
         last = of_row(hidden_p[:, 0, -1])[:, :, None]  # [K, R, 1, D]: its prompt's last state
         before = jnp.concatenate([last, hidden_c[:, :, :-1]], axis=2)
         return jnp.where((comp.offset == 0)[..., None], last, before)

@@ -97,6 +97,27 @@ def test_memo_reuses_a_used_shape_within_the_slack():
     assert ShapeMemo(slack=0.0).pick(own, lambda s: True, lambda s: 1.0) == own
 
 
+def test_prompt_pack_lists_each_blocks_real_tokens():
+    """`batch.pack_prompts`: a block's left-padded prompts → the places of its real tokens in order."""
+    mask = np.array([[0, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]], bool)
+    assert rollouts.prompt_pack(mask, 2, 6).tolist() == [[2, 3, 5, 6, 7, 0], [0, 1, 2, 3, 7, 0]]
+    with pytest.raises(ValueError, match="over the packed length"):
+        rollouts.prompt_pack(mask, 4, 8)  # 10 real tokens
+    assert rollouts.block_tokens([2, 3, 4, 1], 2) == 5 and rollouts.block_tokens([2, 3, 4, 1], 4) == 10
+    shapes = StepShapes.from_caps(seq_len=512, patch_row_len=2048, max_new_tokens=256, num_samples=8)
+    w = attention_weight(PRESETS["qwen2_vl_2b"]().text)
+    packed = rollouts.CompletionShape.choose(np.full((4, 8), 20), shapes, 448, w, 2, block_prompt_tokens=700)
+    assert 700 <= packed.prompt_tokens <= 700 * 1.125 + 16 and packed.prompt_tokens % 16 == 0
+    memo = ShapeMemo()
+    first = rollouts.CompletionShape.choose(np.full((4, 8), 20), shapes, 448, w, 2, memo=memo, block_prompt_tokens=700)
+    fewer = rollouts.CompletionShape.choose(np.full((4, 8), 20), shapes, 448, w, 2, block_prompt_tokens=600)
+    assert fewer.prompt_tokens < first.prompt_tokens  # a lower rung of its own, the used one within 10%:
+    assert rollouts.CompletionShape.choose(np.full((4, 8), 20), shapes, 448, w, 2, memo=memo,
+                                           block_prompt_tokens=600) == first
+    assert rollouts.CompletionShape.choose(np.full((4, 8), 20), shapes, 448, w, 2, memo=memo,
+                                           block_prompt_tokens=900) != first  # more: a new one
+
+
 @pytest.fixture(scope="module")
 def tiny(sampler_dir):
     cfg = ModelConfig.from_pretrained(sampler_dir)

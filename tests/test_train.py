@@ -100,19 +100,28 @@ def test_sharded_run_equals_one_device(one_device, tmp_path):
             np.testing.assert_allclose(y, x, **TOL)
 
 
-def test_completion_blocks_run_equals_rows_per_prompt(one_device, tmp_path):
-    """`batch.completion_blocks` (the default): a micro-batch's prompts share their completion rows
-    (same math): the same metrics, evaluations and parameters as each prompt's rows of its own."""
+@pytest.mark.parametrize("layout", ["rows_per_prompt", "packed_prompts"])
+def test_update_layouts_give_the_same_run(one_device, tmp_path, layout):
+    """`batch.completion_blocks` (the default) lets a micro-batch's prompts share their completion
+    rows, `batch.pack_prompts` packs their prompts too: the same math, so the same metrics,
+    evaluations and parameters as each prompt's rows of its own / left-padded prompts."""
     ref, _ = one_device
-    run = tmp_path / "rows_per_prompt"
+    run = tmp_path / layout
     c = config(run, fsdp=1)
-    c.batch.completion_blocks = False
+    if layout == "rows_per_prompt":
+        c.batch.completion_blocks = False
+    else:
+        c.batch.pack_prompts = True
     train.train_and_evaluate(c, devices=jax.devices()[:1])
+    if layout == "packed_prompts":  # the update's prompt positions: the real tokens, not B × P
+        rows = _jsonl(run / "metrics.jsonl")
+        assert all(r["tokens/update_prompt_padded"] < r["tokens/prompt_padded"] for r in rows)
     for name in ("metrics.jsonl", "eval.jsonl"):
         got, want = _jsonl(run / name), _jsonl(ref / name)
         assert len(got) == len(want) > 0, name
         for g, w in zip(got, want):
-            for k in {k for k in w if k not in TIMING_KEYS and not k.startswith(("time/", "tokens/completion_"))}:
+            for k in {k for k in w if k not in TIMING_KEYS and not k.startswith(("time/", "tokens/completion_",
+                                                                                  "tokens/update_"))}:
                 if isinstance(w[k], str):
                     assert g[k] == w[k], k
                 else:

@@ -79,8 +79,9 @@ def test_packed_scoring_equals_full_forward(setup):
 
 def test_packed_update_equals_padded(setup):
     """The GRPO step on completions packed by length and cut to the longest — each prompt's in
-    rows of its own, or a block of prompts sharing its rows — equals the step on every
-    completion padded to Tc: loss, metrics and gradients (float32, ≤ 1e-6)."""
+    rows of its own, or a block of prompts sharing its rows, with the block's prompts packed or
+    left-padded — equals the step on every completion padded to Tc: loss, metrics and gradients
+    (float32, ≤ 1e-6)."""
     cfg, params, _, _, prompts, comp = setup
     model = Qwen2VL(cfg)
     mask = (np.arange(comp.shape[-1]) < LENGTHS[..., None])[None]
@@ -105,12 +106,19 @@ def test_packed_update_equals_padded(setup):
     # both prompts' completions in one block of 4 rows: 7 | 5 + 2 (prompt 0), 7 + 1 | 4 (prompt 1)
     assert blocks.completions.tokens.shape[-3:] == (1, 4, 8)
     np.testing.assert_array_equal(blocks.completions.group[0, 0], [0, 0, 1, 1])
+    # ... and the block's prompts packed back to back (their real tokens, then 5 spare positions)
+    real = int(np.asarray(prompts.attention_mask).sum())
+    assert real < np.asarray(prompts.attention_mask).size  # left padding to drop
+    both = rollouts_from_padded(*args, pad_id=PAD, shape=CompletionShape(length=7, rows=4, row_len=8,
+                                                                       prompts_per_block=2, prompt_tokens=real + 5))
+    assert both.completions.prompt_pack.shape == (1, 1, real + 5)
     (s1, m1), (s2, m2) = run(packed), run(padded)
-    s3, m3 = run(blocks)
-    for k in m1:
-        np.testing.assert_allclose(float(m3[k]), float(m2[k]), rtol=1e-6, atol=1e-6, err_msg=k)
-    for path, a in hf_io.flatten(s3.params).items():
-        np.testing.assert_allclose(np.asarray(a), np.asarray(hf_io.flatten(s2.params)[path]), atol=1e-6, err_msg=path)
+    for s, m in (run(blocks), run(both)):
+        for k in m1:
+            np.testing.assert_allclose(float(m[k]), float(m2[k]), rtol=1e-6, atol=1e-6, err_msg=k)
+        for path, a in hf_io.flatten(s.params).items():
+            np.testing.assert_allclose(np.asarray(a), np.asarray(hf_io.flatten(s2.params)[path]), atol=1e-6,
+                                       err_msg=path)
     assert m1.keys() == m2.keys()
     for k in m1:
         np.testing.assert_allclose(float(m1[k]), float(m2[k]), rtol=1e-6, atol=1e-6, err_msg=k)

@@ -100,6 +100,11 @@ class DecoderContext:
     # each completion row inside its block, row_group [K, R] (None when Bs = 1).
     prompts_per_block: int = flax.struct.field(pytree_node=False, default=1)
     row_group: Array | None = None
+    # The block's prompts packed into its first `packed_prompt_len` positions (0: Bs rows of P,
+    # left-padded): `prompt_moves` = (pack [K, Pq], pack_valid, unpack [K, Bs·P], unpack_valid),
+    # the `layers.move_rows` maps between the packed and the padded layout (`Qwen2VL.decode_group`).
+    packed_prompt_len: int = flax.struct.field(pytree_node=False, default=0)
+    prompt_moves: tuple[Array, Array, Array, Array] | None = None
     # Qwen3-VL DeepStack: [S, B, G, T, D] added to x after layer s < S (zero off image tokens);
     # None: no DeepStack (Qwen2-VL, decode steps).
     deepstack: Array | None = None
@@ -111,13 +116,21 @@ def group_attention(q: Array, k: Array, v: Array, ctx: DecoderContext, impl: str
     Each of a row's Bs prompts (P tokens) attends causally to itself (ctx.prompt_mask); each
     of its R completion rows of T tokens attends to its prompt's keys (ctx.prefix_mask, the
     prefix of `layers.attention`: shared by the R rows when Bs = 1, else the prompt of
-    ctx.row_group) and to its own completion's tokens (ctx.mask).
+    ctx.row_group) and to its own completion's tokens (ctx.mask). With the prompts packed
+    (ctx.packed_prompt_len = Pq: the row is [Pq + R·T]) their q, k, v are moved into the padded
+    layout for attention, and the prompts' output back: every matmul sees only real tokens.
     """
     nk, p, bs, r = q.shape[0], ctx.prompt_len, ctx.prompts_per_block, ctx.num_samples
+    head = ctx.packed_prompt_len or bs * p  # the row's prompt positions
+    if ctx.packed_prompt_len:
+        pack, pack_valid, unpack, unpack_valid = ctx.prompt_moves
+        padded = lambda a: layers.move_rows(a, unpack, unpack_valid, pack, pack_valid)  # noqa: E731
+    else:
+        padded = lambda a: a  # noqa: E731
 
     def split(a: Array) -> tuple[Array, Array]:
-        return (a[:, 0, :bs * p].reshape(nk * bs, 1, p, *a.shape[3:]),
-                a[:, 0, bs * p:].reshape(nk, r, -1, *a.shape[3:]))
+        return (padded(a[:, 0, :head]).reshape(nk * bs, 1, p, *a.shape[3:]),
+                a[:, 0, head:].reshape(nk, r, -1, *a.shape[3:]))
 
     (q_p, q_c), (k_p, k_c), (v_p, v_c) = split(q), split(k), split(v)
     out_p = layers.attention(q_p, k_p, v_p, ctx.prompt_mask, None, impl=impl)
@@ -134,8 +147,10 @@ def group_attention(q: Array, k: Array, v: Array, ctx: DecoderContext, impl: str
         prefix = (of_row(k_p[:, 0]), of_row(v_p[:, 0]), of_row(ctx.prefix_mask))
         out_c = layers.attention(one(q_c), one(k_c), one(v_c), one(ctx.mask), prefix, impl=impl)
         out_c = out_c.reshape(nk, r, t, *out_c.shape[3:])
-    return jnp.concatenate([out_p.reshape(nk, 1, bs * p, *out_p.shape[3:]),
-                            out_c.reshape(nk, 1, -1, *out_c.shape[3:])], axis=2)
+    out_p = out_p.reshape(nk, bs * p, *out_p.shape[3:])
+    if ctx.packed_prompt_len:
+        out_p = layers.move_rows(out_p, pack, pack_valid, unpack, unpack_valid)
+    return jnp.concatenate([out_p[:, None], out_c.reshape(nk, 1, -1, *out_c.shape[3:])], axis=2)
 
 
 class DecoderLayer(nn.Module):

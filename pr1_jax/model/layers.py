@@ -231,3 +231,31 @@ def cached_attention(q: Array, k: Array, v: Array, mask: Array,
             jnp.einsum("bkgtrp,bkpd->bkgtrd", e_pre.astype(v_p.dtype), v_p, preferred_element_type=f32), 1, 2)
     out = (out / total[..., None]).astype(q.dtype)  # [B, G, K, T, R, Dh]
     return out.transpose(0, 1, 3, 2, 4, 5).reshape(b, g, t, h, dh)
+
+
+@jax.custom_vjp
+def move_rows(x_rn: Array, at_rm: Array, valid_rm: Array, back_rn: Array, has_rn: Array) -> Array:
+    """out[r, m] = x[r, at[r, m]] where valid[r, m], else 0: [R, N, ...] → [R, M, ...].
+
+    For moves between two layouts of the same tokens (each image's patches out of a packed
+    row and back, `vision.per_image`; a block's prompts packed and unpacked,
+    `decoder.group_attention`): (at, valid) and (back, has) must map the valid entries one to
+    one, and the entries of x that no valid entry reads must get a zero gradient (padding
+    that nothing downstream reads). Then the gradient is the same gather the other way: no
+    scatter-add, which (autodiff's transpose of a gather) took ~100 ms of a 0.83 s grounding
+    update on an H200 for the vision tower's moves alone.
+    """
+    y = jax.vmap(lambda a, i: jnp.take(a, i, axis=0))(x_rn, at_rm)
+    return jnp.where(valid_rm.reshape(valid_rm.shape + (1,) * (x_rn.ndim - 2)), y, jnp.zeros((), y.dtype))
+
+
+def _move_rows_fwd(x, at, valid, back, has):
+    return move_rows(x, at, valid, back, has), (at, valid, back, has)
+
+
+def _move_rows_bwd(res, g):
+    at, valid, back, has = res
+    return move_rows(g, back, has, at, valid), None, None, None, None
+
+
+move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)

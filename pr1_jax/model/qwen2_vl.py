@@ -143,8 +143,8 @@ class Qwen2VL(nn.Module):
         return self.decoder(x_bgtd, DecoderContext(cos=cos, sin=sin, mask=mask_bgts, deepstack=deepstack), return_kv)
 
     def decode_group(self, x_prompt: Array, x_comp: Array, pos_prompt: Array, pos_comp: Array,
-                     prompt_mask_bp: Array, comp_mask_krtt: Array, group_kr: Array | None = None
-                     ) -> tuple[Array, Array]:
+                     prompt_mask_bp: Array, comp_mask_krtt: Array, group_kr: Array | None = None,
+                     prompt_pack_kq: Array | None = None) -> tuple[Array, Array]:
         """Prompts and their completions in one decoder pass over packed rows (`Decoder`).
 
         The B prompts form K blocks of Bs = B / K consecutive prompts; a block is one decoder row:
@@ -155,24 +155,44 @@ class Qwen2VL(nn.Module):
         prompt_mask_bp [B, P] bool (left padding); comp_mask_krtt [K, R, T, T] bool: which
         tokens of its row each completion token sees (its own completion's earlier ones).
         Every completion token also sees its prompt's valid tokens.
+        prompt_pack_kq [K, Pq] (`train_step.Completions.prompt_pack`): each block's prompts are
+        packed, their real tokens back to back in its first Pq positions (padding costs no
+        matmul; the prompts' hidden states come back in the padded layout).
         → hidden [B, 1, P, D], [K, R, T, D].
         """
         k, r, t, d = x_comp.shape
         b, p = x_prompt.shape[0], x_prompt.shape[2]
         bs = b // k
         x_prompt, deepstack = self.split_deepstack(x_prompt)
-        x = jnp.concatenate([x_prompt.reshape(k, 1, bs * p, d), x_comp.reshape(k, 1, r * t, d)], axis=2)
+        x_prompt, pos_prompt = x_prompt.reshape(k, bs * p, d), pos_prompt.reshape(3, k, bs * p)
+        moves = None
+        if prompt_pack_kq is not None:
+            if deepstack is not None:
+                raise ValueError("packed prompts: not with DeepStack (Qwen3-VL)")
+            valid = prompt_mask_bp.reshape(k, bs * p)
+            pq = prompt_pack_kq.shape[-1]
+            unpack = jnp.where(valid, jnp.cumsum(valid, axis=-1) - 1, 0)
+            moves = (prompt_pack_kq, jnp.arange(pq) < jnp.sum(valid, axis=-1, keepdims=True), unpack, valid)
+            x_prompt = layers.move_rows(x_prompt, *moves)
+            pos_prompt = jnp.take_along_axis(pos_prompt, prompt_pack_kq[None], axis=-1)
+        head = x_prompt.shape[1]  # the row's prompt positions: Bs·P, or Pq packed
+        x = jnp.concatenate([x_prompt[:, None], x_comp.reshape(k, 1, r * t, d)], axis=2)
         if deepstack is not None:  # the completions get none: zeros after the prompts
             deepstack = deepstack.reshape(deepstack.shape[0], k, 1, bs * p, d)
             deepstack = jnp.pad(deepstack, [(0, 0)] * 3 + [(0, r * t), (0, 0)])
-        pos = jnp.concatenate([pos_prompt.reshape(3, k, 1, bs * p), pos_comp.reshape(3, k, 1, r * t)], axis=-1)
+        pos = jnp.concatenate([pos_prompt[:, :, None], pos_comp.reshape(3, k, 1, r * t)], axis=-1)
         cos, sin = mrope(pos, self.cfg.text)
         prompt_causal = jnp.tril(jnp.ones((p, p), bool))[None, None] & prompt_mask_bp[:, None, None, :]
         ctx = DecoderContext(cos=cos, sin=sin, mask=comp_mask_krtt, prefix_mask=prompt_mask_bp,
                              prompt_mask=prompt_causal, prompt_len=p, num_samples=r, prompts_per_block=bs,
-                             row_group=group_kr if bs > 1 else None, deepstack=deepstack)
+                             row_group=group_kr if bs > 1 else None, deepstack=deepstack,
+                             packed_prompt_len=head if moves is not None else 0, prompt_moves=moves)
         hidden, _ = self.decoder(x, ctx)
-        return hidden[:, :, :bs * p].reshape(b, 1, p, d), hidden[:, :, bs * p:].reshape(k, r, t, d)
+        hidden_p = hidden[:, 0, :head]
+        if moves is not None:  # back to the padded layout (padding: 0)
+            pack, pack_valid, unpack, valid = moves
+            hidden_p = layers.move_rows(hidden_p, unpack, valid, pack, pack_valid)
+        return hidden_p.reshape(b, 1, p, d), hidden[:, :, head:].reshape(k, r, t, d)
 
     def logits(self, hidden: Array) -> Array:
         """hidden [..., D] → logits [..., V] in the compute dtype."""

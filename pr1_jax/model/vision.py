@@ -112,43 +112,19 @@ def image_index(image_patches_rjl: Array, row_len: int) -> tuple[Array, Array, A
     return jnp.maximum(flat, 0), valid, back, in_image
 
 
-@jax.custom_vjp
-def _move(x_rn: Array, at_rm: Array, valid_rm: Array, back_rn: Array, has_rn: Array) -> Array:
-    """out[r, m] = x[r, at[r, m]] where valid[r, m], else 0: [R, N, ...] → [R, M, ...].
-
-    (at, valid) and (back, has) map the valid entries one to one, so the gradient is the same
-    gather the other way: no scatter-add (which, as autodiff's transpose of a gather, took
-    ~100 ms of a 0.83 s grounding update on an H200: 3 per vision block, 32 blocks).
-    """
-    y = jax.vmap(lambda a, i: jnp.take(a, i, axis=0))(x_rn, at_rm)
-    return jnp.where(valid_rm.reshape(valid_rm.shape + (1,) * (x_rn.ndim - 2)), y, jnp.zeros((), y.dtype))
-
-
-def _move_fwd(x, at, valid, back, has):
-    return _move(x, at, valid, back, has), (at, valid, back, has)
-
-
-def _move_bwd(res, g):
-    at, valid, back, has = res
-    return _move(g, back, has, at, valid), None, None, None, None
-
-
-_move.defvjp(_move_fwd, _move_bwd)
-
-
 def per_image(x_rn: Array, image_patches_rjl: Array, index: tuple | None = None) -> Array:
     """x [R, N, ...] → each image's patches in a row of its own: [R·J, L, ...] (a row's J
     image slots in order; positions past an image's end: 0). `index`: `image_index` of the table."""
     r, j, size = image_patches_rjl.shape
     at, valid, back, has = index or image_index(image_patches_rjl, x_rn.shape[1])
-    return _rows(_move(x_rn, at, valid, back, has)).reshape(r * j, size, *x_rn.shape[2:])
+    return _rows(layers.move_rows(x_rn, at, valid, back, has)).reshape(r * j, size, *x_rn.shape[2:])
 
 
 def back_to_rows(y: Array, image_patches_rjl: Array, row_len: int, index: tuple | None = None) -> Array:
     """`per_image`'s inverse: y [R·J, L, ...] → [R, N, ...] (patches of no image: 0)."""
     r, j, size = image_patches_rjl.shape
     at, valid, back, has = index or image_index(image_patches_rjl, row_len)
-    return _rows(_move(y.reshape(r, j * size, *y.shape[2:]), back, has, at, valid))
+    return _rows(layers.move_rows(y.reshape(r, j * size, *y.shape[2:]), back, has, at, valid))
 
 
 def image_attention(q: Array, k: Array, v: Array, image_patches_rjl: Array, impl: str) -> Array:
