@@ -191,7 +191,7 @@ class ShapeMemo:
         by_name = {t.__name__: t for t in types}
         self.used = []
         for d in state or ():
-            t = by_name.get(d.get("type"))
+            t = by_name.get(d.get("type")) if isinstance(d, dict) else None
             names = {f.name for f in dataclasses.fields(t)} if t else set()
             if t and set(d) - {"type"} == names:
                 self.used.append(t(**{k: d[k] for k in names}))

@@ -92,7 +92,7 @@ def test_memo_reuses_a_used_shape_within_the_slack():
     again = ShapeMemo(slack=0.1)
     again.load(memo.state(), (rollouts.PromptShape, rollouts.CompletionShape))
     assert again.used == memo.used
-    again.load([{"type": "PromptShape", "seq_len": 1}, {"type": "Other"}], (rollouts.PromptShape,))
+    again.load([{"type": "PromptShape", "seq_len": 1}, {"type": "Other"}, "x"], (rollouts.PromptShape,))
     assert again.used == []  # entries of another version: dropped, not a crash
     assert ShapeMemo(slack=0.0).pick(own, lambda s: True, lambda s: 1.0) == own
 
