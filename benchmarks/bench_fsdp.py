@@ -76,7 +76,7 @@ def bench_mesh(cfg, spec: str, b_dev: int, g: int, new: int, side: int, micro: i
                         chunk_size=chunk, budget=None)
     params = sharding.init_params(cfg, mesh, dtype=jnp.bfloat16)  # also the frozen reference
     state = train_state.init_train_state(params, programs.optimizer, mesh, cfg=cfg)  # a copy: donated step by step
-    batch = sharding.shard_batch(host_rollouts(cfg, b, g, new, micro, side), mesh)
+    batch = sharding.shard_batch(host_rollouts(cfg, b, g, new, micro, side, shards=batch_shards), mesh)
     t0 = time.perf_counter()
     compiled = programs.lower_update(state, params, batch).compile()
     compile_s = time.perf_counter() - t0

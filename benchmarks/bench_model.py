@@ -84,11 +84,12 @@ def prompts(cfg, b: int, seed: int = 0, side: int = SIDE):
     return jax.tree.map(jnp.asarray, host_prompts(cfg, b, seed, side))
 
 
-def host_rollouts(cfg, b: int, g: int, new: int = NEW, micro: int = 1, side: int = SIDE):
+def host_rollouts(cfg, b: int, g: int, new: int = NEW, micro: int = 1, side: int = SIDE, shards: int = 1):
     """A `Rollouts` batch of NumPy arrays: b prompts × g random completions of `new` tokens,
     in `micro` micro-batches of b/micro prompts (the micro-batches repeat the same prompts),
-    packed as training packs them (`rollouts.CompletionShape.choose` on the run's ladders: every
-    completion `new` long gives g rows of `new`)."""
+    packed as training packs them by default (`batch.completion_blocks`: a block of prompts per
+    batch shard, `shards`; `rollouts.CompletionShape.choose` on the run's ladders: every
+    completion `new` long gives g rows of `new` per prompt)."""
     from pr1_jax.rollouts import CompletionShape, completion_extents, rollouts_from_padded
     from pr1_jax.shapes import StepShapes, attention_weight
 
@@ -103,8 +104,10 @@ def host_rollouts(cfg, b: int, g: int, new: int = NEW, micro: int = 1, side: int
     prompt_len = int(inputs.input_ids.shape[-1])
     shapes = StepShapes.from_caps(seq_len=max(prompt_len, 64), patch_row_len=int(inputs.pixels.shape[-2]),
                                   max_new_tokens=new, num_samples=g)
+    if per % shards:
+        raise ValueError(f"{per} prompts per micro-batch do not split over {shards} batch shards")
     packing = CompletionShape.choose(completion_extents(mask.reshape(-1, g, new)), shapes, prompt_len,
-                                     attention_weight(cfg.text))
+                                     attention_weight(cfg.text), per // shards)
     return rollouts_from_padded(jax.tree.map(lambda a: np.stack([a] * micro), inputs), comp, mask,
                                 rng.standard_normal(shape[:3]).astype(np.float32), np.zeros(shape, np.float32),
                                 np.ones(shape[:3], np.float32), pad_id=PAD, shape=packing)

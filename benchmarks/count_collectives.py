@@ -63,7 +63,7 @@ def compile_update(mesh_spec: str, per_device: str = "2x2", new: int = SMOKE_NEW
                         kernels=Kernels(attention="xla", decode_attention="xla"), chunk_size=chunk, budget=None)
     state = train_state.abstract_train_state(cfg, programs.optimizer, mesh, dtype=dtype)
     params = state.params
-    host = host_rollouts(cfg, b, g, new, micro, side)
+    host = host_rollouts(cfg, b, g, new, micro, side, shards=sizes["data"] * sizes["fsdp"])
     bsh = sharding.batch_shardings(host, mesh)
     batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), host, bsh)
     return programs.lower_update(state, params, batch).compile(), mesh

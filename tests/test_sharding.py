@@ -214,10 +214,11 @@ def test_fsdp_update_has_no_activation_all_reduces():
     from benchmarks.count_collectives import compile_update
 
     cfg = smoke_config()
-    compiled, _ = compile_update("fsdp=4", per_device="1x2", new=4, cfg=cfg)
+    # two prompts per device: a block of two sharing its completion rows (`batch.completion_blocks`)
+    compiled, _ = compile_update("fsdp=4", per_device="2x2", new=4, cfg=cfg)
     extra = activation_all_reduces(compiled.as_text(), cfg)
-    # only the merged visual tokens' gradient: 4 prompts × one 56-px image (4×4 patches → 4 tokens)
-    assert [s for _, s in extra] == [(16, cfg.text.width)], extra
+    # only the merged visual tokens' gradient: 8 prompts × one 56-px image (4×4 patches → 4 tokens)
+    assert [s for _, s in extra] == [(32, cfg.text.width)], extra
 
 
 def test_aot_lowers_the_update_train_builds(ckpt):
