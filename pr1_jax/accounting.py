@@ -7,7 +7,8 @@ Every GRPO step's row of `metrics.jsonl` carries (`StepAccount.as_metrics`):
       was real: prompt tokens (prefill and update), image patches (vision, rollout and update
       each), completion positions of the update (packed rows);
   decode_steps, completion_length_{min,mean,max}, truncated_fraction (hit max_new_tokens
-  without EOS), compiled (programs compiled during the step; their time is in the phase).
+  without EOS), compiled (programs compiled during the step; their time is in the phase),
+  compiled_ahead (programs the step started compiling on a background thread, for later steps).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class StepAccount:
             dropped = sum(e["count"] - 1 for e in events if e["program"] == "update")
             out["compiled"] = self._programs.num_compiled() - self._compiled0 + dropped
             out["compiled_rollout"] = sum(e["count"] for e in events if e["program"] == "rollout")
+            out["compiled_ahead"] = sum(e["count"] for e in events if e["program"] == "rollout_ahead")
             out["time/update_compile_s"] = round(sum(e["seconds"] for e in events if e["program"] == "update"), 3)
         for k, v in self.counts.items():
             out[k if not k.endswith(("_real", "_padded")) else f"tokens/{k}"] = v

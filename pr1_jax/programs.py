@@ -179,6 +179,19 @@ class Programs:
                         time.perf_counter() - t0, self.sampler.num_compiled() - before)
         return out
 
+    def compile_rollout_ahead(self, params, inputs, rng, sampling: SamplingConfig, *, end_at=None) -> int:
+        """Compiles the rollout of these shapes on a background thread
+        (`ShardedSampler.compile_ahead`): a later call with them waits at most for the rest of
+        that compile. Logged as a "rollout_ahead" event; how many programs were scheduled."""
+        n = self.sampler.compile_ahead(params, inputs, rng, sampling, end_at=end_at)
+        if n:
+            shapes = tuple(inputs.input_ids.shape) + tuple(inputs.pixels.shape[1:2]) + (sampling.num_samples,)
+            self.compile_events.append({"program": "rollout_ahead", "shapes": [int(x) for x in shapes],
+                                        "seconds": 0.0, "count": n})
+            log.info("compiling the rollout for shapes %s (G = %d) ahead, in the background", shapes[:-1],
+                     sampling.num_samples)
+        return n
+
     # ------------------------------------------------------------------ GRPO update
     def update_fn(self, remat_policy: str):
         """The jitted GRPO update for one remat policy (state donated; `shard_update_fn` below)."""
@@ -291,7 +304,8 @@ class Programs:
                  self.num_compiled())
 
     def num_compiled(self) -> int:
-        """Programs compiled so far: rollout (prefill, decode) and update/SFT shapes."""
+        """Programs compiled so far where they were used: rollout (prefill, decode) and
+        update/SFT shapes (those compiled ahead are counted by their "rollout_ahead" events)."""
         return self.sampler.num_compiled() + len(self._compiled)
 
 

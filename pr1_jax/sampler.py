@@ -421,6 +421,10 @@ class Sampler:
                     steps_per_check=self.steps_per_check, decode_attention=self.decode_attention,
                     decode_splits=self.decode_splits, first_window=self.first_window, compact=self.compact)
 
+    def scalars(self, cfg: SamplingConfig) -> tuple[Array, Array]:
+        """The decode's traced sampling options: (temperature, top_p)."""
+        return jnp.float32(max(cfg.temperature, 1e-6)), jnp.float32(cfg.top_p)
+
     def __call__(self, params, prompts: ModelInputs, rng: Array, cfg: SamplingConfig,
                  return_logits: bool = False, end_at: Array | None = None,
                  timings: dict | None = None) -> SampleOutput:
@@ -437,8 +441,7 @@ class Sampler:
             jax.block_until_ready(pre)
             timings["prefill_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        out = self._decode(params, pre, rng, jnp.float32(max(cfg.temperature, 1e-6)), jnp.float32(cfg.top_p),
-                           end_at, **self.static_args(cfg, return_logits))
+        out = self._decode(params, pre, rng, *self.scalars(cfg), end_at, **self.static_args(cfg, return_logits))
         if timings is not None:
             jax.block_until_ready(out)
             timings["decode_s"] = time.perf_counter() - t1

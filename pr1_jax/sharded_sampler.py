@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pr1_jax import sampler as sampler_lib
+from pr1_jax.executables import Executables, abstract
 from pr1_jax.model.qwen2_vl import Qwen2VL
 from pr1_jax.sharding import (SAMPLE_RULES, Rules, batch_shards, constrain_batch, logical_sharding, param_shardings,
                               replicated, with_rules)
@@ -55,13 +56,34 @@ class ShardedSampler(sampler_lib.Sampler):
             out = sampler_lib.decode(model, params, prefix, rng, temperature, top_p, end_at, **static)
             return constrain_batch(out, mesh, rules)
 
-        self._prefill = jax.jit(with_rules(prefill, mesh, rules))
-        self._decode = jax.jit(with_rules(decode, mesh, rules), static_argnames=self.STATIC)
+        # Executables rather than jit's cache, so that a rollout can be compiled ahead of use.
+        self._prefill = Executables(jax.jit(with_rules(prefill, mesh, rules)))
+        self._decode = Executables(jax.jit(with_rules(decode, mesh, rules), static_argnames=self.STATIC),
+                                   self.STATIC)
 
     def __call__(self, params, prompts: ModelInputs, rng: jax.Array, cfg: sampler_lib.SamplingConfig,
                  *args, **kwargs) -> sampler_lib.SampleOutput:
         self._check_rows(prompts)
-        return super().__call__(params, prompts, rng, cfg, *args, **kwargs)
+        return super().__call__(params, prompts, jax.device_put(rng, replicated(self.mesh)), cfg, *args, **kwargs)
+
+    def scalars(self, cfg: sampler_lib.SamplingConfig) -> tuple[jax.Array, jax.Array]:
+        # Placed as the programs expect them (an executable takes only the layouts it was built for).
+        return jax.device_put(super().scalars(cfg), replicated(self.mesh))
+
+    def num_compiled(self) -> int:
+        """Programs compiled by rollouts (those compiled ahead are `num_compiled_ahead`)."""
+        return self._prefill.num_compiled + self._decode.num_compiled
+
+    def num_compiled_ahead(self) -> int:
+        return self._prefill.num_ahead + self._decode.num_ahead
+
+    def compile_ahead(self, params, prompts, rng, cfg: sampler_lib.SamplingConfig, end_at=None) -> int:
+        """Compiles the rollout programs of these arguments (concrete or abstract: only their
+        shapes and layouts count) on a background thread, so that the first rollout of this
+        signature waits for nothing or less (`executables.py`). Returns how many programs were
+        scheduled (0: compiled already)."""
+        pre_args, dec_args, static = self._abstract_args(params, prompts, rng, cfg, end_at)
+        return int(self._prefill.compile_ahead(*pre_args)) + int(self._decode.compile_ahead(*dec_args, **static))
 
     def _check_rows(self, prompts: ModelInputs) -> None:
         """Before any compile: the fused decode's shard_map needs the same rows on every device
@@ -74,13 +96,19 @@ class ShardedSampler(sampler_lib.Sampler):
     def lower(self, params, prompts, rng, cfg: sampler_lib.SamplingConfig) -> dict[str, Any]:
         """The two rollout programs lowered for (abstract) arguments: {"prefill", "decode"},
         each to `.compile()` ahead of time."""
+        pre_args, dec_args, static = self._abstract_args(params, prompts, rng, cfg)
+        return {"prefill": self._prefill.lower(*pre_args), "decode": self._decode.lower(*dec_args, **static)}
+
+    def _abstract_args(self, params, prompts, rng, cfg: sampler_lib.SamplingConfig, end_at=None):
+        """The two programs' arguments as shapes and layouts: (prefill's, decode's, decode's static)."""
         self._check_rows(prompts)
+        params, prompts, end_at = abstract(params), abstract(prompts), abstract(end_at)
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated(self.mesh))
-        prefix = jax.eval_shape(self._prefill, params, prompts)
+        rng = jax.ShapeDtypeStruct(np.shape(rng), rng.dtype, sharding=replicated(self.mesh))
+        prefix = jax.eval_shape(self._prefill.jitted, params, prompts)
         prefix = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), prefix,
                               prefix_shardings(prefix, self.mesh, self.rules))
-        return {"prefill": self._prefill.lower(params, prompts),
-                "decode": self._decode.lower(params, prefix, rng, scalar, scalar, None, **self.static_args(cfg))}
+        return (params, prompts), (params, prefix, rng, scalar, scalar, end_at), self.static_args(cfg)
 
 
 def prefix_shardings(prefix: sampler_lib.Prefix, mesh: Mesh, rules: Rules = SAMPLE_RULES) -> sampler_lib.Prefix:

@@ -193,6 +193,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         host = rollouts.prompt_inputs(prompts, special, pshape)
         return examples, prompts, size, pshape, host, sharding.shard_batch(host, mesh, process_local=True)
 
+    def end_at_of(step: int, g: int):
+        """Benchmarks (`sampling.end_lengths`): the step's answer lengths, [p_local, g] on the mesh."""
+        if end_lengths is None:
+            return None
+        draw = end_lengths.draw((p_local, g), c.sampling.max_new_tokens,
+                                seed=c.seed * 100_003 + step * 7919 + jax.process_index())
+        return sharding.shard_batch(draw, mesh, process_local=True)
+
     upcoming = None
     stop = False
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="GRPO", dynamic_ncols=True,
@@ -205,15 +213,18 @@ def train_and_evaluate(c: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         temperature = grpo.temperature_at(step, grpo_cfg, total_steps)
         g = curriculum.num_generations(step)  # G, grpo.num_generations unless a curriculum stage raises it
         rng, key = jax.random.split(rng)
-        end_at = None if end_lengths is None else sharding.shard_batch(
-            end_lengths.draw((p_local, g), c.sampling.max_new_tokens,
-                             seed=c.seed * 100_003 + step * 7919 + jax.process_index()), mesh, process_local=True)
         times: dict[str, float] = {}
         sampling = SamplingConfig(num_samples=g, max_new_tokens=c.sampling.max_new_tokens,
                                   temperature=temperature, top_p=c.sampling.top_p, top_k=c.sampling.top_k)
-        out = programs.rollout(state.params, inputs, key, sampling, end_at=end_at, timings=times)
+        out = programs.rollout(state.params, inputs, key, sampling, end_at=end_at_of(step, g), timings=times)
         acct.add_time("prefill", times["prefill_s"])
         acct.add_time("decode", times["decode_s"])
+        # The next curriculum stage samples another G: its rollout compiles now, in the background
+        # (for this step's prompt shapes), so that the switch itself compiles only the update.
+        g_next = curriculum.next_generations(step)
+        if g_next and (step == start or curriculum.stage_at(step - 1) != curriculum.stage_at(step)):
+            programs.compile_rollout_ahead(state.params, inputs, key, dataclasses.replace(sampling, num_samples=g_next),
+                                           end_at=end_at_of(step, g_next))
         with acct.phase("rewards"):
             tokens, lengths, logp = multihost.host_local((out.tokens, out.lengths, out.logp))  # [p_local, G, ...]
             texts = rollouts.decode_completions(pre.tokenizer, tokens, c.skip_special_tokens)

@@ -134,9 +134,10 @@ def test_two_stages_switch_compile_once_and_resume_bit_exactly(tmp_path, monkeyp
     # Stage 0 draws only from the easiest bucket (the first half of the order).
     sched = schedule.Curriculum.from_config(c, 8)
     assert sched.stages[0].buckets == ((5, 1, 7, 0),) and sched.stages[1].buckets == ((5, 1, 7, 0), (2, 6, 3, 4))
-    # The switch compiles the rollout's decode for G = 4 (prefill depends on the prompts only) and the update
-    # for its shapes, once: nothing at the next step.
-    assert (compiled[2], raw[2]["compiled_rollout"], compiled[3]) == (2, 1, 0)
+    # Stage 1's rollout decode (G = 4) compiles in the background from step 0 on (prefill depends on the
+    # prompts only), so the switch compiles one program, the update for its answers; nothing at the next step.
+    assert [r["compiled_ahead"] for r in raw] == [1, 0, 0, 0]
+    assert (compiled[2], raw[2]["compiled_rollout"], compiled[3]) == (1, 0, 0)
 
     # Stopped after step 3 (as SIGTERM stops a run), then resumed: bit-equal to the straight run.
     calls = {"n": 0}

@@ -20,9 +20,10 @@ hardens, after Kimi-1.5). Config (`configs/common.py`):
     data.curriculum.mix = ()                             # e.g. ((1.0,), (0.3, 0.7))
 
 The iterator's state (the stage, and each stage's position) is part of the checkpoint, so a run
-resumes exactly, across a stage change too. Each stage's G gives the rollout and the update
-new shapes once (the rollout's decode and the update compile at the first step of a stage
-with a G not seen before; prefill depends only on the prompts).
+resumes exactly, across a stage change too. A stage's new G gives the rollout's decode and
+the update new shapes. The decode's depend only on G and the prompts, so `train.py` compiles
+the next stage's on a background thread at the first step of a stage (`executables.py`); the
+update's depend on the answers, so it compiles at the switch: one program.
 """
 
 from __future__ import annotations
@@ -89,6 +90,14 @@ class Curriculum:
 
     def num_generations(self, step: int) -> int:
         return self.stages[self.stage_at(step)].num_generations
+
+    def next_generations(self, step: int) -> int | None:
+        """The next stage's G when it differs from the G of `step`'s stage (its rollout has new
+        shapes, which `train.py` compiles ahead), else None."""
+        s = self.stage_at(step)
+        if s + 1 < len(self.stages) and self.stages[s + 1].num_generations != self.stages[s].num_generations:
+            return self.stages[s + 1].num_generations
+        return None
 
     @property
     def max_generations(self) -> int:
