@@ -90,8 +90,9 @@ def base() -> ml_collections.ConfigDict:
     c.batch.completion_blocks = True
     # With completion blocks: a block's prompts packed back to back in the update too, instead of
     # each left-padded to the step's longest (grounding: ≈ 6,000 real prompt tokens computed as
-    # 8,000–9,000). The same math (tests/test_train_step.py, tests/test_train.py); off until its
-    # speed is measured on a GPU (its q/k/v moves per layer against the matmuls it saves).
+    # 8,000–9,000). The same math (tests/test_train_step.py, tests/test_train.py). Off: on an H200
+    # the grounding update is 5.5% faster, the step no faster, and it compiles more programs
+    # (benchmarks/RESULTS.md, twelfth session).
     c.batch.pack_prompts = False
     # A step reuses a shape (so a program) the run has compiled already when it costs at most this
     # fraction more than the step's own rungs (pr1_jax.shapes.ShapeMemo): fewer programs, a little
