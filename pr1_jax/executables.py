@@ -51,17 +51,20 @@ class Executables:
 
     def __call__(self, *args, **kwargs):
         key, shardings, dynamic = self._signature(args, kwargs)
-        exe = self._find(key, shardings)
+        have, exe = self._find(key, shardings)
         if isinstance(exe, concurrent.futures.Future):
             try:
                 exe = exe.result()  # compiled ahead: wait for it if it is not done yet
             except Exception as e:  # noqa: BLE001  compile it here instead (then it is counted as compiled)
                 log.warning("a program compiled ahead failed (%s); compiling it now", e)
                 exe = None
+            else:
+                with self._lock:
+                    self._put(key, have, exe)  # in the future's place
         if exe is None:
             exe = self.jitted.lower(*args, **kwargs).compile()
             with self._lock:
-                self._put(key, shardings, exe)
+                self._put(key, shardings if have is None else have, exe)
                 self.num_compiled += 1
         return exe(*dynamic)
 
@@ -70,7 +73,7 @@ class Executables:
         abstract: `abstract(tree)`). False when it is compiled or scheduled already."""
         key, shardings, _ = self._signature(args, kwargs)
         with self._lock:
-            if self._find(key, shardings) is not None:
+            if self._find(key, shardings)[1] is not None:
                 return False
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
@@ -94,11 +97,12 @@ class Executables:
         shardings = tuple(getattr(x, "sharding", None) for x in leaves)
         return (statics, tree, shapes), shardings, list(args)
 
-    def _find(self, key: tuple, shardings: tuple):
+    def _find(self, key: tuple, shardings: tuple) -> tuple[tuple | None, Any]:
+        """(the shardings it was compiled for, the executable or its Future), or (None, None)."""
         for have, exe in self._table.get(key, ()):
             if all(_equivalent(a, b, len(s[0])) for a, b, s in zip(have, shardings, key[2])):
-                return exe
-        return None
+                return have, exe
+        return None, None
 
     def _put(self, key: tuple, shardings: tuple, exe: Any) -> None:
         entries = self._table.setdefault(key, [])

@@ -41,6 +41,20 @@ def test_one_compile_per_signature_on_use_or_ahead():
         exe(x, y=y, n=2)
 
 
+def test_a_failed_compile_ahead_is_compiled_on_use_once(monkeypatch):
+    exe = Executables(jax.jit(_f, static_argnames=("n",)), ("n",))
+    x, y = jnp.arange(4.0), jnp.ones((2, 3))
+
+    def broken(args, kwargs):
+        raise RuntimeError("out of host memory")
+
+    monkeypatch.setattr(exe, "_compile", broken)
+    assert exe.compile_ahead(x, y, n=2)
+    for _ in range(2):
+        np.testing.assert_array_equal(exe(x, y, n=2), _f(x, y, n=2))
+    assert (exe.num_compiled, exe.num_ahead) == (1, 1)
+
+
 def test_a_layout_not_compiled_for_is_compiled_anew():
     """An executable takes only the shardings it was compiled for: another layout of the same
     shapes is another program (not an error at the call)."""
