@@ -75,6 +75,7 @@ from etils import epath
 
 from pr1_jax import multihost
 from pr1_jax.errors import ConfigError
+from pr1_jax.executables import abstract
 from pr1_jax.structs import TrainState
 
 log = logging.getLogger(__name__)
@@ -172,13 +173,7 @@ def checksums(tree) -> list[int]:
 
 def abstract_like(tree):
     """ShapeDtypeStructs with each array's sharding: the restore target for a tree like `tree`."""
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-    def one(x):
-        sharding = x.sharding if isinstance(x, jax.Array) else getattr(x, "sharding", None)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or default)
-
-    return jax.tree.map(one, tree)
+    return abstract(tree, default_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
 def _check_signature(step_dir: epath.Path, item: str, saved: list | None, target) -> None:

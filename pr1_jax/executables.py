@@ -29,9 +29,11 @@ import jax
 log = logging.getLogger(__name__)
 
 
-def abstract(tree: Any) -> Any:
-    """The shapes, dtypes and shardings of a tree of arrays (for lowering; no buffer is kept)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+def abstract(tree: Any, default_sharding: Any = None) -> Any:
+    """The shapes, dtypes and shardings of a tree of arrays (for lowering or as a checkpoint's
+    restore target; no buffer is kept). Leaves without a sharding (NumPy) get `default_sharding`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default_sharding), tree)
 
 
 class Executables:
